@@ -1,0 +1,132 @@
+"""The ``robench`` command line.
+
+    robench run [suite=NAME] [key=value ...]     models x datasets -> result records
+    robench results [--dir results/SUITE]          aggregated table (pandas)
+    robench list models|datasets|suites
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from robench.errors import RobenchError
+
+DEFAULT_SUITE = "smoke"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from robench.config import load_suite
+    from robench.results import read_record, summary_table, to_frame
+    from robench.runner import Runner
+
+    suite = DEFAULT_SUITE
+    overrides = []
+    for ov in args.overrides:
+        if ov.startswith("suite="):
+            suite = ov.split("=", 1)[1]
+        else:
+            overrides.append(ov)
+    cfg = load_suite(suite, overrides)
+    paths = Runner(cfg).run()
+    frame = to_frame([read_record(p) for p in paths])
+    print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name}")
+    print(summary_table(frame).to_string(index=False))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from robench.results import load_frame, summary_table
+
+    frame = load_frame(args.dir)
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif args.format == "md":
+        print(summary_table(frame).to_markdown(index=False) if _has_tabulate()
+              else summary_table(frame).to_string(index=False))
+    else:
+        print(summary_table(frame).to_string(index=False))
+    return 0
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from robench import registry
+    from robench.config import available_suites
+
+    if args.what == "suites":
+        for name, path in available_suites().items():
+            print(f"{name:28s} {path}")
+    elif args.what == "datasets":
+        for name, spec in registry.DATASETS.items():
+            print(f"{name:28s} {spec.family:10s} {spec.description}")
+    else:
+        for name, spec in registry.MODELS.items():
+            print(f"{name:28s} {spec.method:12s} {spec.arch}/{spec.pretrained}  {spec.description}")
+        for name, (spec, suite) in _suite_models().items():
+            print(f"{name:28s} {spec.method:12s} {spec.arch}/{spec.pretrained}  (suite {suite})")
+    return 0
+
+
+def _suite_models() -> dict:
+    """Models declared inline in suite files, so `list models` shows them too."""
+    from omegaconf import OmegaConf
+
+    from robench.config import available_suites
+    from robench.registry import MODELS, resolve_model
+
+    found = {}
+    for suite, path in available_suites().items():
+        for item in OmegaConf.to_container(OmegaConf.load(path)).get("models", []):
+            if isinstance(item, dict):
+                name, spec = resolve_model(item)
+                if name not in MODELS:
+                    found.setdefault(name, (spec, suite))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a suite: suite=NAME key=value ...")
+    r.add_argument("overrides", nargs="*", help="suite=NAME and key=value overrides")
+    r.set_defaults(func=cmd_run)
+    res = sub.add_parser("results", help="print aggregated results")
+    res.add_argument("--dir", default="results", help="results folder (default: results)")
+    res.add_argument("--format", choices=["table", "csv", "md"], default="table")
+    res.set_defaults(func=cmd_results)
+    ls = sub.add_parser("list", help="list models, datasets or suites")
+    ls.add_argument("what", choices=["models", "datasets", "suites"])
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="robench: %(levelname)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except RobenchError as e:
+        print(f"robench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robench: interrupted; finished cells are saved, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

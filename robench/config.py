@@ -1,0 +1,149 @@
+"""Suite configs: YAML files in ``suites/`` plus ``key=value`` overrides, merged with OmegaConf.
+
+A suite is validated against a structured schema (:class:`RunConfig`), so a misspelt key fails
+with the list of valid keys (closest first) instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from robench.errors import RobenchError, unknown
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ModelDefaults:
+    """Defaults applied to every model of a suite (a model entry may override them)."""
+
+    batch_size: int = 256
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
+    num_workers: int = 2
+
+
+@dataclass
+class MetricsConfig:
+    n_bins: int = 15
+    bootstrap: int = 200  # resamples for ECE / AUROC intervals; 0 disables them
+    alpha: float = 0.05
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``robench run`` needs; every field can be overridden with ``key=value``."""
+
+    name: str = ""
+    description: str = ""
+    models: list[Any] = field(default_factory=list)
+    datasets: list[Any] = field(default_factory=list)
+    model: ModelDefaults = field(default_factory=ModelDefaults)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # Per-dataset overrides, e.g. ``data.imagenet.root=/mnt/imagenet/val``.
+    data: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"  # auto = cuda > mps > cpu
+    seed: int = 0
+    id_dataset: str = ""  # pair every other dataset with this one for ood_auroc
+    data_root: str = "data"
+    cache_dir: str = ""
+    results_dir: str = "results"
+    allow_download: bool = False  # weights only; datasets are never downloaded implicitly
+    force: bool = False
+    strict: bool = False  # a corrupt image fails the run instead of being counted and skipped
+    progress: bool = True
+
+
+def suite_dirs() -> list[Path]:
+    """Where suites are looked up: ``$ROBENCH_SUITES``, ``./suites``, then the repo's ``suites/``."""
+    dirs = []
+    if os.environ.get("ROBENCH_SUITES"):
+        dirs.append(Path(os.environ["ROBENCH_SUITES"]))
+    dirs += [Path.cwd() / "suites", REPO_ROOT / "suites"]
+    seen: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
+            seen.append(d)
+    return seen
+
+
+def available_suites() -> dict[str, Path]:
+    """Suite name -> YAML path, earlier directories winning."""
+    found: dict[str, Path] = {}
+    for d in suite_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """Parse ``key=value`` strings (Hydra-style dotlist, values parsed as YAML) with OmegaConf."""
+    for ov in overrides:
+        if "=" not in ov or ov.startswith("="):
+            raise RobenchError(
+                f"bad override '{ov}': expected key=value",
+                "write overrides as key=value, e.g. model.batch_size=64 or datasets=[cifar10]",
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise RobenchError(f"bad override: {e}", "check the override's syntax (key=value)") from e
+
+
+def _check_keys(cfg: Any, schema: Any, prefix: str = "") -> None:
+    """Reject keys the schema does not have, naming the closest valid key."""
+    if not isinstance(cfg, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    if OmegaConf.get_type(schema) is dict:  # free-form section such as ``data``
+        return
+    for key in cfg.keys():
+        if key not in schema:
+            valid = [f"{prefix}{k}" for k in schema.keys()]
+            raise unknown("config key", f"{prefix}{key}", valid,
+                          fix="check the spelling; `robench run --help` lists the keys")
+        _check_keys(cfg[key], schema[key], prefix=f"{prefix}{key}.")
+
+
+def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictConfig:
+    """Load a suite by name (or YAML path), apply overrides, validate, and resolve paths."""
+    overrides = list(overrides or [])
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        suites = available_suites()
+        if name_or_path not in suites:
+            raise unknown("suite", name_or_path, suites,
+                          fix="pass suite=<name> with a file in suites/, or suite=path/to/file.yaml")
+        path = suites[name_or_path]
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml errors come in several types
+        raise RobenchError(f"cannot parse suite file {path}: {e}", "fix the YAML syntax") from e
+    schema = OmegaConf.structured(RunConfig)
+    over = parse_overrides(overrides)
+    _check_keys(raw, schema)
+    _check_keys(over, schema)
+    if not raw.get("name"):
+        raw.name = path.stem
+    try:
+        cfg = OmegaConf.merge(schema, raw, over)
+    except OmegaConfBaseException as e:
+        raise RobenchError(f"invalid value in suite '{path.stem}': {e.msg if hasattr(e, 'msg') else e}",
+                           "check the type of the value (e.g. model.batch_size=64)") from e
+    if os.environ.get("ROBENCH_DATA") and "data_root" not in raw and not any(
+        o.startswith("data_root=") for o in overrides
+    ):
+        cfg.data_root = os.environ["ROBENCH_DATA"]
+    if not cfg.cache_dir:
+        cfg.cache_dir = os.environ.get("ROBENCH_CACHE", str(Path.home() / ".cache" / "robench"))
+    if cfg.model.precision not in ("fp32", "fp16", "bf16"):
+        raise RobenchError(f"unknown precision '{cfg.model.precision}'",
+                           "use model.precision=fp32, fp16 or bf16")
+    if not cfg.models or not cfg.datasets:
+        raise RobenchError(f"suite '{cfg.name}' names no models or no datasets",
+                           "list at least one model and one dataset in the suite")
+    return cfg

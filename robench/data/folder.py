@@ -1,0 +1,51 @@
+"""Generic image-folder layout: ``<root>/<class>/<image>``, classes sorted by folder name."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from robench.data.base import IMAGE_EXTENSIONS, ImageSource, hash_manifest, open_rgb
+from robench.errors import RobenchError
+
+
+def scan(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """Class folders (sorted), image paths and integer labels under ``root``."""
+    if not root.is_dir():
+        raise RobenchError(
+            f"dataset folder {root} does not exist",
+            "set data_root=/path/to/data or data.<dataset>.root=/path (or ROBENCH_DATA)",
+        )
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise RobenchError(f"{root} has no class folders; expected <root>/<class>/<image>",
+                           "point the root at the folder that contains one folder per class")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for idx, c in enumerate(classes):
+        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += files
+        labels += [idx] * len(files)
+    if not paths:
+        raise RobenchError(f"no images under {root}/<class>/", "check the dataset root")
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _load(paths: list[Path], i: int):
+    return open_rgb(paths[i])
+
+
+def load(root: Path, name: str, **_: object) -> ImageSource:
+    """Load an image folder; class names are folder names with ``_`` turned into spaces."""
+    classes, paths, labels = scan(root)
+    entries = [(str(p.relative_to(root)), p.stat().st_size, int(y)) for p, y in zip(paths, labels)]
+    return ImageSource(
+        name=name,
+        labels=labels,
+        classnames=[c.replace("_", " ") for c in classes],
+        manifest_hash=hash_manifest(entries),
+        loader=partial(_load, paths),
+        info={"root": str(root), "paths": [str(p.relative_to(root)) for p in paths]},
+    )

@@ -1,0 +1,33 @@
+"""One exception type for every user-facing problem, carrying the fix as well as the fault."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class RobenchError(Exception):
+    """A problem the user can fix; the CLI prints it without a traceback and exits 2."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
+
+
+def closest_first(name: str, valid: Iterable[str]) -> list[str]:
+    """Valid names ordered by similarity to ``name`` (closest first), then alphabetically."""
+    valid = sorted(set(valid))
+    close = difflib.get_close_matches(name, valid, n=len(valid), cutoff=0.0)
+    return close or valid
+
+
+def unknown(kind: str, name: str, valid: Iterable[str], fix: str | None = None) -> RobenchError:
+    """Error for an unknown name that lists the valid ones, the closest match first."""
+    ordered = closest_first(str(name), valid)
+    hint = f" Did you mean '{ordered[0]}'?" if ordered else ""
+    listing = ", ".join(ordered) if ordered else "(none registered)"
+    return RobenchError(
+        f"unknown {kind} '{name}'.{hint} Valid {kind}s: {listing}",
+        fix or f"use one of the valid {kind}s, or register a new one",
+    )

@@ -1,0 +1,135 @@
+"""Image features, extracted once per (weights, preprocessing, precision, dataset manifest) and
+kept in a content-addressed on-disk cache (fp16 ``.npy``, memory-mapped on reuse).
+
+Every head reads these features, so evaluating one more head costs a matrix product, not a pass
+over the images; a second run of a suite decodes no image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from robench.data.base import ImageSource
+from robench.errors import RobenchError
+from robench.io import write_json
+from robench.models.backbone import Backbone
+
+log = logging.getLogger(__name__)
+# Decoding errors PIL raises for corrupt or truncated files.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+@dataclass
+class FeatureSet:
+    features: np.ndarray  # (N, D) float16, L2-normalised, memory-mapped when read from cache
+    bad: list[int]  # rows whose image could not be decoded (their features are zeros)
+    key: str
+    cached: bool
+
+
+class _Preprocessed(Dataset):
+    """(preprocessed image or None, index): a corrupt image is reported, not raised."""
+
+    def __init__(self, source: ImageSource, transform: object) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
+        try:
+            return self.transform(self.source.load_image(i)), i  # type: ignore[operator]
+        except DECODE_ERRORS:
+            return None, i
+
+
+class _Collate:
+    def __init__(self, image_size: int) -> None:
+        self.shape = (3, image_size, image_size)
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        good = next((x for x, _ in batch if x is not None), None)
+        fill = torch.zeros_like(good) if good is not None else torch.zeros(self.shape)
+        xs = torch.stack([fill if x is None else x for x, _ in batch])
+        idx = torch.tensor([i for _, i in batch])
+        ok = torch.tensor([x is not None for x, _ in batch])
+        return xs, idx, ok
+
+
+def feature_key(backbone: Backbone, source: ImageSource) -> str:
+    """Content address: weights hash + preprocessing + precision + dataset manifest hash."""
+    ident = json.dumps([backbone.id(), source.manifest_hash, len(source)])
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | Path,
+                     batch_size: int = 256, num_workers: int = 2, progress: bool = True,
+                     strict: bool = False) -> FeatureSet:
+    """Features of every image of ``source``, from the cache when present."""
+    cache = Path(cache_dir).expanduser() / "features"
+    key = feature_key(backbone, source)
+    npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
+    if npy.is_file() and meta.is_file():
+        info = json.loads(meta.read_text())
+        return FeatureSet(np.load(npy, mmap_mode="r"), info["bad"], key, cached=True)
+
+    loader = DataLoader(
+        _Preprocessed(source, backbone.preprocess), batch_size=batch_size,
+        num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
+        pin_memory=backbone.device.startswith("cuda"),
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+    )
+    bad: list[int] = []
+    out: np.ndarray | None = None
+    tmp = npy.with_suffix(f".{os.getpid()}.partial.npy")
+    cache.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(source), unit="img", desc=f"features {source.name}", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    try:
+        for xs, idx, ok in loader:
+            if not ok.all():
+                bad += idx[~ok].tolist()
+                if strict:
+                    raise RobenchError(
+                        f"{source.name}: cannot decode image(s) {describe(source, bad)}",
+                        "replace the files, or run with strict=false to count and skip them")
+            f = backbone.encode_images(xs).cpu().numpy().astype(np.float16)
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                shape=(len(source), f.shape[1]))
+            f[~ok.numpy()] = 0
+            out[idx.numpy()] = f
+            bar.update(len(idx))
+        bar.close()
+        if out is None:
+            raise RobenchError(f"{source.name} is empty", "check the dataset root")
+        out.flush()
+        del out
+        os.replace(tmp, npy)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if bad:
+        log.warning("%s: %d image(s) could not be decoded and are excluded: %s",
+                    source.name, len(bad), describe(source, bad))
+    write_json(meta, {"bad": sorted(bad), "dataset": source.name, "n": len(source),
+                      "manifest": source.manifest_hash, "backbone": backbone.id()})
+    return FeatureSet(np.load(npy, mmap_mode="r"), sorted(bad), key, cached=False)
+
+
+def describe(source: ImageSource, rows: list[int], limit: int = 10) -> str:
+    """Human names of rows (file paths where the source has them)."""
+    paths = source.info.get("paths")
+    names = [paths[i] if paths else f"#{i}" for i in rows[:limit]]
+    more = f" (+{len(rows) - limit} more)" if len(rows) > limit else ""
+    return ", ".join(names) + more
+

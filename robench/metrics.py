@@ -1,0 +1,856 @@
+"""Accuracy, calibration and failure-detection metrics for classifier outputs (NumPy + SciPy).
+
+Conventions shared by every function here:
+
+* ``logits`` / ``probs`` are 2-D arrays ``(n_samples, n_classes)``; ``labels`` are integers in
+  ``[0, n_classes)``. The prediction is the arg-max, ties going to the lowest class index (the
+  NumPy ``argmax`` rule); top-k membership uses the same rule (a stable descending sort).
+* ``conf`` is the maximum softmax probability (MSP) of the prediction and ``correct`` says whether
+  the top-1 prediction equals the label.
+* Accuracies and their intervals are in percent; ECE/MCE/adaptive ECE, NLL, Brier and AUROC-type
+  scores are plain numbers (ECE in ``[0, 1]``, not percent).
+* A metric that is undefined for the given input (e.g. a misclassification AUROC when every
+  prediction is correct) is ``float('nan')``, never an exception; malformed input (wrong shape,
+  labels out of range, empty arrays) raises ``ValueError``.
+
+:func:`compute_all` produces the flat per-cell dictionary the runner stores, with seeded percentile
+bootstrap intervals for ECE and AUROC (Efron 1979) and Clopper-Pearson intervals for accuracy.
+:data:`METRIC_INFO` describes each of its keys for reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import stats
+
+__all__ = [
+    "METRIC_INFO",
+    "BootstrapEvaluator",
+    "MetricInfo",
+    "accuracy_topk",
+    "adaptive_ece",
+    "aupr_err",
+    "auroc",
+    "bootstrap_ci",
+    "bootstrap_replicates",
+    "brier",
+    "clopper_pearson",
+    "compute_all",
+    "ece",
+    "fpr_at_95_tpr",
+    "mce",
+    "misclassification_auroc",
+    "nll",
+    "ood_auroc",
+    "percentile_interval",
+    "softmax",
+]
+
+NLL_EPS = 1e-12
+"""Probabilities are clipped from below at this value before taking logs (caps a sample's NLL at
+about 27.6 nats, so one confidently wrong sample cannot make the mean infinite)."""
+
+# Rows are processed in blocks of about this many elements so the several passes over each block
+# (max, exp, sums, comparisons) run out of cache and temporaries stay a few MiB, whatever n is.
+_CHUNK_ELEMENTS = 1 << 16
+
+# Bootstrap replicates are independent, and NumPy's generators and most ufuncs release the GIL,
+# so plain threads give a real speed-up; results do not depend on the thread count.
+_BOOTSTRAP_THREADS = max(1, min(4, os.cpu_count() or 1))
+_BOOTSTRAP_MIN_N_FOR_THREADS = 50_000
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------
+
+
+def _as_scores_2d(x: ArrayLike, name: str) -> NDArray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_classes); got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty: need at least one sample")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} has no columns: need at least one class")
+    if arr.dtype == np.bool_ or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
+    return arr
+
+
+def _as_labels(labels: ArrayLike, n: int, num_classes: int) -> NDArray[np.intp]:
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},) to match the scores; got {lab.shape}")
+    if lab.dtype == np.bool_ or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices; got dtype {lab.dtype}")
+    lo, hi = int(lab.min()), int(lab.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for {num_classes} classes; "
+            f"found values in [{lo}, {hi}]"
+        )
+    return lab.astype(np.intp, copy=False)
+
+
+def _as_flags(x: ArrayLike, name: str) -> NDArray[np.bool_]:
+    arr = np.asarray(x)
+    if arr.dtype == np.bool_:
+        return arr
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} must be boolean or 0/1; got dtype {arr.dtype}")
+    if not np.all((arr == 0) | (arr == 1)):
+        raise ValueError(f"{name} must contain only 0/1 (or booleans)")
+    return arr != 0
+
+
+def _as_scores_1d(x: ArrayLike, name: str) -> NDArray[np.float64]:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: need at least one sample")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} must be numeric; got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN")
+    return arr
+
+
+def _as_conf_correct(
+    conf: ArrayLike, correct: ArrayLike, *, unit_interval: bool
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    c = _as_scores_1d(conf, "conf")
+    k = _as_flags(correct, "correct")
+    if k.shape != c.shape:
+        raise ValueError(f"conf and correct must have the same shape; got {c.shape} and {k.shape}")
+    if unit_interval and (c.min() < 0.0 or c.max() > 1.0):
+        raise ValueError(
+            f"conf must lie in [0, 1] for binned calibration; got [{c.min()}, {c.max()}]"
+        )
+    return c, k
+
+
+def _check_n_bins(n_bins: int) -> int:
+    if isinstance(n_bins, bool) or int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    return int(n_bins)
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha!r}")
+    return float(alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# Row-wise passes over logits
+# --------------------------------------------------------------------------------------------
+
+
+def _row_blocks(n: int, num_classes: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(num_classes, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _work_dtype(dtype: np.dtype) -> type[np.floating]:
+    # float16/float32 inputs carry <= 24 bits of mantissa, so float32 arithmetic loses nothing that
+    # was there and halves memory traffic; float64 and integer inputs keep float64.
+    if np.issubdtype(dtype, np.floating) and dtype.itemsize <= 4:
+        return np.float32
+    return np.float64
+
+
+def _check_row_max(m: NDArray) -> None:
+    # max() propagates NaN, and a +inf or all -inf row has no defined softmax either.
+    if not np.isfinite(m).all():
+        raise ValueError("logits must be finite (found a row whose maximum is NaN or +/-inf)")
+
+
+def softmax(logits: ArrayLike) -> NDArray[np.float64]:
+    """Row-wise softmax ``p_ik = exp(x_ik - max_j x_ij) / sum_l exp(x_il - max_j x_ij)``.
+
+    Subtracting the row maximum before exponentiating keeps every exponent <= 0, so nothing
+    overflows. Computed in float64, one block of rows at a time, so the only full-size allocation
+    is the float64 result itself. ``-inf`` entries are allowed (probability 0) as long as each row
+    has a finite maximum; NaN or ``+inf`` raise ``ValueError``.
+    """
+    x = _as_scores_2d(logits, "logits")
+    out = np.empty(x.shape, dtype=np.float64)
+    for rows in _row_blocks(*x.shape):
+        block = out[rows]
+        block[...] = x[rows]
+        m = block.max(axis=1, keepdims=True)
+        _check_row_max(m)
+        block -= m
+        np.exp(block, out=block)
+        block /= block.sum(axis=1, keepdims=True)
+    return out
+
+
+def _label_rank(x: NDArray, y: NDArray[np.intp], s_y: NDArray) -> NDArray[np.intp]:
+    """0-based position of each row's label in a stable descending sort of that row."""
+    col = s_y[:, None]
+    rank = np.count_nonzero(x > col, axis=1)
+    # Equal scores are rare for float logits but common for fp16 CLIP logits; resolve them the way
+    # argmax does (lower index first) only for rows that actually have a tie with the label.
+    tied = np.flatnonzero(np.count_nonzero(x == col, axis=1) > 1)
+    if tied.size:
+        earlier = np.arange(x.shape[1])[None, :] < y[tied, None]
+        rank[tied] += np.count_nonzero((x[tied] == col[tied]) & earlier, axis=1)
+    return rank
+
+
+class _RowStats(NamedTuple):
+    conf: NDArray[np.float64]  # max_k p_k
+    log_p_label: NDArray[np.float64]  # log p_y
+    sum_sq: NDArray[np.float64]  # sum_k p_k^2
+    rank: NDArray[np.intp]  # position of y in the stable descending order
+
+
+def _row_stats(x: NDArray, y: NDArray[np.intp]) -> _RowStats:
+    """Everything ``compute_all`` needs from the logits, in one blocked pass and O(n) memory.
+
+    The softmax of a row is never stored: with ``e_k = exp(x_k - m)`` and ``Z = sum_k e_k`` we
+    have ``max_k p_k = 1/Z`` (the maximal term is exp(0) = 1 exactly), ``log p_y = x_y - m - log Z``
+    and ``sum_k p_k^2 = sum_k e_k^2 / Z^2``.
+    """
+    n, num_classes = x.shape
+    work = _work_dtype(x.dtype)
+    conf = np.empty(n)
+    log_p = np.empty(n)
+    sum_sq = np.empty(n)
+    rank = np.empty(n, dtype=np.intp)
+    for rows in _row_blocks(n, num_classes):
+        xb = np.asarray(x[rows], dtype=work)
+        yb = y[rows]
+        m = xb.max(axis=1)
+        _check_row_max(m)
+        s_y = xb[np.arange(len(yb)), yb]
+        rank[rows] = _label_rank(xb, yb, s_y)
+        e = xb - m[:, None]
+        np.exp(e, out=e)
+        z = e.sum(axis=1).astype(np.float64)
+        conf[rows] = 1.0 / z
+        # x_y - m is exact in float64 for float32 inputs; log p_y from logs avoids underflow of p_y.
+        log_p[rows] = (s_y.astype(np.float64) - m) - np.log(z)
+        sum_sq[rows] = np.einsum("ij,ij->i", e, e).astype(np.float64) / (z * z)
+    return _RowStats(conf, log_p, sum_sq, rank)
+
+
+def accuracy_topk(probs_or_logits: ArrayLike, labels: ArrayLike, k: int = 1) -> float:
+    """Top-k accuracy in percent: ``100 * mean_i [rank_i(y_i) < k]``.
+
+    ``rank_i(y_i)`` is the position of the label in a stable descending sort of row ``i``, so
+    ties are broken towards the lower class index exactly like ``argmax`` (top-1 accuracy equals
+    ``mean(argmax == y)``). Probabilities and logits give the same answer (softmax is monotone)
+    up to ties created by rounding. ``k >= n_classes`` returns ``100.0``.
+    """
+    x = _as_scores_2d(probs_or_logits, "probs_or_logits")
+    y = _as_labels(labels, *x.shape)
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    if k >= x.shape[1]:
+        return 100.0
+    work = _work_dtype(x.dtype)
+    hits = 0
+    for rows in _row_blocks(*x.shape):
+        xb = np.asarray(x[rows], dtype=work)
+        yb = y[rows]
+        hits += int(np.count_nonzero(_label_rank(xb, yb, xb[np.arange(len(yb)), yb]) < k))
+    return 100.0 * hits / x.shape[0]
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper & Pearson 1934) two-sided ``1 - alpha`` interval for a binomial proportion.
+
+    ``low = B^{-1}(alpha/2; k, n-k+1)`` and ``high = B^{-1}(1-alpha/2; k+1, n-k)`` with ``B^{-1}``
+    the beta quantile function; ``low = 0`` when ``k = 0`` and ``high = 1`` when ``k = n``.
+    Returned in percent. Reference: C. J. Clopper and E. S. Pearson, "The use of confidence or
+    fiducial limits illustrated in the case of the binomial", Biometrika 26(4), 1934.
+    """
+    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
+        raise ValueError(f"k and n must be integers; got k={k!r}, n={n!r}")
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need n >= 1 and 0 <= k <= n; got k={k}, n={n}")
+    alpha = _check_alpha(alpha)
+    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return 100.0 * low, 100.0 * high
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+
+def _bin_index(conf: NDArray[np.float64], n_bins: int) -> NDArray[np.intp]:
+    # searchsorted(side="left") returns i with edges[i-1] < c <= edges[i], i.e. right-closed bins
+    # (lo, hi]; c = 0 yields -1 and is clipped into the first bin, c = 1 lands in the last bin.
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+
+
+def ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+    """Expected calibration error (Guo et al. 2017), L1, equal-width bins, as a fraction.
+
+    ``ECE = sum_b (|B_b| / n) * |acc(B_b) - conf(B_b)|`` where ``acc``/``conf`` are the mean
+    correctness and mean confidence inside bin ``B_b``. Bins split ``[0, 1]`` into ``n_bins``
+    equal-width intervals ``(lo, hi]``; a confidence of exactly 0 goes to the first bin and a
+    confidence of exactly 1.0 to the LAST bin. Empty bins contribute nothing.
+
+    Note: ``torchmetrics`` (``MulticlassCalibrationError``, checked with 1.9) buckets with
+    ``torch.bucketize(right=True)``, i.e. half-open ``[lo, hi)`` bins, so a confidence of exactly
+    1.0 falls into an extra ``(n_bins + 1)``-th bin of its own; with saturated softmax outputs
+    (common for CLIP at logit scale 100) the two results differ. Random continuous confidences
+    give identical values.
+
+    Reference: C. Guo, G. Pleiss, Y. Sun and K. Q. Weinberger, "On Calibration of Modern Neural
+    Networks", ICML 2017 (the binned estimator goes back to Naeini et al., AAAI 2015).
+    """
+    c, k = _as_conf_correct(conf, correct, unit_interval=True)
+    _, gap = _bin_gaps(c, k, _check_n_bins(n_bins))
+    return _ece_from_gaps(gap, c.size)
+
+
+def _bin_gaps(
+    c: NDArray[np.float64], k: NDArray[np.bool_], n_bins: int
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Per-bin sample count and ``sum_{i in B} (correct_i - conf_i)``."""
+    b = _bin_index(c, n_bins)
+    return np.bincount(b, minlength=n_bins), np.bincount(b, weights=k - c, minlength=n_bins)
+
+
+def _ece_from_gaps(gap: NDArray[np.float64], n: int) -> float:
+    # (|B|/n) * |acc_B - conf_B| = |sum_{i in B} (correct_i - conf_i)| / n.
+    return float(np.abs(gap).sum() / n)
+
+
+def _mce_from_gaps(count: NDArray[np.int64], gap: NDArray[np.float64]) -> float:
+    filled = count > 0
+    return float(np.max(np.abs(gap[filled]) / count[filled]))
+
+
+def mce(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+    """Maximum calibration error (Guo et al. 2017): ``max_b |acc(B_b) - conf(B_b)|``.
+
+    Same equal-width ``(lo, hi]`` bins as :func:`ece` (0 into the first, 1.0 into the last bin);
+    the maximum runs over non-empty bins only. A fraction in ``[0, 1]``.
+    Reference: Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
+    """
+    c, k = _as_conf_correct(conf, correct, unit_interval=True)
+    return _mce_from_gaps(*_bin_gaps(c, k, _check_n_bins(n_bins)))
+
+
+def adaptive_ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+    """ECE with equal-mass (adaptive) bins, as a fraction (Nixon et al. 2019).
+
+    Samples are sorted by confidence (stable sort, so tied confidences keep input order) and the
+    sample at sorted position ``r`` goes to bin ``floor(r * n_bins / n)``; bin sizes therefore
+    differ by at most one, and tied confidences may straddle a bin boundary. Then
+    ``ECE_adaptive = sum_b (|B_b| / n) * |acc(B_b) - conf(B_b)|``. With ``n < n_bins`` each sample
+    is its own bin. This is the top-label variant (also called ECE-EM); Nixon et al.'s ACE further
+    averages the same quantity over all classes' probabilities.
+
+    Reference: J. Nixon, M. W. Dusenberry, L. Zhang, G. Jerfel and D. Tran, "Measuring
+    Calibration in Deep Learning", CVPR Workshops 2019.
+    """
+    c, k = _as_conf_correct(conf, correct, unit_interval=True)
+    n_bins = _check_n_bins(n_bins)
+    order = np.argsort(c, kind="stable")
+    return _adaptive_ece_sorted(c[order], k[order], n_bins)
+
+
+def _adaptive_ece_sorted(cs: NDArray[np.float64], ks: NDArray[np.bool_], n_bins: int) -> float:
+    n = cs.size
+    b = (np.arange(n, dtype=np.int64) * n_bins) // n
+    gap = np.bincount(b, weights=ks - cs, minlength=n_bins)
+    return float(np.abs(gap).sum() / n)
+
+
+def nll(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Mean negative log-likelihood ``-(1/n) sum_i log max(p_{i,y_i}, 1e-12)`` (nats).
+
+    ``probs`` are used as given (rows are not renormalised). The clip at ``NLL_EPS = 1e-12`` keeps a
+    single confidently wrong sample from making the mean infinite; :func:`compute_all` applies the
+    same cap to ``log p_y`` computed directly from the logits.
+    """
+    p = _as_scores_2d(probs, "probs")
+    y = _as_labels(labels, *p.shape)
+    p_y = p[np.arange(p.shape[0]), y].astype(np.float64)
+    return float(-np.log(np.maximum(p_y, NLL_EPS)).mean())
+
+
+def brier(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Multiclass Brier score ``(1/n) sum_i sum_k (p_ik - [k = y_i])^2`` (Brier 1950).
+
+    Brier's original definition sums over all classes, so the score lies in ``[0, 2]``; it is not
+    divided by the number of classes. Reference: G. W. Brier, "Verification of forecasts expressed
+    in terms of probability", Monthly Weather Review 78(1), 1950.
+    """
+    p = _as_scores_2d(probs, "probs")
+    y = _as_labels(labels, *p.shape)
+    total = 0.0
+    for rows in _row_blocks(*p.shape):
+        pb = p[rows].astype(np.float64)
+        pb[np.arange(pb.shape[0]), y[rows]] -= 1.0
+        total += float(np.einsum("ij,ij->", pb, pb))
+    return total / p.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking metrics (AUROC, AUPR, FPR@95TPR)
+# --------------------------------------------------------------------------------------------
+
+
+class _Sorted(NamedTuple):
+    """Scores in ascending (stable) order, the matching labels and the tie groups."""
+
+    order: NDArray[np.intp]
+    score: NDArray[np.float64]
+    positive: NDArray[np.bool_]
+    starts: NDArray[np.intp]  # first sorted position of each group of equal scores
+
+    @classmethod
+    def build(cls, score: NDArray[np.float64], positive: NDArray[np.bool_]) -> _Sorted:
+        order = np.argsort(score, kind="stable")
+        s = score[order]
+        new_group = np.empty(s.size, dtype=bool)
+        new_group[:1] = True
+        np.not_equal(s[1:], s[:-1], out=new_group[1:])
+        return cls(order, s, positive[order], np.flatnonzero(new_group))
+
+    def group_counts(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Positives and group sizes per tie group, in ascending score order."""
+        pos = np.add.reduceat(self.positive.astype(np.int64), self.starts)
+        size = np.diff(np.append(self.starts, self.score.size))
+        return pos, size
+
+
+def _auroc_sorted(srt: _Sorted) -> float:
+    pos, size = srt.group_counts()
+    n_pos = int(pos.sum())
+    n_neg = srt.score.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # Average 1-based rank of group g is start_g + (size_g + 1) / 2; doubling keeps it integral,
+    # so the rank sum of the positives is exact in int64.
+    twice_rank_sum = int(np.dot(pos, 2 * srt.starts.astype(np.int64) + size + 1))
+    twice_u = twice_rank_sum - n_pos * (n_pos + 1)
+    return twice_u / (2.0 * n_pos * n_neg)
+
+
+def auroc(scores: ArrayLike, positives: ArrayLike) -> float:
+    """Area under the ROC curve via the Mann-Whitney U statistic with average ranks for ties.
+
+    ``AUROC = (R_+ - n_+ (n_+ + 1) / 2) / (n_+ n_-)`` where ``R_+`` is the sum of the (1-based,
+    tie-averaged) ranks of the positives' scores; equivalently the probability that a random
+    positive outscores a random negative, ties counting one half. Higher scores should indicate
+    positives. NaN when only one class is present. Equals ``sklearn.metrics.roc_auc_score``.
+
+    References: H. B. Mann and D. R. Whitney, Ann. Math. Statist. 18(1), 1947; J. A. Hanley and
+    B. J. McNeil, "The meaning and use of the area under a ROC curve", Radiology 143, 1982.
+    """
+    s = _as_scores_1d(scores, "scores")
+    pos = _as_flags(positives, "positives")
+    if pos.shape != s.shape:
+        raise ValueError(
+            f"scores and positives must have the same shape; got {s.shape} and {pos.shape}"
+        )
+    return _auroc_sorted(_Sorted.build(s, pos))
+
+
+def misclassification_auroc(conf: ArrayLike, correct: ArrayLike) -> float:
+    """AUROC of the confidence (MSP) for separating correct (positive) from wrong predictions.
+
+    The misclassification-detection baseline of Hendrycks & Gimpel (2017). Because AUROC is
+    symmetric (``AUROC(s, y) = AUROC(-s, 1 - y)``) this equals the AUROC of ``-MSP`` with errors as
+    positives, so it does not matter which class is called positive. 0.5 is chance, 1.0 means
+    every correct prediction is more confident than every wrong one. NaN if all predictions are
+    correct or all are wrong.
+
+    Reference: D. Hendrycks and K. Gimpel, "A Baseline for Detecting Misclassified and
+    Out-of-Distribution Examples in Neural Networks", ICLR 2017.
+    """
+    c, k = _as_conf_correct(conf, correct, unit_interval=False)
+    return _auroc_sorted(_Sorted.build(c, k))
+
+
+def _aupr_err_sorted(srt: _Sorted) -> float:
+    # Ascending confidence is descending error score (-conf), so group g is the g-th threshold.
+    correct_per_group, size = srt.group_counts()
+    err = size - correct_per_group
+    n_err = int(err.sum())
+    if n_err == 0:
+        return float("nan")
+    precision = np.cumsum(err) / np.cumsum(size)
+    return float(np.dot(err, precision) / n_err)
+
+
+def aupr_err(conf: ArrayLike, correct: ArrayLike) -> float:
+    """Average precision for retrieving errors, with errors positive and score ``-conf``.
+
+    ``AP = sum_t (R_t - R_{t-1}) P_t`` over the distinct thresholds ``t`` of ``-conf`` in
+    decreasing order, where ``P_t`` / ``R_t`` are precision / recall of "flag every sample with
+    ``-conf >= t``" -- the step-wise (non-interpolated) definition used by
+    ``sklearn.metrics.average_precision_score``, including its treatment of tied scores (a tie
+    group enters at once). NaN if there are no errors. Reference: Hendrycks & Gimpel, ICLR 2017
+    (AUPR-Err).
+    """
+    c, k = _as_conf_correct(conf, correct, unit_interval=False)
+    return _aupr_err_sorted(_Sorted.build(c, k))
+
+
+def _fpr95_sorted(srt: _Sorted, target: float = 0.95) -> float:
+    pos_per_group, size = srt.group_counts()
+    n_pos = int(pos_per_group.sum())
+    n_neg = srt.score.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # Accepting every sample with score >= the score of group g: counts are suffix sums.
+    tp = np.cumsum(pos_per_group[::-1])[::-1]
+    fp = np.cumsum((size - pos_per_group)[::-1])[::-1]
+    # TPR grows as the threshold falls; the last group (highest threshold) still reaching the
+    # target is the operating point with the lowest FPR among those with TPR >= target.
+    reaching = np.flatnonzero(tp / n_pos >= target)
+    return float(fp[reaching[-1]] / n_neg)
+
+
+def fpr_at_95_tpr(conf: ArrayLike, correct: ArrayLike) -> float:
+    """False-positive rate at 95% true-positive rate, correct predictions positive, score conf.
+
+    Convention: a sample is accepted when ``conf >= t``. Over the distinct thresholds ``t``
+    (the observed confidences) we take the highest one whose TPR (fraction of correct predictions
+    accepted) is ``>= 0.95`` and return its FPR (fraction of wrong predictions accepted). This is
+    the first point with ``tpr >= 0.95`` on ``sklearn.metrics.roc_curve(correct, conf,
+    drop_intermediate=False)``, i.e. the lowest FPR among operating points with TPR >= 95%; no
+    interpolation between points. Lower is better. NaN if all predictions are correct or all are
+    wrong. Reference: Hendrycks & Gimpel, ICLR 2017 (there with OOD inputs as negatives).
+    """
+    c, k = _as_conf_correct(conf, correct, unit_interval=False)
+    return _fpr95_sorted(_Sorted.build(c, k))
+
+
+def ood_auroc(conf_id: ArrayLike, conf_ood: ArrayLike) -> float:
+    """AUROC for telling shifted samples from in-distribution ones using ``-MSP``.
+
+    Score ``-conf``, shifted (OOD) samples positive, in-distribution negative: the OpenOOD
+    (Yang et al., NeurIPS 2022 Datasets & Benchmarks) / torch-uncertainty convention and the MSP
+    baseline of Hendrycks & Gimpel (ICLR 2017). 0.5 means the shifted set is as confident as the
+    in-distribution set; values below 0.5 mean it is *more* confident. NaN if either set is empty.
+    """
+    cid = np.asarray(conf_id, dtype=np.float64).ravel()
+    cood = np.asarray(conf_ood, dtype=np.float64).ravel()
+    if cid.size == 0 or cood.size == 0:
+        return float("nan")
+    scores = -np.concatenate([cid, cood])
+    positives = np.concatenate([np.zeros(cid.size, bool), np.ones(cood.size, bool)])
+    return auroc(scores, positives)
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+class BootstrapEvaluator:
+    """ECE and misclassification AUROC of a *weighted* sample, O(n) per weight vector.
+
+    Resampling with replacement is the same as giving sample ``i`` the integer weight ``w_i`` =
+    number of times it was drawn, so a replicate never needs a re-sort: the data are sorted by
+    confidence once here, and each replicate only scatters its weights.
+
+    * ECE: equal-width bins are contiguous runs of the sorted data, and
+      ``ECE = sum_b |sum_{i in B_b} w_i (correct_i - conf_i)| / sum_i w_i``.
+    * AUROC: with negatives (errors) in sorted order and ``C_j`` the weight of the first ``j``
+      negatives, a positive whose confidence exceeds ``lo`` negatives and ties ``hi - lo`` of them
+      contributes ``w_i (C_lo + C_hi) / 2``; divide by ``W_+ W_-``. This is the Mann-Whitney
+      statistic of the resampled data with average ranks (copies of one sample tie each other,
+      but positive-positive and negative-negative pairs never count).
+
+    Weights passed to :meth:`ece` / :meth:`auroc` are indexed like the original ``conf``;
+    :func:`bootstrap_replicates` works directly in sorted order to save one gather.
+    """
+
+    def __init__(self, conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> None:
+        c, k = _as_conf_correct(conf, correct, unit_interval=True)
+        self.n_bins = _check_n_bins(n_bins)
+        self.n = c.size
+        self.sorted = _Sorted.build(c, k)
+        self.order = self.sorted.order
+        cs = self.sorted.score
+        ks = self.sorted.positive
+        b = _bin_index(cs, self.n_bins)
+        self._bin_starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+        self._gap = ks - cs
+        self._pos_idx = np.flatnonzero(ks)
+        self._neg_idx = np.flatnonzero(~ks)
+        neg_scores = cs[self._neg_idx]
+        pos_scores = cs[self._pos_idx]
+        self._lo = np.searchsorted(neg_scores, pos_scores, side="left")
+        self._hi = np.searchsorted(neg_scores, pos_scores, side="right")
+        self._ties = bool(np.any(self._lo != self._hi))
+
+    def ece(self, weights: ArrayLike) -> float:
+        """ECE of the sample weighted by ``weights`` (non-negative, original order)."""
+        return self._ece_sorted(self._sorted_weights(weights))
+
+    def auroc(self, weights: ArrayLike) -> float:
+        """Misclassification AUROC of the weighted sample (NaN if one class has zero weight)."""
+        return self._auroc_sorted(self._sorted_weights(weights))
+
+    def _sorted_weights(self, weights: ArrayLike) -> NDArray:
+        w = np.asarray(weights)
+        if w.shape != (self.n,):
+            raise ValueError(f"weights must have shape ({self.n},); got {w.shape}")
+        if not np.issubdtype(w.dtype, np.integer) or w.dtype == np.bool_:
+            w = w.astype(np.float64)
+        if w.min() < 0:
+            raise ValueError("weights must be non-negative")
+        return w[self.order]
+
+    def _ece_sorted(self, w: NDArray) -> float:
+        per_bin = np.add.reduceat(w * self._gap, self._bin_starts)
+        return float(np.abs(per_bin).sum() / w.sum())
+
+    def _auroc_sorted(self, w: NDArray) -> float:
+        if self._pos_idx.size == 0 or self._neg_idx.size == 0:
+            return float("nan")
+        cum_neg = np.empty(self._neg_idx.size + 1, dtype=w.dtype)
+        cum_neg[0] = 0
+        np.cumsum(w[self._neg_idx], out=cum_neg[1:])
+        w_pos = w[self._pos_idx]
+        total_pos = w_pos.sum()
+        total_neg = cum_neg[-1]
+        if total_pos == 0 or total_neg == 0:
+            return float("nan")
+        below = np.dot(w_pos, cum_neg[self._lo])
+        if self._ties:
+            numerator = 0.5 * float(below + np.dot(w_pos, cum_neg[self._hi]))
+        else:
+            numerator = float(below)
+        return numerator / (float(total_pos) * float(total_neg))
+
+
+def _replicate_generators(seed: int, n_bootstrap: int) -> list[np.random.Generator]:
+    # One child stream per replicate makes replicate r independent of how replicates are split
+    # across threads, so results are reproducible for a given seed on any machine.
+    children = np.random.SeedSequence(seed).spawn(n_bootstrap)
+    return [np.random.default_rng(child) for child in children]
+
+
+def bootstrap_replicates(
+    conf: ArrayLike,
+    correct: ArrayLike,
+    *,
+    n_bins: int = 15,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, NDArray[np.float64]]:
+    """Bootstrap replicates (Efron 1979) of ECE and misclassification AUROC.
+
+    Exact protocol, so a naive loop can reproduce it: sort the samples by confidence with a stable
+    sort; for replicate ``r`` draw ``idx = rng_r.integers(0, n, n)`` with
+    ``rng_r = np.random.default_rng(np.random.SeedSequence(seed).spawn(n_bootstrap)[r])`` and
+    evaluate the metric on the sorted samples at positions ``idx`` (drawn with replacement).
+    Internally the draw becomes a count vector ``np.bincount(idx, minlength=n)`` evaluated by
+    :class:`BootstrapEvaluator` in O(n), which is identical to evaluating the resampled data.
+    AUROC replicates are NaN when a resample holds only one class.
+    Returns ``{"ece": array(n_bootstrap), "auroc": array(n_bootstrap)}``.
+
+    Reference: B. Efron, "Bootstrap methods: another look at the jackknife", Annals of Statistics
+    7(1), 1979.
+    """
+    if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be a non-negative integer; got {n_bootstrap!r}")
+    ev = BootstrapEvaluator(conf, correct, n_bins)
+    return _run_replicates(ev, int(n_bootstrap), seed)
+
+
+def _run_replicates(
+    ev: BootstrapEvaluator, n_bootstrap: int, seed: int
+) -> dict[str, NDArray[np.float64]]:
+    out = {"ece": np.full(n_bootstrap, np.nan), "auroc": np.full(n_bootstrap, np.nan)}
+    if n_bootstrap == 0:
+        return out
+    gens = _replicate_generators(seed, n_bootstrap)
+    n = ev.n
+
+    def run(replicates: range) -> None:
+        for r in replicates:
+            w = np.bincount(gens[r].integers(0, n, n), minlength=n)
+            out["ece"][r] = ev._ece_sorted(w)
+            out["auroc"][r] = ev._auroc_sorted(w)
+
+    threads = _BOOTSTRAP_THREADS if n >= _BOOTSTRAP_MIN_N_FOR_THREADS else 1
+    threads = min(threads, n_bootstrap)
+    if threads == 1:
+        run(range(n_bootstrap))
+    else:
+        parts = [range(t, n_bootstrap, threads) for t in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, parts))
+    return out
+
+
+def percentile_interval(replicates: ArrayLike, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval: the ``alpha/2`` and ``1 - alpha/2`` quantiles.
+
+    Quantiles use NumPy's default linear interpolation. NaN replicates (degenerate resamples) are
+    ignored; if none is finite the interval is ``(nan, nan)``. Reference: B. Efron and R. J.
+    Tibshirani, "An Introduction to the Bootstrap", Chapman & Hall 1993, ch. 13.
+    """
+    alpha = _check_alpha(alpha)
+    r = np.asarray(replicates, dtype=np.float64)
+    r = r[~np.isnan(r)]
+    if r.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(r, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    conf: ArrayLike,
+    correct: ArrayLike,
+    *,
+    n_bins: int = 15,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Seeded percentile-bootstrap ``1 - alpha`` intervals for ECE and misclassification AUROC.
+
+    Both statistics share the same resamples (see :func:`bootstrap_replicates` for the exact
+    protocol) and each interval is :func:`percentile_interval` of its replicates. ECE is biased
+    upwards under resampling, so for a well-calibrated model the interval can sit slightly above
+    the point estimate. ``n_bootstrap = 0`` gives NaN intervals; the AUROC interval is NaN when
+    the point estimate is (all predictions correct or all wrong).
+    Returns ``{"ece": (low, high), "auroc": (low, high)}``.
+    """
+    _check_alpha(alpha)
+    reps = bootstrap_replicates(
+        conf, correct, n_bins=n_bins, n_bootstrap=n_bootstrap, seed=seed
+    )
+    return {name: percentile_interval(values, alpha) for name, values in reps.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Everything at once
+# --------------------------------------------------------------------------------------------
+
+
+class MetricInfo(NamedTuple):
+    """What a :func:`compute_all` key means and which direction is better (None: not a score)."""
+
+    description: str
+    direction: Literal["higher", "lower"] | None
+
+
+METRIC_INFO: dict[str, MetricInfo] = {
+    "n": MetricInfo("number of samples scored", None),
+    "num_classes": MetricInfo("number of classes the prediction chooses from", None),
+    "acc1": MetricInfo("top-1 accuracy (%)", "higher"),
+    "acc1_ci_low": MetricInfo("top-1 accuracy, Clopper-Pearson lower bound (%)", "higher"),
+    "acc1_ci_high": MetricInfo("top-1 accuracy, Clopper-Pearson upper bound (%)", "higher"),
+    "acc5": MetricInfo("top-5 accuracy (%); 100 when there are <= 5 classes", "higher"),
+    "ece": MetricInfo("expected calibration error, L1, equal-width bins (fraction)", "lower"),
+    "ece_ci_low": MetricInfo("ECE, percentile-bootstrap lower bound (fraction)", "lower"),
+    "ece_ci_high": MetricInfo("ECE, percentile-bootstrap upper bound (fraction)", "lower"),
+    "mce": MetricInfo("maximum calibration error over equal-width bins (fraction)", "lower"),
+    "ece_adaptive": MetricInfo("ECE with equal-mass bins (fraction)", "lower"),
+    "nll": MetricInfo("negative log-likelihood of the label (nats, p clipped at 1e-12)", "lower"),
+    "brier": MetricInfo("multiclass Brier score, summed over classes (0-2)", "lower"),
+    "auroc": MetricInfo("misclassification AUROC of MSP (correct vs wrong)", "higher"),
+    "auroc_ci_low": MetricInfo("misclassification AUROC, bootstrap lower bound", "higher"),
+    "auroc_ci_high": MetricInfo("misclassification AUROC, bootstrap upper bound", "higher"),
+    "aupr_err": MetricInfo("average precision for finding errors with -MSP", "higher"),
+    "fpr95": MetricInfo("share of errors accepted at 95% of correct accepted (MSP)", "lower"),
+    "mean_confidence": MetricInfo("mean maximum softmax probability (fraction)", None),
+}
+
+
+def compute_all(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_bins: int = 15,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, float | int | None]:
+    """All per-cell metrics from logits and integer labels, as a flat dict (see METRIC_INFO).
+
+    The softmax is taken over the given columns (pass logits or log-probabilities, not
+    probabilities). Confidence is the MSP and correctness is top-1 (argmax) correctness. Keys:
+    ``n, num_classes, acc1, acc1_ci_low, acc1_ci_high, acc5, ece, ece_ci_low, ece_ci_high, mce,
+    ece_adaptive, nll, brier, auroc, auroc_ci_low, auroc_ci_high, aupr_err, fpr95,
+    mean_confidence``. Accuracies and their Clopper-Pearson interval are in percent; ECE-type
+    values are fractions. Undefined values (e.g. AUROC with no errors; every interval when
+    ``n_bootstrap = 0``) are ``float('nan')``. ``n`` and ``num_classes`` are ints, everything else
+    a Python float.
+
+    float16/float32 logits are processed in float32 (float64 otherwise), one block of rows at a
+    time, never materialising the probability matrix; per-sample results and all reductions over
+    samples are float64.
+    """
+    x = _as_scores_2d(logits, "logits")
+    n, num_classes = x.shape
+    y = _as_labels(labels, n, num_classes)
+    n_bins = _check_n_bins(n_bins)
+    alpha = _check_alpha(alpha)
+    if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be a non-negative integer; got {n_bootstrap!r}")
+
+    rs = _row_stats(x, y)
+    correct = rs.rank == 0
+    bin_count, bin_gap = _bin_gaps(rs.conf, correct, n_bins)
+    n_correct = int(np.count_nonzero(correct))
+    acc1_low, acc1_high = clopper_pearson(n_correct, n, alpha)
+    acc5 = 100.0 if num_classes <= 5 else 100.0 * np.count_nonzero(rs.rank < 5) / n
+    conf = rs.conf
+    p_label = np.exp(rs.log_p_label)
+
+    # One stable sort serves the adaptive ECE, AUROC, AUPR, FPR@95 and the bootstrap.
+    ev = BootstrapEvaluator(conf, correct, n_bins)
+    srt = ev.sorted
+    reps = _run_replicates(ev, int(n_bootstrap), seed)
+    ece_low, ece_high = percentile_interval(reps["ece"], alpha)
+    auroc_point = _auroc_sorted(srt)
+    if math.isnan(auroc_point):
+        auroc_low = auroc_high = float("nan")
+    else:
+        auroc_low, auroc_high = percentile_interval(reps["auroc"], alpha)
+
+    return {
+        "n": int(n),
+        "num_classes": int(num_classes),
+        "acc1": 100.0 * n_correct / n,
+        "acc1_ci_low": acc1_low,
+        "acc1_ci_high": acc1_high,
+        "acc5": float(acc5),
+        "ece": _ece_from_gaps(bin_gap, n),
+        "ece_ci_low": ece_low,
+        "ece_ci_high": ece_high,
+        "mce": _mce_from_gaps(bin_count, bin_gap),
+        "ece_adaptive": _adaptive_ece_sorted(srt.score, srt.positive, n_bins),
+        "nll": float(np.minimum(-rs.log_p_label, -math.log(NLL_EPS)).mean()),
+        "brier": float((rs.sum_sq - 2.0 * p_label + 1.0).mean()),
+        "auroc": auroc_point,
+        "auroc_ci_low": auroc_low,
+        "auroc_ci_high": auroc_high,
+        "aupr_err": _aupr_err_sorted(srt),
+        "fpr95": _fpr95_sorted(srt),
+        "mean_confidence": float(conf.mean()),
+    }

@@ -1,0 +1,9 @@
+"""Backbones (open_clip) and the methods that turn a backbone into a classifier.
+
+``METHODS`` maps a model spec's ``method`` to the module that builds it; adding a method is one
+module plus one line here.
+"""
+
+METHODS: dict[str, str] = {
+    "zeroshot": "robench.models.zeroshot",
+}

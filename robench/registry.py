@@ -1,0 +1,151 @@
+"""The registries, as data: models, datasets and prompt-template sets.
+
+Adding a dataset or a model is one entry below (or one entry in a suite's YAML). Names are looked
+up through :func:`get_model` / :func:`get_dataset`, which fail with the valid names listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from robench.errors import RobenchError, unknown
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+METADATA = Path(__file__).resolve().parent / "data" / "metadata"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: which family reads it, where it sits, how its prompts look."""
+
+    family: str
+    root: str  # relative to ``data_root``, absolute, or ``assets:<path>`` for data shipped here
+    templates: str = "cifar"
+    options: dict[str, Any] = field(default_factory=dict)
+    n_expected: int | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: an open_clip backbone plus the method that turns it into a classifier."""
+
+    arch: str
+    pretrained: str | None = None
+    method: str = "zeroshot"
+    options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec("cifar", "cifar10", options={"variant": "cifar10"}, n_expected=10000,
+                           description="CIFAR-10 test split (torchvision pickle layout)"),
+    "cifar10-train": DatasetSpec("cifar", "cifar10", options={"variant": "cifar10", "train": True},
+                                 n_expected=50000, description="CIFAR-10 train split"),
+    "cifar100": DatasetSpec("cifar", "cifar100", options={"variant": "cifar100"},
+                            n_expected=10000, description="CIFAR-100 test split"),
+    "cifar100-train": DatasetSpec("cifar", "cifar100",
+                                  options={"variant": "cifar100", "train": True},
+                                  n_expected=50000, description="CIFAR-100 train split"),
+    "cifar10-subset-test": DatasetSpec(
+        "folder", "assets:cifar10-subset/test", n_expected=2000,
+        description="2,000 real CIFAR-10 test images shipped with robench (quickstart test split)"),
+    "cifar10-subset-probe": DatasetSpec(
+        "folder", "assets:cifar10-subset/probe", n_expected=1500,
+        description="1,500 real CIFAR-10 test images shipped with robench (probe-train split)"),
+    "cifar10-subset-val": DatasetSpec(
+        "folder", "assets:cifar10-subset/val", n_expected=500,
+        description="500 real CIFAR-10 test images shipped with robench (validation split)"),
+}
+
+MODELS: dict[str, ModelSpec] = {
+    "clip-vit-b32-openai": ModelSpec("ViT-B-32", "openai",
+                                     description="OpenAI CLIP ViT-B/32, zero-shot"),
+    "clip-vit-b16-openai": ModelSpec("ViT-B-16", "openai",
+                                     description="OpenAI CLIP ViT-B/16, zero-shot"),
+    "clip-vit-l14-openai": ModelSpec("ViT-L-14", "openai",
+                                     description="OpenAI CLIP ViT-L/14, zero-shot"),
+    "clip-vit-b32-laion2b": ModelSpec("ViT-B-32", "laion2b_s34b_b79k",
+                                      description="OpenCLIP ViT-B/32 LAION-2B, zero-shot"),
+    "tiny-random": ModelSpec("robench-tiny-vit", None,
+                             description="tiny ViT with RANDOM weights (smoke tests only)"),
+}
+
+
+def template_set(name: str) -> list[str]:
+    """Prompt templates as ``str.format`` patterns with one ``{}`` for the class name.
+
+    ``imagenet`` is the 80-template ensemble shipped by open_clip; ``cifar`` the 18 templates
+    OpenAI published for CIFAR-10/100.
+    """
+    if name == "imagenet":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    if name == "cifar":
+        return (METADATA / "cifar_templates.txt").read_text().strip().splitlines()
+    raise unknown("template set", name, ["cifar", "imagenet"])
+
+
+def _from_dict(cls: type, name: str, entry: dict[str, Any]) -> Any:
+    valid = {f.name for f in fields(cls)}
+    for key in entry:
+        if key not in valid:
+            raise unknown(f"{cls.__name__} field", key, valid,
+                          fix=f"fix the declaration of '{name}' in the suite")
+    try:
+        return cls(**entry)
+    except TypeError as e:
+        raise RobenchError(f"incomplete declaration of '{name}': {e}",
+                           f"give the fields {sorted(valid)}") from e
+
+
+def resolve_model(item: Any) -> tuple[str, ModelSpec]:
+    """A suite's model entry (a registered name, or an inline dict with ``name``) -> spec."""
+    if isinstance(item, str):
+        return item, get_model(item)
+    entry = dict(item)
+    name = entry.pop("name", None)
+    if not name:
+        raise RobenchError(f"inline model {entry} has no name", "add name: <model-name>")
+    base = entry.pop("base", None)
+    if base is not None:  # inline entry that tweaks a registered model
+        spec = get_model(base)
+        merged = {f.name: getattr(spec, f.name) for f in fields(ModelSpec)} | entry
+        return name, _from_dict(ModelSpec, name, merged)
+    return name, _from_dict(ModelSpec, name, entry)
+
+
+def resolve_dataset(item: Any) -> tuple[str, DatasetSpec]:
+    """A suite's dataset entry (a registered name or an inline dict with ``name``) -> spec."""
+    if isinstance(item, str):
+        return item, get_dataset(item)
+    entry = dict(item)
+    name = entry.pop("name", None)
+    if not name:
+        raise RobenchError(f"inline dataset {entry} has no name", "add name: <dataset-name>")
+    return name, _from_dict(DatasetSpec, name, entry)
+
+
+def get_model(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise unknown("model", name, MODELS, fix="see `robench list models`")
+    return MODELS[name]
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise unknown("dataset", name, DATASETS, fix="see `robench list datasets`")
+    return DATASETS[name]
+
+
+def dataset_root(name: str, spec: DatasetSpec, data_root: str, overrides: dict) -> Path:
+    """Where a dataset sits: ``data.<name>.root`` if given, else the spec's root under data_root."""
+    over = (overrides or {}).get(name) or {}
+    root = str(over.get("root", spec.root))
+    if root.startswith("assets:"):
+        return ASSETS / root.removeprefix("assets:")
+    p = Path(root).expanduser()
+    return p if p.is_absolute() else Path(data_root).expanduser() / p

@@ -1,0 +1,95 @@
+"""Result records: one JSON per (suite, model, dataset), written atomically, plus per-sample
+probabilities beside it; and their aggregation into pandas tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robench.errors import RobenchError
+from robench.io import write_json, write_npz
+
+SCHEMA_VERSION = 1
+# The headline columns of the leaderboard, in order.
+HEADLINE = ["acc1", "acc5", "ece", "auroc", "nll", "brier", "aupr_err", "fpr95", "ood_auroc"]
+
+
+def record_path(results_dir: str | Path, suite: str, model: str, dataset: str) -> Path:
+    return Path(results_dir) / suite / model / f"{dataset}.json"
+
+
+def clean(value: Any) -> Any:
+    """NaN -> None so records are strict JSON (a degenerate metric is ``null``)."""
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.floating):
+        return clean(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_record(path: Path, record: dict, probs: np.ndarray, labels: np.ndarray) -> None:
+    """Probabilities first, record last: a record on disk implies its samples are there too."""
+    write_npz(path.with_suffix(".npz"), probs=probs.astype(np.float16),
+              labels=labels.astype(np.int64))
+    write_json(path, clean({"schema": SCHEMA_VERSION, **record}))
+
+
+def read_record(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RobenchError(f"cannot read result record {path}: {e}",
+                           "delete the file and re-run the cell (robench run ... force=true)") from e
+
+
+def find_records(results_dir: str | Path) -> list[Path]:
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise RobenchError(f"results folder {root} does not exist",
+                           "run a suite first (robench run suite=...) or pass --dir")
+    return sorted(p for p in root.rglob("*.json") if not p.name.startswith("."))
+
+
+def to_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (suite, model, dataset) with the headline metrics and their intervals."""
+    rows = []
+    for r in records:
+        row = {"suite": r["suite"], "model": r["model"], "dataset": r["dataset"],
+               "method": r.get("protocol", {}).get("method"), "n": r["metrics"].get("n")}
+        row.update({k: v for k, v in r["metrics"].items() if k != "n"})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["suite", "model", "dataset"]).reset_index(drop=True)
+
+
+def load_frame(results_dir: str | Path) -> pd.DataFrame:
+    records = [read_record(p) for p in find_records(results_dir)]
+    if not records:
+        raise RobenchError(f"no result records under {results_dir}", "run a suite first")
+    return to_frame(records)
+
+
+def leaderboard(frame: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
+    """Models x datasets pivot of one metric."""
+    return frame.pivot_table(index="model", columns="dataset", values=metric, aggfunc="first")
+
+
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The compact per-cell table printed at the end of a run: acc1 / ECE / AUROC."""
+    cols = ["model", "dataset", "n", "acc1", "ece", "auroc"]
+    cols += [c for c in ("ood_auroc",) if c in frame and frame[c].notna().any()]
+    out = frame[cols].copy()
+    for c in ("acc1",):
+        out[c] = out[c].map(lambda v: f"{v:.2f}" if pd.notna(v) else "-")
+    for c in ("ece", "auroc", "ood_auroc"):
+        if c in out:
+            out[c] = out[c].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-")
+    return out

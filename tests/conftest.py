@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny models saved by the tests themselves, datasets in the real layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a missing tag must fail fast, never retry the network
+
+REPO = Path(__file__).resolve().parent.parent
+REALDATA = REPO.parent / "shared" / "realdata"
+CIFAR_EXACT = REALDATA / "cifar10" / "cifar10_test_first932_exact.npz"
+TINY = "robench-tiny-vit"
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"]
+
+
+def cifar_pixels(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n real CIFAR-10 test images (bit-exact) when shared/realdata is present, else noise."""
+    if CIFAR_EXACT.is_file():
+        z = np.load(CIFAR_EXACT)
+        reps = -(-n // len(z["labels"]))
+        return np.tile(z["images"], (reps, 1, 1, 1))[:n], np.tile(z["labels"], reps)[:n]
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def write_cifar10(root: Path, n_test: int = 40, n_train: int = 10) -> Path:
+    """CIFAR-10 in torchvision's pickle layout: root/cifar-10-batches-py/{data_batch_1..5,...}."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(name: str, n: int, seed: int) -> None:
+        x, y = cifar_pixels(n, seed)
+        data = x.transpose(0, 3, 1, 2).reshape(n, -1)  # torchvision stores CHW planes per row
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [int(v) for v in y]}, f)
+
+    for i in range(1, 6):
+        batch(f"data_batch_{i}", n_train, i)
+    batch("test_batch", n_test, 0)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR10_NAMES}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from robench.models.backbone import load_backbone
+
+    return load_backbone(TINY, None, device="cpu", seed=123)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
+    """A checkpoint file saved by the test itself (the 'local file' loading path)."""
+    import torch
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(tiny_backbone.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_local_dir(tmp_path_factory, tiny_checkpoint) -> Path:
+    """An open_clip ``local-dir:`` folder: open_clip_config.json + open_clip_pytorch_model.bin."""
+    import shutil
+
+    from robench.models.backbone import CONFIG_DIR
+
+    d = tmp_path_factory.mktemp("localdir")
+    cfg = json.loads((CONFIG_DIR / f"{TINY}.json").read_text())
+    (d / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": cfg, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
+    shutil.copyfile(tiny_checkpoint, d / "open_clip_pytorch_model.bin")
+    return d
+
+
+@pytest.fixture()
+def cifar_root(tmp_path) -> Path:
+    return write_cifar10(tmp_path / "data" / "cifar10")
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m robench.cli`` in a subprocess (as a user would)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "robench.cli", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd or REPO, timeout=timeout)

@@ -1,0 +1,90 @@
+"""Suites, overrides and the errors for bad names / keys / values."""
+
+from __future__ import annotations
+
+import pytest
+
+from robench.config import load_suite
+from robench.errors import RobenchError, closest_first
+from robench.runner import Runner
+
+
+def test_suite_loads_with_overrides():
+    cfg = load_suite("smoke", ["datasets=[cifar10]", "model.batch_size=64", "device=cpu",
+                               "data.cifar10.root=/x/y"])
+    assert list(cfg.datasets) == ["cifar10"]
+    assert cfg.model.batch_size == 64
+    assert cfg.device == "cpu"
+    assert cfg.data.cifar10.root == "/x/y"
+    assert cfg.name == "smoke"
+
+
+def test_suite_from_path(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("models: [tiny-random]\ndatasets: [cifar10]\nseed: 3\n")
+    cfg = load_suite(str(p), ["seed=4"])
+    assert cfg.name == "mine" and cfg.seed == 4
+
+
+def test_unknown_suite_lists_valid_names_closest_first():
+    with pytest.raises(RobenchError) as e:
+        load_suite("smok")
+    assert "unknown suite 'smok'" in str(e.value)
+    assert "Did you mean 'smoke'" in str(e.value)
+
+
+def test_unknown_key_names_closest_valid_key():
+    with pytest.raises(RobenchError) as e:
+        load_suite("smoke", ["model.batchsize=3"])
+    msg = str(e.value)
+    assert "unknown config key 'model.batchsize'" in msg
+    assert "Did you mean 'model.batch_size'" in msg
+
+
+def test_unknown_top_level_key_in_suite_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("models: [tiny-random]\ndatasets: [cifar10]\ndevise: cpu\n")
+    with pytest.raises(RobenchError, match="Did you mean 'device'"):
+        load_suite(str(p))
+
+
+@pytest.mark.parametrize("override", ["model.batch_size", "=3"])
+def test_override_without_equals(override):
+    with pytest.raises(RobenchError, match="expected key=value"):
+        load_suite("smoke", [override])
+
+
+def test_bad_value_type():
+    with pytest.raises(RobenchError, match="invalid value"):
+        load_suite("smoke", ["model.batch_size=lots"])
+
+
+def test_bad_precision():
+    with pytest.raises(RobenchError, match="precision"):
+        load_suite("smoke", ["model.precision=fp8"])
+
+
+def test_env_data_root(monkeypatch):
+    monkeypatch.setenv("ROBENCH_DATA", "/datasets")
+    assert load_suite("smoke").data_root == "/datasets"
+    assert load_suite("smoke", ["data_root=/other"]).data_root == "/other"
+
+
+def test_unknown_model_and_dataset_list_valid_names():
+    with pytest.raises(RobenchError) as e:
+        Runner(load_suite("smoke", ["models=[tiny-randon]"]))
+    assert "Did you mean 'tiny-random'" in str(e.value)
+    with pytest.raises(RobenchError) as e:
+        Runner(load_suite("smoke", ["datasets=[cifar-10]"]))
+    assert "Did you mean 'cifar10'" in str(e.value)
+
+
+def test_inline_model_declaration_and_bad_field():
+    cfg = load_suite("smoke", ["models=[{name: mine, base: tiny-random}]"])
+    assert Runner(cfg).models["mine"].arch == "robench-tiny-vit"
+    with pytest.raises(RobenchError, match="Did you mean 'arch'"):
+        Runner(load_suite("smoke", ["models=[{name: mine, archh: x}]"]))
+
+
+def test_closest_first_orders_by_similarity():
+    assert closest_first("imagenet-r", ["imagenet-a", "imagenet-r2", "cifar10"])[0] == "imagenet-r2"
