@@ -575,10 +575,10 @@ class BootstrapEvaluator:
     * ECE: equal-width bins are contiguous runs of the sorted data, and
       ``ECE = sum_b |sum_{i in B_b} w_i (correct_i - conf_i)| / sum_i w_i``.
     * AUROC: with negatives (errors) in sorted order and ``C_j`` the weight of the first ``j``
-      negatives, a positive whose confidence exceeds ``lo`` negatives and ties ``hi - lo`` of them
-      contributes ``w_i (C_lo + C_hi) / 2``; divide by ``W_+ W_-``. This is the Mann-Whitney
-      statistic of the resampled data with average ranks (copies of one sample tie each other,
-      but positive-positive and negative-negative pairs never count).
+      negatives, a positive whose confidence exceeds ``lo`` negatives and ties ``hi - lo`` of
+      them contributes ``w_i (C_lo + (C_hi - C_lo) / 2)``; divide by ``W_+ W_-``. This is the
+      Mann-Whitney statistic of the resampled data with average ranks (copies of one sample tie
+      each other, but positive-positive and negative-negative pairs never count).
 
     Weights passed to :meth:`ece` / :meth:`auroc` are indexed like the original ``conf``;
     :func:`bootstrap_replicates` works directly in sorted order to save one gather.
@@ -600,48 +600,66 @@ class BootstrapEvaluator:
         neg_scores = cs[self._neg_idx]
         pos_scores = cs[self._pos_idx]
         self._lo = np.searchsorted(neg_scores, pos_scores, side="left")
-        self._hi = np.searchsorted(neg_scores, pos_scores, side="right")
-        self._ties = bool(np.any(self._lo != self._hi))
+        hi = np.searchsorted(neg_scores, pos_scores, side="right")
+        # Only positives that tie with some negative need the half-credit term; they are usually
+        # a small subset, so gather them separately instead of a second full pass.
+        tied = np.flatnonzero(hi > self._lo)
+        self._tied_pos = self._pos_idx[tied]
+        self._tied_lo = self._lo[tied]
+        self._tied_hi = hi[tied]
 
     def ece(self, weights: ArrayLike) -> float:
         """ECE of the sample weighted by ``weights`` (non-negative, original order)."""
-        return self._ece_sorted(self._sorted_weights(weights))
+        w = self._sorted_weights(weights)
+        return self._ece_sorted(w, self._workspace(w.dtype))
 
     def auroc(self, weights: ArrayLike) -> float:
         """Misclassification AUROC of the weighted sample (NaN if one class has zero weight)."""
-        return self._auroc_sorted(self._sorted_weights(weights))
+        w = self._sorted_weights(weights)
+        return self._auroc_sorted(w, self._workspace(w.dtype))
 
     def _sorted_weights(self, weights: ArrayLike) -> NDArray:
         w = np.asarray(weights)
         if w.shape != (self.n,):
             raise ValueError(f"weights must have shape ({self.n},); got {w.shape}")
-        if not np.issubdtype(w.dtype, np.integer) or w.dtype == np.bool_:
-            w = w.astype(np.float64)
+        w = w.astype(np.int64 if np.issubdtype(w.dtype, np.integer) else np.float64)
         if w.min() < 0:
             raise ValueError("weights must be non-negative")
         return w[self.order]
 
-    def _ece_sorted(self, w: NDArray) -> float:
-        per_bin = np.add.reduceat(w * self._gap, self._bin_starts)
+    def _workspace(self, dtype: np.dtype) -> dict[str, NDArray]:
+        # Reused across replicates: fresh multi-MiB temporaries per replicate cost page faults,
+        # which also serialise threads on the kernel's memory-map lock.
+        n_neg, n_pos = self._neg_idx.size, self._pos_idx.size
+        return {
+            "gap": np.empty(self.n),
+            "neg": np.empty(n_neg, dtype),
+            "cum": np.zeros(n_neg + 1, dtype),
+            "pos": np.empty(n_pos, dtype),
+            "tmp": np.empty(n_pos, dtype),
+        }
+
+    def _ece_sorted(self, w: NDArray, ws: dict[str, NDArray]) -> float:
+        np.multiply(w, self._gap, out=ws["gap"])
+        per_bin = np.add.reduceat(ws["gap"], self._bin_starts)
         return float(np.abs(per_bin).sum() / w.sum())
 
-    def _auroc_sorted(self, w: NDArray) -> float:
+    def _auroc_sorted(self, w: NDArray, ws: dict[str, NDArray]) -> float:
         if self._pos_idx.size == 0 or self._neg_idx.size == 0:
             return float("nan")
-        cum_neg = np.empty(self._neg_idx.size + 1, dtype=w.dtype)
-        cum_neg[0] = 0
-        np.cumsum(w[self._neg_idx], out=cum_neg[1:])
-        w_pos = w[self._pos_idx]
-        total_pos = w_pos.sum()
-        total_neg = cum_neg[-1]
+        cum, w_pos, tmp = ws["cum"], ws["pos"], ws["tmp"]
+        np.take(w, self._neg_idx, out=ws["neg"], mode="clip")
+        np.cumsum(ws["neg"], out=cum[1:])
+        np.take(w, self._pos_idx, out=w_pos, mode="clip")
+        total_pos = float(w_pos.sum())
+        total_neg = float(cum[-1])
         if total_pos == 0 or total_neg == 0:
             return float("nan")
-        below = np.dot(w_pos, cum_neg[self._lo])
-        if self._ties:
-            numerator = 0.5 * float(below + np.dot(w_pos, cum_neg[self._hi]))
-        else:
-            numerator = float(below)
-        return numerator / (float(total_pos) * float(total_neg))
+        numerator = float(np.dot(w_pos, np.take(cum, self._lo, out=tmp, mode="clip")))
+        if self._tied_pos.size:
+            tied_neg = cum[self._tied_hi] - cum[self._tied_lo]
+            numerator += 0.5 * float(np.dot(w[self._tied_pos], tied_neg))
+        return numerator / (total_pos * total_neg)
 
 
 def _replicate_generators(seed: int, n_bootstrap: int) -> list[np.random.Generator]:
@@ -689,10 +707,11 @@ def _run_replicates(
     n = ev.n
 
     def run(replicates: range) -> None:
+        ws = ev._workspace(np.dtype(np.intp))
         for r in replicates:
             w = np.bincount(gens[r].integers(0, n, n), minlength=n)
-            out["ece"][r] = ev._ece_sorted(w)
-            out["auroc"][r] = ev._auroc_sorted(w)
+            out["ece"][r] = ev._ece_sorted(w, ws)
+            out["auroc"][r] = ev._auroc_sorted(w, ws)
 
     threads = _BOOTSTRAP_THREADS if n >= _BOOTSTRAP_MIN_N_FOR_THREADS else 1
     threads = min(threads, n_bootstrap)

@@ -1,0 +1,111 @@
+"""The CLI end to end, in subprocesses, as a user runs it: runs, resume, force, errors, lists."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, run_cli, write_cifar10
+
+SUITE = """
+models: [tiny-random, {{name: tiny-file, arch: robench-tiny-vit, pretrained: {ckpt}}}]
+datasets: [cifar10, cifar10-subset-val]
+id_dataset: cifar10
+data_root: {data}
+model: {{batch_size: 32, num_workers: 0}}
+metrics: {{bootstrap: 50}}
+"""
+
+
+@pytest.fixture()
+def suite(tmp_path, tiny_checkpoint):
+    write_cifar10(tmp_path / "data" / "cifar10", n_test=60)
+    p = tmp_path / "mini.yaml"
+    p.write_text(SUITE.format(ckpt=tiny_checkpoint, data=tmp_path / "data"))
+    return p
+
+
+def _args(tmp_path, suite, *extra):
+    return ("run", f"suite={suite}", f"cache_dir={tmp_path / 'cache'}",
+            f"results_dir={tmp_path / 'results'}", "device=cpu", *extra)
+
+
+def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
+    r = run_cli(*_args(tmp_path, suite))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "results" / "mini"
+    recs = sorted(out.rglob("*.json"))
+    assert len(recs) == 4
+    rec = json.loads((out / "tiny-file" / "cifar10.json").read_text())
+    assert rec["model"] == "tiny-file" and rec["dataset"] == "cifar10"
+    for key in ("acc1", "acc1_ci_low", "acc1_ci_high", "acc5", "ece", "ece_ci_low", "mce",
+                "ece_adaptive", "nll", "brier", "auroc", "auroc_ci_low", "aupr_err", "fpr95"):
+        assert key in rec["metrics"], key
+    assert rec["metrics"]["n"] == 60
+    prov = rec["provenance"]
+    for key in ("robench", "torch", "open_clip", "git_sha", "device", "dtype", "batch_size",
+                "seed", "weights_hash", "logit_scale"):
+        assert key in prov, key
+    assert rec["protocol"]["template_set"] == "cifar" and rec["protocol"]["n_templates"] == 18
+    assert rec["data"]["manifest_hash"]
+    val = json.loads((out / "tiny-file" / "cifar10-subset-val.json").read_text())
+    assert 0.0 <= val["metrics"]["ood_auroc"] <= 1.0  # paired with id_dataset=cifar10
+    with np.load(out / "tiny-file" / "cifar10.npz") as z:
+        assert z["probs"].shape == (60, 10) and z["labels"].shape == (60,)
+        np.testing.assert_allclose(z["probs"].astype(np.float32).sum(1), 1.0, atol=1e-2)
+    assert "tiny-file" in r.stdout and "acc1" in r.stdout  # the printed table
+
+    mtimes = {p: p.stat().st_mtime_ns for p in recs}
+    time.sleep(0.05)
+    (out / "tiny-random" / "cifar10.json").unlink()  # as if the run had crashed there
+    r2 = run_cli(*_args(tmp_path, suite, "progress=false"))
+    assert r2.returncode == 0, r2.stderr
+    assert "already done" in r2.stdout
+    assert "features" not in r2.stderr  # no image decoded: features came from the cache
+    for p, m in mtimes.items():
+        if p.name != "cifar10.json" or p.parent.name != "tiny-random":
+            assert p.stat().st_mtime_ns == m, f"{p} was recomputed"
+    assert (out / "tiny-random" / "cifar10.json").is_file()
+
+    r3 = run_cli(*_args(tmp_path, suite, "force=true", "progress=false"))
+    assert r3.returncode == 0, r3.stderr
+    assert all(p.stat().st_mtime_ns != m for p, m in mtimes.items())
+
+    res = run_cli("results", "--dir", str(out), "--format", "csv")
+    assert res.returncode == 0 and res.stdout.count("\n") == 5
+
+
+def test_missing_dataset_root_fails_before_model_load(tmp_path, suite):
+    r = run_cli(*_args(tmp_path, suite, f"data.cifar10.root={tmp_path / 'nope'}"))
+    assert r.returncode == 2
+    assert "cifar10 not found" in r.stderr and "robench data download cifar10" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "cache").exists()  # no model was loaded, nothing was extracted
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("run", "suite=smokey"), "Did you mean 'smoke'"),
+    (("run", "suite=smoke", "modle.batch_size=3"), "Did you mean 'model"),
+    (("run", "suite=smoke", "datasets=[cifar-10]"), "Did you mean 'cifar10'"),
+    (("run", "suite=smoke", "models=[clip-vit-b32-opena]"), "Did you mean 'clip-vit-b32-openai'"),
+    (("run", "suite=smoke", "model.batch_size"), "expected key=value"),
+    (("run", "suite=smoke", "models=[clip-vit-b32-openai]", "datasets=[cifar10-subset-test]"),
+     "not in the local cache"),
+])
+def test_cli_errors(tmp_path, args, needle):
+    r = run_cli(*args, f"cache_dir={tmp_path}/c", f"results_dir={tmp_path}/r")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_list_commands():
+    models = run_cli("list", "models")
+    assert models.returncode == 0 and "clip-vit-b32-openai" in models.stdout
+    datasets = run_cli("list", "datasets")
+    assert "cifar10-subset-test" in datasets.stdout and "cifar100" in datasets.stdout
+    suites = run_cli("list", "suites")
+    assert "smoke" in suites.stdout
+    assert str(REPO / "suites") in suites.stdout
