@@ -2,6 +2,7 @@
 
     robench run [suite=NAME] [key=value ...]     models x datasets -> result records
     robench results [--dir results/SUITE]          aggregated table (pandas)
+    robench check --baseline results/quickstart    regression check against committed records
     robench list models|datasets|suites
 """
 
@@ -35,7 +36,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     frame = to_frame([read_record(p) for p in paths])
     print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name}")
     print(summary_table(frame).to_string(index=False))
+    if cfg.check:
+        from robench.check import render, run_check
+
+        result = run_check(cfg.check, f"{cfg.results_dir}/{cfg.name}")
+        print(f"\ncheck against {cfg.check}:")
+        print(render(result))
+        return 1 if result.failed else 0
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from robench.check import render, run_check
+
+    fresh = args.results or str(Path("runs") / Path(args.baseline).name)
+    result = run_check(args.baseline, fresh, mode=args.mode, band=args.band,
+                       rel_tol=args.rel_tol, allow_improvement=args.allow_improvement)
+    text = render(result, args.format)
+    print(text, end="")
+    if args.summary:
+        with open(args.summary, "a") as f:
+            f.write(render(result, "md"))
+    return 1 if result.failed else 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -45,19 +69,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.format == "csv":
         print(frame.to_csv(index=False), end="")
     elif args.format == "md":
-        print(summary_table(frame).to_markdown(index=False) if _has_tabulate()
-              else summary_table(frame).to_string(index=False))
+        print(summary_table(frame).to_markdown(index=False))
     else:
         print(summary_table(frame).to_string(index=False))
     return 0
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -103,8 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a suite: suite=NAME key=value ...")
     r.add_argument("overrides", nargs="*", help="suite=NAME and key=value overrides")
     r.set_defaults(func=cmd_run)
+    chk = sub.add_parser("check", help="compare fresh records with a committed baseline")
+    chk.add_argument("--baseline", required=True, help="baseline folder, e.g. results/quickstart")
+    chk.add_argument("--results", help="fresh records (default: runs/<baseline folder name>)")
+    chk.add_argument("--format", choices=["table", "md"], default="table")
+    chk.add_argument("--mode", choices=["auto", "exact", "band"], default="auto",
+                     help="auto: exact when versions/device/dtype match, else interval band")
+    chk.add_argument("--band", type=float, default=1.0, help="band mode: x CI half-width")
+    chk.add_argument("--rel-tol", type=float, default=0.02, help="band mode, metrics without CI")
+    chk.add_argument("--allow-improvement", action="store_true")
+    chk.add_argument("--summary", help="also append the Markdown diff to this file "
+                     "(e.g. $GITHUB_STEP_SUMMARY)")
+    chk.set_defaults(func=cmd_check)
     res = sub.add_parser("results", help="print aggregated results")
-    res.add_argument("--dir", default="results", help="results folder (default: results)")
+    res.add_argument("--dir", default="runs", help="results folder (default: runs)")
     res.add_argument("--format", choices=["table", "csv", "md"], default="table")
     res.set_defaults(func=cmd_results)
     ls = sub.add_parser("list", help="list models, datasets or suites")

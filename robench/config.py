@@ -52,7 +52,8 @@ class RunConfig:
     id_dataset: str = ""  # pair every other dataset with this one for ood_auroc
     data_root: str = "data"
     cache_dir: str = ""
-    results_dir: str = "results"
+    results_dir: str = "runs"  # committed reference results live in results/
+    check: str = ""  # baseline folder to check this run against (e.g. results/quickstart)
     allow_download: bool = False  # weights only; datasets are never downloaded implicitly
     force: bool = False
     strict: bool = False  # a corrupt image fails the run instead of being counted and skipped

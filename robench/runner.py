@@ -47,10 +47,13 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 
 
-def load_source(name: str, spec: DatasetSpec, cfg: DictConfig) -> ImageSource:
+def load_source(name: str, spec: DatasetSpec, cfg: DictConfig,
+                source_of: object = None) -> ImageSource:
     """Read a dataset's index (no pixels): fails here, before any model is loaded."""
     root = dataset_root(name, spec, cfg.data_root, OmegaConf.to_container(cfg.data))
-    source = family_loader(spec.family)(root, name=name, **spec.options)
+    source = family_loader(spec.family)(
+        root, name=name, cache_dir=cfg.cache_dir, source_of=source_of, progress=cfg.progress,
+        workers=max(1, cfg.model.num_workers), **spec.options)
     if spec.n_expected is not None and len(source) != spec.n_expected:
         msg = f"{name}: found {len(source)} samples under {root}, expected {spec.n_expected}"
         if cfg.strict:
@@ -113,7 +116,8 @@ class Runner:
         if name not in self.sources:
             if name not in self.dataset_specs:  # a method's training split outside the suite
                 _, self.dataset_specs[name] = resolve_dataset(name)
-            self.sources[name] = load_source(name, self.dataset_specs[name], self.cfg)
+            self.sources[name] = load_source(name, self.dataset_specs[name], self.cfg,
+                                             source_of=self.source)
         return self.sources[name]
 
     def source_and_features(self, backbone: Backbone, name: str) -> tuple[ImageSource, FeatureSet]:

@@ -13,6 +13,8 @@ from importlib import import_module
 FAMILIES: dict[str, str] = {
     "folder": "robench.data.folder:load",
     "cifar": "robench.data.cifar:load",
+    "cifar-c": "robench.data.cifar_c:load",
+    "generated-c": "robench.data.generated_c:load",
 }
 
 

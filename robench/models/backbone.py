@@ -161,6 +161,10 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
     if precision not in PRECISIONS:
         raise RobenchError(f"unknown precision '{precision}'", "use fp32, fp16 or bf16")
     device = resolve_device(device)
+    if pretrained and pretrained.startswith("assets:"):  # weights shipped inside robench
+        from robench.registry import ASSETS
+
+        pretrained = str(ASSETS / pretrained.removeprefix("assets:"))
     if not allow_download:
         check_weights_available(arch, pretrained)
     model_name, tag = arch, pretrained

@@ -1,0 +1,165 @@
+"""Regression check of robustness numbers: fresh records against committed baseline records.
+
+Cell by cell (model x dataset, and every group of a -C set) and metric by metric:
+
+* **exact** mode, when the two runs are comparable bit for bit (same torch / numpy / open_clip
+  versions, device type and dtype): |fresh - baseline| <= 1e-6 (the runs are seeded and
+  deterministic, so any change is a real change);
+* **band** mode otherwise: a metric with an interval may move by ``band`` x its half-width
+  (Clopper-Pearson for acc1, bootstrap for ECE / AUROC); others by a relative ``rel_tol``.
+
+A change beyond tolerance in the worse direction is a regression, in the better direction a
+change (also a failure unless ``allow_improvement``, since a baseline that no longer matches
+must be refreshed deliberately). A missing cell, or a protocol / data / weights mismatch that
+makes the numbers incomparable, fails too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from robench.metrics import METRIC_INFO
+from robench.results import find_records, read_record
+
+EXACT_TOL = 1e-6
+CI_METRICS = {"acc1": "acc1", "ece": "ece", "auroc": "auroc"}
+# provenance fields that, when equal, make two runs bit-for-bit comparable
+DETERMINISM_KEYS = ("torch", "numpy", "open_clip", "device", "dtype")
+# fields whose difference makes the numbers incomparable (not merely different)
+PROTOCOL_KEYS = ("method", "template_set", "n_templates", "scored_classes", "ece_bins",
+                 "confidence", "id_dataset")
+
+
+@dataclass
+class CheckResult:
+    rows: list[dict] = field(default_factory=list)
+    mode: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return any(r["status"] not in ("ok", "improved-allowed", "extra") for r in self.rows)
+
+    def frame(self, only_problems: bool = True) -> pd.DataFrame:
+        rows = [r for r in self.rows if r["status"] != "ok"] if only_problems else self.rows
+        cols = ["status", "model", "dataset", "group", "metric", "baseline", "fresh", "delta",
+                "tolerance", "note"]
+        return pd.DataFrame(rows, columns=cols)
+
+
+def _key(rec: dict) -> tuple[str, str]:
+    return rec["model"], rec["dataset"]
+
+
+def load_cells(folder: str | Path) -> dict[tuple[str, str], dict]:
+    return {_key(r): r for r in (read_record(p) for p in find_records(folder))}
+
+
+def _tolerance(metric: str, values: dict, mode: str, band: float, rel_tol: float) -> float:
+    if mode == "exact":
+        return EXACT_TOL
+    ci = CI_METRICS.get(metric)
+    lo, hi = values.get(f"{ci}_ci_low") if ci else None, values.get(f"{ci}_ci_high") if ci else None
+    if lo is not None and hi is not None:
+        return max(EXACT_TOL, band * (hi - lo) / 2)
+    base = values.get(metric)
+    return max(EXACT_TOL, rel_tol * abs(base)) if base is not None else EXACT_TOL
+
+
+def compare_metrics(base: dict, fresh: dict, mode: str, band: float, rel_tol: float,
+                    allow_improvement: bool) -> list[dict]:
+    rows = []
+    for metric, info in METRIC_INFO.items():
+        if info.direction is None or metric.endswith(("_ci_low", "_ci_high")) or metric not in base:
+            continue
+        b, f = base.get(metric), fresh.get(metric)
+        tol = _tolerance(metric, base, mode, band, rel_tol)
+        row = {"metric": metric, "baseline": b, "fresh": f, "tolerance": tol, "note": ""}
+        if b is None and f is None:
+            rows.append({**row, "status": "ok", "delta": None})
+            continue
+        if b is None or f is None or (isinstance(f, float) and math.isnan(f)):
+            rows.append({**row, "status": "changed", "delta": None,
+                         "note": "defined in one run only"})
+            continue
+        delta = f - b
+        if abs(delta) <= tol:
+            status = "ok"
+        else:
+            worse = delta < 0 if info.direction == "higher" else delta > 0
+            status = "regressed" if worse else (
+                "improved-allowed" if allow_improvement else "improved")
+        rows.append({**row, "status": status, "delta": delta})
+    return rows
+
+
+def _mismatch(base: dict, fresh: dict) -> str | None:
+    bp, fp = base.get("protocol", {}), fresh.get("protocol", {})
+    for k in PROTOCOL_KEYS:
+        if bp.get(k) != fp.get(k):
+            return f"protocol.{k}: {bp.get(k)!r} != {fp.get(k)!r}"
+    if base.get("data", {}).get("manifest_hash") != fresh.get("data", {}).get("manifest_hash"):
+        return "dataset manifest hash differs (different images)"
+    bw = base.get("provenance", {}).get("weights_hash")
+    fw = fresh.get("provenance", {}).get("weights_hash")
+    if bw != fw:
+        return "weights hash differs (different model weights)"
+    if set(base.get("groups") or {}) != set(fresh.get("groups") or {}):
+        return "the sets of groups (corruptions x severities) differ"
+    return None
+
+
+def run_check(baseline: str | Path, fresh: str | Path, mode: str = "auto", band: float = 1.0,
+              rel_tol: float = 0.02, allow_improvement: bool = False) -> CheckResult:
+    """Compare every baseline cell with the fresh cell of the same (model, dataset)."""
+    base_cells, fresh_cells = load_cells(baseline), load_cells(fresh)
+    result = CheckResult()
+    for key, b in sorted(base_cells.items()):
+        model, dataset = key
+        ident = {"model": model, "dataset": dataset}
+        if key not in fresh_cells:
+            result.rows.append({**ident, "group": "", "metric": "", "status": "missing",
+                                "note": "cell absent from the fresh results"})
+            continue
+        f = fresh_cells[key]
+        why = _mismatch(b, f)
+        if why:
+            result.rows.append({**ident, "group": "", "metric": "", "status": "incomparable",
+                                "note": why})
+            continue
+        cell_mode = mode
+        if mode == "auto":
+            same = all(b["provenance"].get(k) == f["provenance"].get(k) for k in DETERMINISM_KEYS)
+            cell_mode = "exact" if same else "band"
+        result.mode[f"{model}/{dataset}"] = cell_mode
+        for row in compare_metrics(b["metrics"], f["metrics"], cell_mode, band, rel_tol,
+                                   allow_improvement):
+            result.rows.append({**ident, "group": "", **row})
+        for g, bm in (b.get("groups") or {}).items():
+            for row in compare_metrics(bm, f["groups"][g], cell_mode, band, rel_tol,
+                                       allow_improvement):
+                result.rows.append({**ident, "group": g, **row})
+    for key in sorted(set(fresh_cells) - set(base_cells)):
+        result.rows.append({"model": key[0], "dataset": key[1], "group": "", "metric": "",
+                            "status": "extra", "note": "not in the baseline"})
+    return result
+
+
+def render(result: CheckResult, fmt: str = "table") -> str:
+    """The diff table (problems only) and a one-line verdict."""
+    frame = result.frame(only_problems=True)
+    n_cells = len({(r["model"], r["dataset"]) for r in result.rows})
+    n_cmp = sum(1 for r in result.rows if r.get("metric"))
+    n_bad = sum(r["status"] not in ("ok", "improved-allowed", "extra") for r in result.rows)
+    modes = ", ".join(sorted(set(result.mode.values()))) or "-"
+    verdict = (f"FAIL: {n_bad} problem(s)" if result.failed else "OK") + (
+        f" - {n_cells} cell(s), {n_cmp} metric comparison(s), mode: {modes}")
+    if fmt == "md":
+        head = f"### robench check: {verdict}\n\n"
+        return head + (frame.to_markdown(index=False, floatfmt=".6g") if len(frame) else
+                       "All metrics within tolerance.") + "\n"
+    body = frame.to_string(index=False) if len(frame) else "all metrics within tolerance"
+    return f"{body}\n{verdict}\n"

@@ -1,0 +1,103 @@
+"""CIFAR-10-C / CIFAR-100-C layout (Hendrycks & Dietterich 2019): ``<root>/<corruption>.npy``,
+uint8 (5N, 32, 32, 3), plus ``labels.npy`` (5N,); severity s is rows [(s-1)N, sN).
+
+Each (corruption, severity) is a group scored separately; the headline numbers are the mean over
+the 15 standard corruptions x 5 severities (the 4 extra ones are kept per group when present).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from robench.data.base import ImageSource
+from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
+from robench.errors import RobenchError
+
+CIFAR_CLASSNAMES = {
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"],
+}
+
+
+class NpyRows:
+    """Row i of the concatenated corruption files, memory-mapped lazily in each process (a
+    DataLoader worker opens its own maps instead of receiving a pickled copy of the arrays)."""
+
+    def __init__(self, paths: list[Path], rows_per_file: int) -> None:
+        self.paths, self.rows = [str(p) for p in paths], rows_per_file
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        return {"paths": self.paths, "rows": self.rows, "_maps": {}}
+
+    def __call__(self, i: int) -> Image.Image:
+        f, r = divmod(int(i), self.rows)
+        if f not in self._maps:
+            self._maps[f] = np.load(self.paths[f], mmap_mode="r")
+        return Image.fromarray(np.ascontiguousarray(self._maps[f][r]))
+
+
+def quick_file_id(path: Path, chunk: int = 1 << 20) -> list:
+    """Name, size and sha256 of the first and last MiB: identifies a multi-GB .npy set in
+    milliseconds (a full hash of CIFAR-10-C's 2.9 GB would cost seconds on every run)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        f.seek(max(0, size - chunk))
+        h.update(f.read(chunk))
+    return [path.name, size, h.hexdigest()]
+
+
+def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "all",
+         classnames: list[str] | None = None, **_: object) -> ImageSource:
+    """Load a -C set in the CIFAR-10-C npy layout; ``corruptions`` = ``standard`` or ``all``."""
+    if not root.is_dir():
+        raise RobenchError(f"{name}: folder {root} does not exist",
+                           f"set data.{name}.root to the folder holding <corruption>.npy files")
+    labels_path = root / "labels.npy"
+    if not labels_path.is_file():
+        raise RobenchError(f"{name}: {labels_path} is missing (CIFAR-10-C layout: "
+                           "<root>/<corruption>.npy + labels.npy)",
+                           "point the root at the extracted CIFAR-10-C folder")
+    wanted = STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
+    present = [c for c in wanted if (root / f"{c}.npy").is_file()]
+    missing = [c for c in STANDARD_CORRUPTIONS if c not in present]
+    if missing:
+        raise RobenchError(f"{name}: {root} lacks {', '.join(f'{c}.npy' for c in missing)}",
+                           "re-extract the archive (or regenerate with robench data corrupt)")
+    labels5 = np.load(labels_path)
+    if len(labels5) % len(SEVERITIES):
+        raise RobenchError(f"{name}: labels.npy has {len(labels5)} rows, not a multiple of 5",
+                           "the file is truncated; re-extract it")
+    rows = len(labels5)
+    groups, files = {}, []
+    for f_idx, c in enumerate(present):
+        arr = np.load(root / f"{c}.npy", mmap_mode="r")
+        if arr.shape[0] != rows or arr.shape[1:] != (32, 32, 3) or arr.dtype != np.uint8:
+            raise RobenchError(
+                f"{name}: {c}.npy is {arr.dtype}{tuple(arr.shape)}, expected uint8 "
+                f"({rows}, 32, 32, 3)", "re-extract or regenerate the file")
+        files.append(root / f"{c}.npy")
+        per = rows // len(SEVERITIES)
+        for s in SEVERITIES:
+            groups[f"{c}/{s}"] = np.arange(f_idx * rows + (s - 1) * per, f_idx * rows + s * per)
+    names = classnames or CIFAR_CLASSNAMES.get(variant)
+    if names is None:
+        raise RobenchError(f"{name}: class names for {variant} unknown",
+                           "pass classnames in the dataset's options")
+    return ImageSource(
+        name=name,
+        labels=np.tile(labels5.astype(np.int64), len(files)),
+        classnames=list(names),
+        manifest_hash=hashlib.sha256(repr([quick_file_id(p) for p in [labels_path, *files]])
+                                     .encode()).hexdigest(),
+        loader=NpyRows(files, rows),
+        groups=groups,
+        summary_groups=[f"{c}/{s}" for c in STANDARD_CORRUPTIONS for s in SEVERITIES],
+        info={"root": str(root), "corruptions": present, "rows_per_file": rows},
+    )

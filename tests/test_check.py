@@ -1,0 +1,128 @@
+"""`robench check`: tolerances, regressions, missing cells, incomparable protocols, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+from conftest import run_cli
+
+from robench.check import render, run_check
+from robench.results import write_record
+
+
+def _record(model="m", dataset="d", acc1=80.0, ece=0.05, auroc=0.8, groups=None, **prov):
+    metrics = {"n": 1000, "num_classes": 10, "acc1": acc1, "acc1_ci_low": acc1 - 2.5,
+               "acc1_ci_high": acc1 + 2.5, "acc5": 99.0, "ece": ece, "ece_ci_low": ece - 0.01,
+               "ece_ci_high": ece + 0.01, "mce": 0.2, "ece_adaptive": 0.05, "nll": 0.7,
+               "brier": 0.3, "auroc": auroc, "auroc_ci_low": auroc - 0.02,
+               "auroc_ci_high": auroc + 0.02, "aupr_err": 0.4, "fpr95": 0.7,
+               "mean_confidence": 0.8}
+    return {"suite": "s", "model": model, "dataset": dataset, "metrics": metrics,
+            "groups": groups,
+            "protocol": {"method": "zeroshot", "template_set": "cifar", "n_templates": 18,
+                         "scored_classes": "all", "ece_bins": 15, "confidence": "msp"},
+            "data": {"manifest_hash": "abc"},
+            "provenance": {"torch": "2.14.1", "numpy": "2.4", "open_clip": "3.3.0",
+                           "device": "cpu", "dtype": "fp32", "weights_hash": "w", **prov}}
+
+
+def _write(folder, *records):
+    import numpy as np
+
+    for r in records:
+        write_record(folder / r["model"] / f"{r['dataset']}.json", r, np.ones((1, 2)) / 2,
+                     np.zeros(1, int))
+    return folder
+
+
+def test_identical_runs_pass_exactly(tmp_path):
+    a = _write(tmp_path / "a", _record(), _record(dataset="d2"))
+    b = _write(tmp_path / "b", _record(), _record(dataset="d2"))
+    res = run_check(a, b)
+    assert not res.failed and set(res.mode.values()) == {"exact"}
+    assert "OK" in render(res)
+
+
+def test_exact_mode_catches_a_tiny_change(tmp_path):
+    a = _write(tmp_path / "a", _record())
+    b = _write(tmp_path / "b", _record(acc1=79.95))
+    res = run_check(a, b)
+    assert res.failed
+    row = res.frame().iloc[0]
+    assert row["status"] == "regressed" and row["metric"] == "acc1"
+    assert row["delta"] == pytest.approx(-0.05)
+
+
+def test_band_mode_uses_interval_half_width(tmp_path):
+    a = _write(tmp_path / "a", _record())
+    # another device: not bit-comparable, so the band applies (acc1 half-width 2.5)
+    b = _write(tmp_path / "b", _record(acc1=78.0, device="cuda"))
+    res = run_check(a, b)
+    assert not res.failed and res.mode["m/d"] == "band"
+    c = _write(tmp_path / "c", _record(acc1=77.0, device="cuda"))
+    assert run_check(a, c).failed
+
+
+def test_direction_regressed_vs_improved(tmp_path):
+    a = _write(tmp_path / "a", _record())
+    worse = run_check(a, _write(tmp_path / "w", _record(ece=0.09)))
+    assert worse.frame().iloc[0]["status"] == "regressed"
+    better = run_check(a, _write(tmp_path / "b", _record(ece=0.01)))
+    assert better.failed and better.frame().iloc[0]["status"] == "improved"
+    allowed = run_check(a, tmp_path / "b", allow_improvement=True)
+    assert not allowed.failed
+
+
+def test_missing_extra_and_incomparable_cells(tmp_path):
+    a = _write(tmp_path / "a", _record(), _record(dataset="d2"))
+    b = _write(tmp_path / "b", _record(), _record(dataset="d3"))
+    res = run_check(a, b)
+    statuses = set(res.frame()["status"])
+    assert {"missing", "extra"} <= statuses and res.failed
+    other = _record()
+    other["protocol"]["template_set"] = "imagenet"
+    res = run_check(a, _write(tmp_path / "c", other, _record(dataset="d2")))
+    frame = res.frame()
+    assert res.failed and frame.iloc[0]["status"] == "incomparable"
+    assert "template_set" in frame.iloc[0]["note"]
+    w = _record(weights_hash="other")
+    res = run_check(a, _write(tmp_path / "d", w, _record(dataset="d2")))
+    assert "weights hash" in res.frame().iloc[0]["note"]
+
+
+def test_groups_are_compared(tmp_path):
+    g = {"fog/1": _record()["metrics"]}
+    a = _write(tmp_path / "a", _record(groups=g))
+    g2 = copy.deepcopy(g)
+    g2["fog/1"]["auroc"] = 0.5
+    res = run_check(a, _write(tmp_path / "b", _record(groups=g2)))
+    row = res.frame().iloc[0]
+    assert res.failed and row["group"] == "fog/1" and row["metric"] == "auroc"
+
+
+def test_markdown_output(tmp_path):
+    a = _write(tmp_path / "a", _record())
+    res = run_check(a, _write(tmp_path / "b", _record(acc1=70.0)))
+    md = render(res, "md")
+    assert md.startswith("### robench check: FAIL") and "| regressed" in md
+
+
+def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
+    a = _write(tmp_path / "a", _record())
+    shutil.copytree(a, tmp_path / "b")
+    ok = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    rec = tmp_path / "b" / "m" / "d.json"
+    data = json.loads(rec.read_text())
+    data["metrics"]["auroc"] -= 0.001  # perturb one committed number
+    rec.write_text(json.dumps(data))
+    bad = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"),
+                  "--format", "md", "--summary", str(tmp_path / "summary.md"))
+    assert bad.returncode == 1
+    assert "regressed" in bad.stdout and "auroc" in bad.stdout
+    assert "FAIL" in (tmp_path / "summary.md").read_text()
+    missing = run_cli("check", "--baseline", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
