@@ -77,6 +77,10 @@ MODELS: dict[str, ModelSpec] = {
                                      description="OpenAI CLIP ViT-L/14, zero-shot"),
     "clip-vit-b32-laion2b": ModelSpec("ViT-B-32", "laion2b_s34b_b79k",
                                       description="OpenCLIP ViT-B/32 LAION-2B, zero-shot"),
+    "tiny-clip-cifar10": ModelSpec(
+        "robench-tiny-clip", "assets:models/robench-tiny-clip-cifar10.pt",
+        description="TINY CLIP-style model trained here on 6,000 CIFAR-10 images "
+                    "(scripts/train_tiny_clip.py); NOT a pretrained CLIP"),
     "tiny-random": ModelSpec("robench-tiny-vit", None,
                              description="tiny ViT with RANDOM weights (smoke tests only)"),
 }

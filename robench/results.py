@@ -38,7 +38,7 @@ def clean(value: Any) -> Any:
 
 def write_record(path: Path, record: dict, probs: np.ndarray, labels: np.ndarray) -> None:
     """Probabilities first, record last: a record on disk implies its samples are there too."""
-    write_npz(path.with_suffix(".npz"), probs=probs.astype(np.float16),
+    write_npz(path.with_suffix(".npz"), probs=probs.astype(np.float16, copy=False),
               labels=labels.astype(np.int64))
     write_json(path, clean({"schema": SCHEMA_VERSION, **record}))
 

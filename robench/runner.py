@@ -257,7 +257,7 @@ class Runner:
             "provenance": provenance(backbone, self.cfg, spec),
         }
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
-        write_record(path, record, M.softmax(logits), labels)
+        write_record(path, record, probabilities(logits), labels)
 
     def id_confidence(self, model: str, dataset: str) -> np.ndarray | None:
         if not self.cfg.id_dataset or dataset == self.cfg.id_dataset:
@@ -265,6 +265,14 @@ class Runner:
         path = record_path(self.cfg.results_dir, self.cfg.name, model, self.cfg.id_dataset)
         with np.load(path.with_suffix(".npz")) as z:
             return z["probs"].astype(np.float32).max(axis=1)
+
+
+def probabilities(logits: np.ndarray, block: int = 8192) -> np.ndarray:
+    """float16 softmax, a block of rows at a time (float64 for 100k x 1000 would be 800 MB)."""
+    out = np.empty(logits.shape, dtype=np.float16)
+    for s in range(0, len(logits), block):
+        out[s:s + block] = M.softmax(logits[s:s + block])
+    return out
 
 
 def restrict(logits: np.ndarray, source: ImageSource) -> tuple[np.ndarray, np.ndarray, object]:
