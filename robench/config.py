@@ -61,7 +61,7 @@ class RunConfig:
 
 
 def suite_dirs() -> list[Path]:
-    """Where suites are looked up: ``$ROBENCH_SUITES``, ``./suites``, then the repo's ``suites/``."""
+    """Suite folders: ``$ROBENCH_SUITES``, ``./suites``, then the repo's ``suites/``."""
     dirs = []
     if os.environ.get("ROBENCH_SUITES"):
         dirs.append(Path(os.environ["ROBENCH_SUITES"]))
@@ -118,7 +118,7 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
         suites = available_suites()
         if name_or_path not in suites:
             raise unknown("suite", name_or_path, suites,
-                          fix="pass suite=<name> with a file in suites/, or suite=path/to/file.yaml")
+                          fix="pass suite=<name> of a file in suites/, or suite=path/to/file.yaml")
         path = suites[name_or_path]
     try:
         raw = OmegaConf.load(path)
@@ -133,7 +133,7 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
     try:
         cfg = OmegaConf.merge(schema, raw, over)
     except OmegaConfBaseException as e:
-        raise RobenchError(f"invalid value in suite '{path.stem}': {e.msg if hasattr(e, 'msg') else e}",
+        raise RobenchError(f"invalid value in suite '{path.stem}': {getattr(e, 'msg', e)}",
                            "check the type of the value (e.g. model.batch_size=64)") from e
     if os.environ.get("ROBENCH_DATA") and "data_root" not in raw and not any(
         o.startswith("data_root=") for o in overrides

@@ -48,7 +48,7 @@ def read_record(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RobenchError(f"cannot read result record {path}: {e}",
-                           "delete the file and re-run the cell (robench run ... force=true)") from e
+                           "delete it and re-run the cell (robench run ... force=true)") from e
 
 
 def find_records(results_dir: str | Path) -> list[Path]:

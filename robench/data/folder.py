@@ -40,7 +40,8 @@ def _load(paths: list[Path], i: int):
 def load(root: Path, name: str, **_: object) -> ImageSource:
     """Load an image folder; class names are folder names with ``_`` turned into spaces."""
     classes, paths, labels = scan(root)
-    entries = [(str(p.relative_to(root)), p.stat().st_size, int(y)) for p, y in zip(paths, labels)]
+    entries = [(str(p.relative_to(root)), p.stat().st_size, int(y))
+               for p, y in zip(paths, labels, strict=True)]
     return ImageSource(
         name=name,
         labels=labels,

@@ -52,7 +52,8 @@ def state_dict_hash(model: torch.nn.Module) -> str:
 def _hf_cached(model_id: str, filename: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    names = [filename] if filename else ["open_clip_model.safetensors",
+                                         "open_clip_pytorch_model.bin"]
     if filename and filename.endswith((".bin", ".pth")):
         names.insert(0, filename[:-4] + ".safetensors")
     return any(isinstance(try_to_load_from_cache(model_id, n), str) for n in names)

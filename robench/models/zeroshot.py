@@ -30,7 +30,8 @@ def text_key(backbone: Backbone, classnames: list[str], templates: list[str]) ->
 def class_embeddings(backbone: Backbone, classnames: list[str], templates: list[str],
                      cache_dir: str | Path, progress: bool = True) -> np.ndarray:
     """(D, C) float32 matrix of normalised class embeddings, from the cache when present."""
-    path = Path(cache_dir).expanduser() / "text" / f"{text_key(backbone, classnames, templates)}.npy"
+    key = text_key(backbone, classnames, templates)
+    path = Path(cache_dir).expanduser() / "text" / f"{key}.npy"
     if path.is_file():
         return np.load(path)
     with torch.no_grad(), backbone.autocast():
