@@ -40,13 +40,15 @@ class FeatureSet:
 class _Preprocessed(Dataset):
     """(preprocessed image or None, index): a corrupt image is reported, not raised."""
 
-    def __init__(self, source: ImageSource, transform: object) -> None:
-        self.source, self.transform = source, transform
+    def __init__(self, source: ImageSource, transform: object, seed: int | None = None) -> None:
+        self.source, self.transform, self.seed = source, transform, seed
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
+        if self.seed is not None:  # random views: the same view of image i whatever the worker
+            torch.manual_seed((self.seed * 1_000_003 + i) % (2**63))
         try:
             return self.transform(self.source.load_image(i)), i  # type: ignore[operator]
         except DECODE_ERRORS:
@@ -66,25 +68,34 @@ class _Collate:
         return xs, idx, ok
 
 
-def feature_key(backbone: Backbone, source: ImageSource) -> str:
-    """Content address: weights hash + preprocessing + precision + dataset manifest hash."""
-    ident = json.dumps([backbone.id(), source.manifest_hash, len(source)])
+def feature_key(backbone: Backbone, source: ImageSource, view: str = "") -> str:
+    """Content address: weights hash + preprocessing + precision + dataset manifest hash (+ the
+    name of an augmented view, for methods that train on several random views per image)."""
+    parts = [backbone.id(), source.manifest_hash, len(source)] + ([view] if view else [])
+    ident = json.dumps(parts)
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
 def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | Path,
                      batch_size: int = 256, num_workers: int = 2, progress: bool = True,
-                     strict: bool = False) -> FeatureSet:
-    """Features of every image of ``source``, from the cache when present."""
+                     strict: bool = False, transform: object = None, view: str = "",
+                     seed: int | None = None) -> FeatureSet:
+    """Features of every image of ``source``, from the cache when present.
+
+    ``transform`` replaces the backbone's preprocessing (e.g. a random augmentation); ``view``
+    names it in the cache key and ``seed`` makes its randomness a function of the image index.
+    """
+    if transform is not None and not view:
+        raise ValueError("a custom transform needs a view name for the cache key")
     cache = Path(cache_dir).expanduser() / "features"
-    key = feature_key(backbone, source)
+    key = feature_key(backbone, source, view)
     npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
     if npy.is_file() and meta.is_file():
         info = json.loads(meta.read_text())
         return FeatureSet(np.load(npy, mmap_mode="r"), info["bad"], key, cached=True)
 
     loader = DataLoader(
-        _Preprocessed(source, backbone.preprocess), batch_size=batch_size,
+        _Preprocessed(source, transform or backbone.preprocess, seed), batch_size=batch_size,
         num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
         pin_memory=backbone.device.startswith("cuda"),
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,

@@ -79,3 +79,21 @@ def test_corrupt_image_strict_fails_with_name(tiny_backbone, tmp_path):
         extract_features(tiny_backbone, src, tmp_path / "cache", batch_size=8, num_workers=0,
                          progress=False, strict=True)
     assert not list((tmp_path / "cache" / "features").glob("*.npy"))  # nothing half-written
+
+
+def test_random_views_are_seeded_per_image(tiny_backbone, tmp_path):
+    from torchvision import transforms as T
+
+    src = cifar.load(write_cifar10(tmp_path / "c"), name="c10")
+    aug = T.Compose([T.RandomResizedCrop(32, scale=(0.3, 1.0)), T.ToTensor()])
+    a = extract_features(tiny_backbone, src, tmp_path / "a", batch_size=8, num_workers=0,
+                         progress=False, transform=aug, view="rrc-0", seed=0)
+    b = extract_features(tiny_backbone, src, tmp_path / "b", batch_size=16, num_workers=2,
+                         progress=False, transform=aug, view="rrc-0", seed=0)
+    c = extract_features(tiny_backbone, src, tmp_path / "a", batch_size=8, num_workers=0,
+                         progress=False, transform=aug, view="rrc-1", seed=1)
+    np.testing.assert_allclose(np.asarray(a.features, np.float32),
+                               np.asarray(b.features, np.float32), atol=2e-3)
+    assert a.key != c.key and not np.allclose(a.features, c.features, atol=1e-2)
+    with pytest.raises(ValueError, match="view name"):
+        extract_features(tiny_backbone, src, tmp_path / "a", transform=aug)
