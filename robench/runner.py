@@ -94,19 +94,26 @@ class MethodContext:
 class Runner:
     cfg: DictConfig
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    _prepared: dict[str, ModelSpec] = field(default_factory=dict)
     dataset_specs: dict[str, DatasetSpec] = field(default_factory=dict)
     sources: dict[str, ImageSource] = field(default_factory=dict)
     _features: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
+    _evaluated: set[str] = field(default_factory=set)  # the suite's models (not helpers)
 
     def __post_init__(self) -> None:
         for item in self.cfg.models:
             name, spec = resolve_model(_plain(item))
             if spec.method not in METHODS:
                 raise unknown("method", spec.method, METHODS)
-            self.models[name] = spec
+            method = import_module(METHODS[spec.method])
+            # a declaration may stand for several models (e.g. one WiSE-FT model per alpha)
+            expanded = method.expand(name, spec) if hasattr(method, "expand") else [(name, spec)]
+            for n, s in expanded:
+                self.models[n] = s
         for item in self.cfg.datasets:
             name, spec = resolve_dataset(_plain(item))
             self.dataset_specs[name] = spec
+        self._evaluated = set(self.models)
         if self.cfg.id_dataset and self.cfg.id_dataset not in self.dataset_specs:
             raise unknown("id_dataset", self.cfg.id_dataset, self.dataset_specs,
                           fix="id_dataset must be one of the suite's datasets")
@@ -129,6 +136,27 @@ class Runner:
                 num_workers=self.cfg.model.num_workers, progress=self.cfg.progress,
                 strict=self.cfg.strict)
         return source, self._features[key]
+
+    # -- models -------------------------------------------------------------------------------
+    def declared(self, name: str) -> ModelSpec:
+        """A model's spec as declared (suite or registry), even if not evaluated in this suite."""
+        if name not in self.models:
+            _, self.models[name] = resolve_model(name)
+        return self.models[name]
+
+    def prepared(self, name: str) -> ModelSpec:
+        """The spec to load: methods that change the backbone (fine-tuning, WiSE-FT) train or
+        reuse their checkpoint here and point the spec at it."""
+        if name not in self._prepared:
+            spec = self.declared(name)
+            method = import_module(METHODS[spec.method])
+            self._prepared[name] = (method.prepare(self, name, spec)
+                                    if hasattr(method, "prepare") else spec)
+        return self._prepared[name]
+
+    def templates_for(self, dataset: str) -> list[str]:
+        self.source(dataset)
+        return template_set(self.dataset_specs[dataset].templates)
 
     # -- cells --------------------------------------------------------------------------------
     def cell_key(self, model: str, dataset: str) -> str:
@@ -158,25 +186,20 @@ class Runner:
         datasets = list(self.dataset_specs)
         if self.cfg.id_dataset:  # the ID cell first: shifted cells need its confidences
             datasets.sort(key=lambda d: d != self.cfg.id_dataset)
+        evaluated = [m for m in self.models if m in self._evaluated]
+        paths = [record_path(self.cfg.results_dir, self.cfg.name, m, d)
+                 for m in evaluated for d in datasets]
+        pending = {(m, d) for m in evaluated for d in datasets if not self.is_done(m, d)}
+        total, done = len(paths), len(paths) - len(pending)
+        if done:
+            tqdm.write(f"{done} of {total} cell(s) already done (force=true redoes them)")
         groups: dict[tuple, list[str]] = {}
-        for name, spec in self.models.items():
-            groups.setdefault((spec.arch, spec.pretrained), []).append(name)
-        total = len(self.models) * len(datasets)
-        done = 0
-        paths = []
+        for name in evaluated:
+            if any((name, d) in pending for d in datasets):
+                spec = self.prepared(name)  # trains fine-tuned checkpoints if needed
+                groups.setdefault((spec.arch, spec.pretrained), []).append(name)
         t0 = time.time()
         for (arch, pretrained), names in groups.items():
-            pending = [(m, d) for d in datasets for m in names if not self.is_done(m, d)]
-            for m in names:
-                for d in datasets:
-                    paths.append(record_path(self.cfg.results_dir, self.cfg.name, m, d))
-            skipped = len(names) * len(datasets) - len(pending)
-            done += skipped
-            if skipped:
-                tqdm.write(f"{skipped} cell(s) of {arch}/{pretrained} already done (force=true "
-                           "redoes them)")
-            if not pending:
-                continue
             backbone = load_backbone(arch, pretrained, self.cfg.device, self.cfg.model.precision,
                                      allow_download=self.cfg.allow_download,
                                      seed=self.cfg.seed)
@@ -187,7 +210,7 @@ class Runner:
                     continue
                 source, feats = self.source_and_features(backbone, d)
                 for m in todo:
-                    ctx = MethodContext(backbone, self.cfg, self.models[m], self)
+                    ctx = MethodContext(backbone, self.cfg, self.prepared(m), self)
                     hk = (m, tuple(source.classnames), self.dataset_specs[d].templates)
                     if hk not in heads:
                         method = import_module(METHODS[self.models[m].method])

@@ -6,4 +6,7 @@ module plus one line here.
 
 METHODS: dict[str, str] = {
     "zeroshot": "robench.models.zeroshot",
+    "finetune": "robench.models.finetune",
+    "car-ft": "robench.models.car_ft",
+    "wise-ft": "robench.models.wise_ft",
 }

@@ -1,0 +1,146 @@
+"""Fine-tuning, CAR-FT and WiSE-FT: the invariants that catch a wrong implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_cifar10
+
+from robench.config import load_suite
+from robench.errors import RobenchError
+from robench.models import finetune as FT
+from robench.models.wise_ft import expand, interpolate
+from robench.registry import ModelSpec
+from robench.runner import Runner
+
+OPTS = "{train_on: cifar10-train, epochs: 2, lr: 1.0e-3, batch_size: 16, warmup: 2, workers: 0}"
+SUITE = f"""
+models:
+  - tiny-random
+  - {{name: ft, arch: robench-tiny-vit, method: finetune, options: {OPTS}}}
+  - {{name: car, arch: robench-tiny-vit, method: car-ft, options: {OPTS}}}
+  - {{name: car0, arch: robench-tiny-vit, method: car-ft, options: {OPTS[:-1]}, lam: 0.0}}}}
+  - {{name: wise, arch: robench-tiny-vit, method: wise-ft,
+      options: {{finetuned: ft, alphas: [0, 0.5, 1]}}}}
+datasets: [cifar10]
+model: {{num_workers: 0, batch_size: 64}}
+metrics: {{bootstrap: 0}}
+progress: false
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    write_cifar10(tmp / "data" / "cifar10", n_test=30, n_train=12)
+    (tmp / "s.yaml").write_text(SUITE)
+    cfg = load_suite(str(tmp / "s.yaml"), [f"data_root={tmp / 'data'}", f"cache_dir={tmp / 'c'}",
+                                           f"results_dir={tmp / 'r'}", "device=cpu"])
+    runner = Runner(cfg)
+    runner.run()
+    return runner, tmp / "r" / "s"
+
+
+def _probs(out, model):
+    with np.load(out / model / "cifar10.npz") as z:
+        return z["probs"]
+
+
+def test_wise_ft_endpoints_reproduce_zeroshot_and_finetuned_exactly(run):
+    runner, out = run
+    assert {"wise-a0", "wise-a0.5", "wise-a1"} <= set(runner.models)
+    np.testing.assert_array_equal(_probs(out, "wise-a0"), _probs(out, "tiny-random"))
+    np.testing.assert_array_equal(_probs(out, "wise-a1"), _probs(out, "ft"))
+    assert not np.array_equal(_probs(out, "wise-a0.5"), _probs(out, "ft"))
+
+
+def test_finetuning_changes_the_model_and_car_ft_with_lambda0_is_finetune(run):
+    runner, out = run
+    assert not np.array_equal(_probs(out, "ft"), _probs(out, "tiny-random"))
+    ft, car0, car = (torch.load(runner.prepared(m).pretrained, weights_only=True)
+                     for m in ("ft", "car0", "car"))
+    assert all(torch.equal(ft[k], car0[k]) for k in ft)
+    assert not all(torch.equal(ft[k], car[k]) for k in ft)  # the KL term does something
+    np.testing.assert_array_equal(_probs(out, "ft"), _probs(out, "car0"))
+
+
+def test_car_ft_kl_is_zero_at_initialisation_and_lambda0_is_ce():
+    torch.manual_seed(0)
+    feats, logits = torch.randn(8, 16), torch.randn(8, 5)
+    y = torch.randint(0, 5, (8,))
+    ctx = torch.nn.functional.normalize(torch.randn(16, 4), dim=0)
+    total, kl = FT.car_ft_loss(logits, y, feats, feats.clone(), ctx, 100.0, lam=1.0)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert total.item() == pytest.approx(ce.item(), abs=1e-6)
+    total0, _ = FT.car_ft_loss(logits, y, feats, torch.randn(8, 16), ctx, 100.0, lam=0.0)
+    assert total0.item() == pytest.approx(ce.item())
+    _, kl2 = FT.car_ft_loss(logits, y, feats, torch.randn(8, 16), ctx, 100.0, lam=1.0)
+    assert kl2.item() > 0
+
+
+def test_context_weights_follow_the_definition(tiny_backbone, tmp_path):
+    from robench.models.zeroshot import class_embeddings
+
+    names, templates = ["cat", "dog", "car"], ["a photo of a {}.", "a sketch of a {}."]
+    v = FT.context_weights(tiny_backbone, names, templates, tmp_path)
+    assert v.shape == (tiny_backbone.model.text_projection.shape[1], 2)
+    with torch.no_grad():
+        tok = tiny_backbone.tokenizer([templates[1].format(c) for c in names])
+        e = torch.nn.functional.normalize(tiny_backbone.model.encode_text(tok), dim=-1)
+        ref = torch.nn.functional.normalize(e.mean(0), dim=0)
+    torch.testing.assert_close(v[:, 1], ref, atol=1e-5, rtol=1e-4)
+    assert class_embeddings(tiny_backbone, names, templates[:1], tmp_path).shape == (v.shape[0], 3)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_backbone):
+    from robench.data import cifar
+
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
+    opts = {**FT.DEFAULTS, "train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
+            "warmup": 1, "workers": 0}
+    templates = ["a photo of a {}."]
+
+    def fresh():
+        return FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=5)
+
+    ref, _ = FT.finetune(fresh(), src, templates, opts, tmp_path / "ref", tmp_path / "cache",
+                         progress=False)
+    calls = {"n": 0}
+    real = src.loader
+
+    def flaky(i):  # dies during the second epoch, like a killed job
+        calls["n"] += 1
+        if calls["n"] > len(src) + 5:
+            raise KeyboardInterrupt
+        return real(i)
+
+    src.loader = flaky
+    with pytest.raises(KeyboardInterrupt):
+        FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
+                    progress=False)
+    assert (tmp_path / "int" / "last_epoch.pt").is_file()
+    src.loader = real
+    out, _ = FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
+                         progress=False)
+    a, b = torch.load(ref, weights_only=True), torch.load(out, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wise_ft_helpers_and_errors():
+    spec = ModelSpec("x", None, "wise-ft", {"finetuned": "ft", "alphas": [0, 0.25]})
+    assert [n for n, _ in expand("w", spec)] == ["w-a0", "w-a0.25"]
+    with pytest.raises(RobenchError, match="options.finetuned"):
+        expand("w", ModelSpec("x", None, "wise-ft", {}))
+    zs, ft = {"a": torch.ones(2), "n": torch.tensor(3)}, {"a": torch.zeros(2), "n": torch.tensor(3)}
+    assert torch.equal(interpolate(zs, ft, 0.25)["a"], torch.full((2,), 0.75))
+    with pytest.raises(RobenchError, match="different parameters"):
+        interpolate(zs, {"b": torch.ones(2)}, 0.5)
+
+
+def test_finetune_option_errors():
+    with pytest.raises(RobenchError, match="train_on"):
+        FT.options(ModelSpec("x", None, "finetune", {}), 0.0)
+    with pytest.raises(RobenchError, match="Did you mean 'epochs'"):
+        FT.options(ModelSpec("x", None, "finetune", {"train_on": "a", "epoch": 3}), 0.0)
