@@ -78,3 +78,36 @@ def test_generated_set_deterministic_across_workers_and_resumable(tmp_path):
     np.testing.assert_array_equal(np.load(a / "glass_blur.npy"), np.load(b / "glass_blur.npy"))
     with pytest.raises(RobenchError, match="other data or parameters"):
         generate_c_set(src, a, corruptions=names, seed=1, progress=False)
+
+
+def test_folder_layout_for_larger_images_deterministic_and_resumable(tmp_path):
+    from PIL import Image
+
+    from robench.data import folder
+    from robench.data.corrupt_set import generate_c_folders
+
+    rng = np.random.default_rng(0)
+    for cls in ("n01440764", "n01443537"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                tmp_path / "src" / cls / f"img{i}.JPEG")
+    src = folder.load(tmp_path / "src", name="mini")
+    names = ("gaussian_noise", "zoom_blur")
+    a = generate_c_folders(src, tmp_path / "a", corruptions=names, severities=(1, 5), workers=1,
+                           chunk=2, progress=False)
+    b = generate_c_folders(src, tmp_path / "b", corruptions=names, severities=(1, 5), workers=2,
+                           chunk=4, progress=False)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.JPEG"))
+    assert len(files) == 2 * 2 * 6
+    assert str(files[0]).startswith("gaussian_noise/1/n01440764/")
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    victim = a / files[3]
+    victim.unlink()
+    keep = (a / files[0]).stat().st_mtime_ns
+    generate_c_folders(src, a, corruptions=names, severities=(1, 5), workers=1, progress=False)
+    assert victim.read_bytes() == (b / files[3]).read_bytes()
+    assert (a / files[0]).stat().st_mtime_ns == keep
+    with Image.open(victim) as im:
+        assert im.size == (48, 40)

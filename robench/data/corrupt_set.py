@@ -3,7 +3,10 @@ image (seeded by :func:`robench.data.corruptions.image_seed`), parallel across p
 resumable per corruption file, written atomically.
 
 32x32 sources are written in the CIFAR-10-C npy layout (``<out>/<corruption>.npy`` +
-``labels.npy``), so a generated set is read by the same code as the released one.
+``labels.npy``), so a generated set is read by the same code as the released one. Larger images
+are written in the ImageNet-C folder layout, ``<out>/<corruption>/<severity>/<class>/<file>``,
+as JPEG at quality 85 as in ImageNet-C (PIL's encoder is deterministic, so the files are
+bit-identical across runs).
 """
 
 from __future__ import annotations
@@ -42,6 +45,58 @@ def _task(args: tuple) -> tuple[str, int, np.ndarray, np.ndarray]:
                                "resize the source or use the folder layout")
         out[j] = corrupt(img, name, severity, image_seed(seed, key, int(i), name, severity))
     return name, severity, np.asarray(rows), out
+
+
+def _folder_task(args: tuple) -> int:
+    """Corrupt rows into ``<out>/<corruption>/<severity>/<relative path>.JPEG``; existing files
+    are kept (resume), new ones written atomically."""
+    from PIL import Image
+
+    name, severity, rows, seed, key, out, rel_paths = args
+    written = 0
+    for i, rel in zip(rows, rel_paths, strict=True):
+        dest = Path(out) / name / str(severity) / Path(rel).with_suffix(".JPEG")
+        if dest.is_file():
+            continue
+        img = np.asarray(_SOURCE.load_image(int(i)), dtype=np.uint8)  # type: ignore[union-attr]
+        px = corrupt(img, name, severity, image_seed(seed, key, int(i), name, severity))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        Image.fromarray(px).save(tmp, format="JPEG", quality=85)
+        os.replace(tmp, dest)
+        written += 1
+    return written
+
+
+def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str] =
+                       STANDARD_CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
+                       seed: int = 0, workers: int = 2, chunk: int = 50,
+                       progress: bool = True) -> Path:
+    """Write the -C set of an image-folder source in the ImageNet-C folder layout."""
+    paths = source.info.get("paths")
+    if not paths:
+        raise RobenchError(f"{source.name} has no file paths to mirror in a folder layout",
+                           "use the npy layout (32x32 images) or a folder-based dataset")
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"base": source.name, "base_manifest": source.manifest_hash, "seed": seed,
+              "severities": list(severities), "layout": "imagenet-c folders"}
+    man = out / MANIFEST
+    if man.is_file():
+        old = json.loads(man.read_text())
+        if {k: old.get(k) for k in params} != params:
+            raise RobenchError(f"{out} holds a -C set made from other data or parameters",
+                               "choose another --out folder, or delete it to regenerate")
+    write_json(man, {**params, "corruptions": list(corruptions)})
+    n = len(source)
+    tasks = [(c, s, list(range(a, min(n, a + chunk))), seed, source.manifest_hash[:16], str(out),
+              paths[a:a + chunk]) for c in corruptions for s in severities
+             for a in range(0, n, chunk)]
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(max(1, workers), initializer=_init, initargs=(source,)) as pool:
+        for _ in tqdm(pool.imap_unordered(_folder_task, tasks), total=len(tasks), unit="chunk",
+                      desc=f"corrupting {source.name}", disable=not progress):
+            pass
+    return out
 
 
 def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = None,
