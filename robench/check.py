@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from robench.metrics import METRIC_INFO
+from robench.metrics import RECORD_METRIC_INFO
 from robench.results import find_records, read_record
 
 EXACT_TOL = 1e-6
@@ -72,7 +72,7 @@ def _tolerance(metric: str, values: dict, mode: str, band: float, rel_tol: float
 def compare_metrics(base: dict, fresh: dict, mode: str, band: float, rel_tol: float,
                     allow_improvement: bool) -> list[dict]:
     rows = []
-    for metric, info in METRIC_INFO.items():
+    for metric, info in RECORD_METRIC_INFO.items():
         if info.direction is None or metric.endswith(("_ci_low", "_ci_high")) or metric not in base:
             continue
         b, f = base.get(metric), fresh.get(metric)

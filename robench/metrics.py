@@ -810,6 +810,15 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "mean_confidence": MetricInfo("mean maximum softmax probability (fraction)", None),
 }
 
+#: Everything a result record's ``metrics`` may hold: compute_all's keys plus ``ood_auroc``, which
+#: the runner adds for a suite that pairs an ID set with shifted sets (see :func:`ood_auroc`).
+RECORD_METRIC_INFO: dict[str, MetricInfo] = {
+    **METRIC_INFO,
+    "ood_auroc": MetricInfo(
+        "OOD-detection AUROC: the suite's ID set vs this set, score = -MSP, shifted samples "
+        "positive (torch-uncertainty / OpenOOD convention)", "higher"),
+}
+
 
 def compute_all(
     logits: np.ndarray,

@@ -312,8 +312,9 @@ def restrict(logits: np.ndarray, source: ImageSource) -> tuple[np.ndarray, np.nd
 def average_metrics(cells: list[dict]) -> dict:
     """Unweighted mean of each metric over cells (the CIFAR-10-C convention: mean over
     corruptions x severities); interval keys are dropped because a mean of intervals is not one."""
-    keys = [k for k in cells[0] if not k.endswith(("_ci_low", "_ci_high")) and k != "n"]
-    out = {}
+    keys = [k for k in cells[0]
+            if not k.endswith(("_ci_low", "_ci_high")) and k not in ("n", "num_classes")]
+    out = {"num_classes": cells[0].get("num_classes")}
     for k in keys:
         vals = [c[k] for c in cells if c.get(k) is not None]
         out[k] = float(np.nanmean(vals)) if vals and not all(np.isnan(vals)) else float("nan")

@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 import robench
 from robench.errors import RobenchError
 from robench.io import atomic_write
-from robench.metrics import METRIC_INFO, MetricInfo
+from robench.metrics import RECORD_METRIC_INFO, MetricInfo
 from robench.results import HEADLINE, find_records, read_record, to_frame
 
 __all__ = ["DASH", "DEFAULT_TITLE", "load_records", "render_report"]
@@ -47,12 +47,6 @@ __all__ = ["DASH", "DEFAULT_TITLE", "load_records", "render_report"]
 DEFAULT_TITLE = "robench leaderboard"
 DASH = "\u2013"  # shown for a metric that is undefined (null in the record) or a cell not run
 
-# ood_auroc is added by the runner next to compute_all's keys, so METRIC_INFO does not list it.
-EXTRA_METRIC_INFO: dict[str, MetricInfo] = {
-    "ood_auroc": MetricInfo(
-        "OOD-detection AUROC: the suite's ID set vs this set, score = -MSP, shifted samples "
-        "positive (torch-uncertainty / OpenOOD convention)", "higher"),
-}
 REQUIRED_KEYS = ("suite", "model", "dataset", "metrics")
 GROUP_SUMMARY_PREFIX = "mean over groups "  # how the runner names a -C headline's groups
 
@@ -77,7 +71,7 @@ BREAKDOWN_METRICS = (MetricFormat("acc1", "top-1 accuracy (%)", 1), MetricFormat
 
 def metric_info(key: str) -> MetricInfo | None:
     """Description and better-direction of a metric key (None for keys robench does not know)."""
-    return METRIC_INFO.get(key) or EXTRA_METRIC_INFO.get(key)
+    return RECORD_METRIC_INFO.get(key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,7 +727,7 @@ def metric_definitions(records: Sequence[dict]) -> list[dict[str, str]]:
                  f"seeded), {level}",
     }
     out = []
-    for key, info in [*METRIC_INFO.items(), *EXTRA_METRIC_INFO.items()]:
+    for key, info in RECORD_METRIC_INFO.items():
         if key not in present or key.endswith(("_ci_low", "_ci_high")):
             continue
         better = {"higher": "higher", "lower": "lower"}.get(info.direction or "", DASH)
