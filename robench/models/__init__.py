@@ -9,4 +9,7 @@ METHODS: dict[str, str] = {
     "finetune": "robench.models.finetune",
     "car-ft": "robench.models.car_ft",
     "wise-ft": "robench.models.wise_ft",
+    "linear-probe": "robench.models.linear_probe",
+    "lp-clip": "robench.models.lp_clip",
+    "temperature-scaling": "robench.models.temperature",
 }

@@ -1,0 +1,236 @@
+"""LP-CLIP: label-free distillation + self-training on cached features."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from robench.config import load_suite
+from robench.data.folder import load as load_folder
+from robench.errors import RobenchError
+from robench.models import lp_clip as LPC
+from robench.models.heads import LinearHead
+from robench.registry import ASSETS, DatasetSpec
+from robench.runner import Runner
+
+SCALE = 14.3
+
+
+def _normalize(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    """Class clusters on the sphere; zero-shot weights = noisy cluster means (an informative
+    teacher, far from perfect); strong views = perturbed weak views."""
+    rng = np.random.default_rng(0)
+    n, d, c, k = 600, 16, 5, 2
+    means = _normalize(rng.normal(size=(c, d)))
+    y = rng.integers(0, c, n)
+    weak = _normalize(means[y] + 0.8 * rng.normal(size=(n, d)) / np.sqrt(d) * 2)
+    strong = np.stack([_normalize(weak + 0.1 * rng.normal(size=(n, d))) for _ in range(k)])
+    w_zs = _normalize(means + 0.5 * rng.normal(size=(c, d))).T
+    return (weak.astype(np.float16), strong.astype(np.float16), w_zs.astype(np.float32), y)
+
+
+class LabelFree:
+    """An image source whose labels raise on access (the training split LP-CLIP must not read)."""
+
+    def __init__(self, source) -> None:
+        self._src = source
+        self.name, self.classnames = source.name, source.classnames
+        self.manifest_hash, self.info = source.manifest_hash, source.info
+        self._n = len(source.info["paths"])
+
+    def __len__(self) -> int:
+        return self._n
+
+    def load_image(self, i: int):
+        return self._src.load_image(i)
+
+    @property
+    def labels(self):
+        raise AssertionError("the labels of the LP-CLIP training split were read")
+
+
+def test_lr0_from_zeroshot_reproduces_zeroshot_exactly(clusters):
+    weak, strong, w_zs, _ = clusters
+    cfg = LPC.LPCLIPConfig(lr=0.0, rounds=2, epochs=2, batch_size=64, ce_weight=1.0, tau=0.2)
+    res = LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=0)
+    np.testing.assert_array_equal(res.weight, w_zs)
+    student = LinearHead(res.weight, res.scale, list("abcde"), bias=res.bias)
+    zeroshot = LinearHead(w_zs, SCALE, list("abcde"))
+    np.testing.assert_array_equal(student.logits(weak), zeroshot.logits(weak))
+    assert res.history[0]["confident"] > 0  # the CE term was active, and still nothing moved
+
+
+def test_student_agreement_with_an_informative_teacher_rises(clusters):
+    weak, strong, w_zs, y = clusters
+    cfg = LPC.LPCLIPConfig(lr=0.05, rounds=1, epochs=5, batch_size=64, init="random")
+    res = LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=0)
+    h = res.history[0]
+    assert h["agreement_before"] < 0.5 < 0.9 < h["agreement_after"]
+    assert h["loss"][-1] < h["loss"][0]
+    # from the zero-shot init, with self-training: the student stays close to its teacher and
+    # here (teacher = noisy cluster means) it even beats it on the hidden labels
+    cfg = LPC.LPCLIPConfig(lr=0.01, rounds=2, epochs=5, batch_size=64, bias=True)
+    res = LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=0)
+    assert [h["teacher"] for h in res.history] == ["zeroshot", "student 1"]
+    assert res.history[0]["agreement_after"] > 0.7 and res.bias is not None
+    student_acc = ((weak.astype(np.float32) @ res.weight + res.bias).argmax(1) == y).mean()
+    zeroshot_acc = ((weak.astype(np.float32) @ w_zs).argmax(1) == y).mean()
+    assert student_acc > zeroshot_acc
+
+
+def test_seeded_reproducibility(clusters):
+    weak, strong, w_zs, _ = clusters
+    cfg = LPC.LPCLIPConfig(lr=0.02, rounds=2, epochs=2, batch_size=50, init="random")
+    a = LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=3)
+    b = LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=3)
+    c = LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=4)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    assert a.history == b.history
+    assert not np.array_equal(a.weight, c.weight)
+
+
+def test_distillation_loss_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 4) * 3, torch.randn(6, 4) * 3
+    temp = 2.5
+    loss, parts = LPC.distillation_loss(s, t, temp, tau=2.0, ce_weight=1.0)  # tau > 1: no CE
+    pt = torch.softmax(t / temp, 1)
+    kl = (pt * (pt.log() - torch.log_softmax(s / temp, 1))).sum(1).mean() * temp ** 2
+    assert loss.item() == pytest.approx(kl.item(), rel=1e-5) and parts["confident"] == 0.0
+    zero, _ = LPC.distillation_loss(t, t, temp, tau=2.0, ce_weight=0.0)
+    assert zero.item() == pytest.approx(0.0, abs=1e-6)
+    conf = torch.softmax(t, 1).max(1).values
+    tau = float(conf.median())
+    full, parts = LPC.distillation_loss(s, t, temp, tau=tau, ce_weight=0.7)
+    ce = torch.nn.functional.cross_entropy(s, t.argmax(1), reduction="none")
+    expect = kl + 0.7 * (ce * (conf >= tau)).sum() / len(s)  # normalised by the batch size
+    assert full.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert parts["confident"] == pytest.approx(float((conf >= tau).float().mean()))
+
+
+def test_training_functions_take_no_labels():
+    for fn in (LPC.self_train, LPC.train_student, LPC.distillation_loss,
+               LPC.training_features):
+        params = set(inspect.signature(fn).parameters)
+        assert not params & {"y", "labels", "label", "targets", "target"}, fn.__name__
+    with pytest.raises(RobenchError, match="must not read the labels"):
+        _ = LPC.Unlabelled(LabelFree(_val_source())).labels
+
+
+def _val_source():
+    return load_folder(ASSETS / "cifar10-subset" / "val", name="cifar10-subset-val")
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """One feature cache for this module's real-image tests: the runner test below reuses the
+    weak and strong views extracted here (same backbone weights, images, augmentation knobs
+    and seed), and must find them there."""
+    return tmp_path_factory.mktemp("lpclip-cache")
+
+
+def test_label_free_split_trains_on_real_images(tiny_backbone, feature_cache, tmp_path):
+    train = LPC.Unlabelled(LabelFree(_val_source()))
+    opts = {**LPC.DEFAULTS, "views": 1}
+    # seed 123 = the seed of both tiny_backbone and the runner below, so they share the cache
+    weak, strong = LPC.training_features(tiny_backbone, train, str(feature_cache), opts, seed=123)
+    assert len(strong) == 1 and strong[0].features.shape == weak.features.shape == (500, 32)
+    assert strong[0].key != weak.key
+    assert not np.array_equal(strong[0].features, weak.features)  # the views are augmented
+    from robench.models.zeroshot import class_embeddings
+    from robench.registry import template_set
+
+    w_zs = class_embeddings(tiny_backbone, train.classnames, template_set("cifar"), tmp_path,
+                            progress=False)
+    cfg = LPC.LPCLIPConfig(lr=0.01, rounds=1, epochs=2, batch_size=128)
+    res = LPC.self_train(weak.features, np.stack([strong[0].features]), w_zs,
+                         tiny_backbone.logit_scale, cfg, seed=0)
+    assert res.weight.shape == (32, 10) and np.isfinite(res.weight).all()
+    assert not np.array_equal(res.weight, w_zs)
+    with pytest.raises(TypeError, match="Unlabelled"):
+        LPC.training_features(tiny_backbone, _val_source(), str(tmp_path), opts, seed=0)
+
+
+SUITE = """
+models:
+  - tiny-random
+  - {name: lpc0, arch: robench-tiny-vit, method: lp-clip,
+     options: {train_on: hidden, views: 1, epochs: 1, rounds: 2, lr: 0.0}}
+  - {name: lpc, arch: robench-tiny-vit, method: lp-clip,
+     options: {train_on: hidden, views: 1, epochs: 2, lr: 0.01, init: random}}
+datasets: [cifar10-subset-val]
+model: {num_workers: 0, batch_size: 250}
+metrics: {bootstrap: 0}
+progress: false
+"""
+
+
+def _runner(tmp_path, *extra, suite: str = SUITE, cache=None):
+    (tmp_path / "s.yaml").write_text(suite)
+    cfg = load_suite(str(tmp_path / "s.yaml"), [f"cache_dir={cache or tmp_path / 'c'}",
+                                                f"results_dir={tmp_path / 'r'}", "device=cpu",
+                                                "seed=123",
+                                                *extra])
+    runner = Runner(cfg)
+    real = runner.source
+
+    def source(name: str):
+        # the training split "hidden": the shipped val images (same manifest, so shared weak
+        # features) behind a source whose labels raise, so reading a training label fails the run
+        if name == "hidden" and name not in runner.sources:
+            runner.dataset_specs[name] = DatasetSpec("folder", "assets:cifar10-subset/val")
+            runner.sources[name] = LabelFree(_val_source())
+        return real(name)
+
+    runner.source = source
+    return runner
+
+
+def test_runner_trains_without_labels_and_reuses_the_artifact(tmp_path, feature_cache,
+                                                             monkeypatch):
+    _runner(tmp_path, cache=feature_cache).run()
+    assert len(list(feature_cache.glob("features/*.npy"))) == 2  # weak + 1 strong view, shared
+    out = tmp_path / "r" / "s"
+    recs = {m: json.loads((out / m / "cifar10-subset-val.json").read_text())
+            for m in ("tiny-random", "lpc0", "lpc")}
+    assert recs["lpc"]["protocol"]["method"] == "lp-clip"
+    assert recs["lpc"]["protocol"]["train_on"] == "hidden"
+    assert recs["lpc"]["protocol"]["logit_scale"] == pytest.approx(recs["tiny-random"][
+        "provenance"]["logit_scale"])
+
+    def probs(m):
+        with np.load(out / m / "cifar10-subset-val.npz") as z:
+            return z["probs"]
+
+    np.testing.assert_array_equal(probs("lpc0"), probs("tiny-random"))  # lr 0 = zero-shot
+    assert not np.array_equal(probs("lpc"), probs("tiny-random"))
+
+    def boom(*a, **k):
+        raise AssertionError("retrained although nothing changed")
+
+    monkeypatch.setattr(LPC, "self_train", boom)
+    _runner(tmp_path, "force=true", cache=feature_cache).run()  # heads from cached artifacts
+    np.testing.assert_array_equal(probs("lpc0"), probs("tiny-random"))
+    with pytest.raises(AssertionError, match="retrained"):  # another option: retrains
+        _runner(tmp_path, "force=true", cache=feature_cache,
+                suite=SUITE.replace("epochs: 2", "epochs: 3")).run()
+
+
+def test_evaluating_on_another_label_space_is_refused(tmp_path):
+    runner = _runner(tmp_path)
+    other = load_folder(ASSETS / "cifar10-subset" / "val", name="x")
+    other.classnames = [c.upper() for c in other.classnames]
+    from robench.runner import MethodContext
+
+    ctx = MethodContext(None, runner.cfg, runner.models["lpc"], runner)
+    with pytest.raises(RobenchError, match="trained on another label space"):
+        LPC.build(ctx, other)

@@ -1,0 +1,184 @@
+"""Temperature scaling (Guo et al. 2017), and the three heads end to end through the runner."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from robench.config import load_suite
+from robench.data.base import ImageSource
+from robench.errors import RobenchError
+from robench.features import FeatureSet
+from robench.models import METHODS
+from robench.models import temperature as TS
+from robench.models.heads import LinearHead
+from robench.registry import ModelSpec
+from robench.runner import Runner
+
+
+def _softmax_sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Labels drawn from softmax(logits): a model calibrated by construction."""
+    return (logits + rng.gumbel(size=logits.shape)).argmax(1)
+
+
+def test_fitted_temperature_is_the_grid_optimum():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(800, 6)) * 2.0
+    y = _softmax_sample(true_logits, rng)
+    for factor in (10.0, 0.3):  # over- and under-confident versions of a calibrated model
+        z = factor * true_logits
+        t = TS.fit_temperature(z, y)
+        grid = np.exp(np.linspace(np.log(0.01), np.log(100.0), 4001))
+        nlls = np.array([TS.nll(z, y, g) for g in grid])
+        best = grid[nlls.argmin()]
+        step = np.log(grid[1] / grid[0])
+        assert abs(np.log(t) - np.log(best)) <= step
+        assert TS.nll(z, y, t) <= nlls.min() + 1e-9
+        assert t == pytest.approx(factor, rel=0.15)  # it undoes the distortion
+
+
+def test_temperature_is_clipped_when_the_data_are_separable():
+    z = np.array([[5.0, 0.0], [0.0, 5.0]])
+    assert TS.fit_temperature(z, np.array([0, 1])) == TS.T_MIN
+
+
+# -- build() on synthetic features, with a stand-in base method -----------------------------------
+@dataclass
+class FakeCtx:
+    spec: ModelSpec
+    feats: dict
+    cache_dir: str = ""
+    progress: bool = False
+    backbone: object = None
+    cfg: object = None
+
+    def features(self, name: str):
+        return self.feats[name]
+
+
+@pytest.fixture()
+def overconfident(monkeypatch):
+    """A base method whose head is a decent classifier made 10x over-confident, plus val/test
+    features labelled by its calibrated version."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 4))
+    names = ["a", "b", "c", "d"]
+
+    def split(name: str, n: int):
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        y = _softmax_sample(x @ w, rng)
+        return ImageSource(name, y, names, f"m-{name}", None), FeatureSet(x, [0], f"k-{name}", 1)
+
+    module = types.ModuleType("fake_base")
+    module.build = lambda ctx, source: LinearHead(w.astype(np.float32), 10.0 * ctx.spec.options[
+        "scale"], names, bias=np.full(4, 0.5, dtype=np.float32), info={"head": "fake"})
+    monkeypatch.setitem(sys.modules, "fake_base", module)
+    monkeypatch.setitem(METHODS, "fake", "fake_base")
+    spec = ModelSpec("x", method="temperature-scaling", options={
+        "base": "fake", "base_options": {"scale": 1.0}, "calibrate_on": "val"})
+    return FakeCtx(spec, {"val": split("val", 3000), "test": split("test", 3000)})
+
+
+def _nll_acc(head: LinearHead, split) -> tuple[float, float]:
+    src, fs = split
+    logits = head.logits(fs.features)
+    return TS.nll(logits, src.labels), float((logits.argmax(1) == src.labels).mean())
+
+
+def test_lowers_nll_of_an_overconfident_head_and_keeps_accuracy(overconfident):
+    ctx = overconfident
+    test_src = ctx.feats["test"][0]
+    base = sys.modules["fake_base"].build(replace(ctx, spec=TS.base_spec(ctx.spec)), test_src)
+    head = TS.build(ctx, test_src)
+    t = head.info["temperature"]
+    assert t == pytest.approx(10.0, rel=0.1)
+    assert head.scale == pytest.approx(base.scale / t)
+    np.testing.assert_array_equal(head.weight, base.weight)
+    x = ctx.feats["test"][1].features
+    np.testing.assert_allclose(head.logits(x), base.logits(x) / t, rtol=1e-5, atol=1e-5)
+    nll_base, acc_base = _nll_acc(base, ctx.feats["test"])
+    nll_ts, acc_ts = _nll_acc(head, ctx.feats["test"])  # held-out: not the calibration split
+    assert nll_ts < 0.5 * nll_base
+    assert acc_ts == acc_base
+    info = head.info
+    assert info["base_method"] == "fake" and info["head"] == "fake"
+    assert info["calibration_nll_after"] < info["calibration_nll_before"]
+
+
+def test_refuses_mismatched_label_space_and_bad_options(overconfident):
+    ctx = overconfident
+    src, fs = ctx.feats["val"]
+    other = ImageSource("val", src.labels, ["w", "x", "y", "z"], "m", None)
+    ctx.feats["val"] = (other, fs)
+    with pytest.raises(RobenchError, match="another label space"):
+        TS.build(ctx, ctx.feats["test"][0])
+    with pytest.raises(RobenchError, match="calibrate_on"):
+        TS.options({"base": "zeroshot"})
+    with pytest.raises(RobenchError, match="Did you mean 'linear-probe'"):
+        TS.options({"base": "linear-prob", "calibrate_on": "v"})
+
+
+def test_prepare_delegates_to_a_backbone_changing_base(monkeypatch):
+    module = types.ModuleType("fake_ft")
+    module.prepare = lambda runner, name, spec: replace(
+        spec, pretrained="/ckpt.pt", options={**spec.options, "_head": "/head.npy"})
+    monkeypatch.setitem(sys.modules, "fake_ft", module)
+    monkeypatch.setitem(METHODS, "fake-ft", "fake_ft")
+    spec = ModelSpec("a", method="temperature-scaling", options={
+        "base": "fake-ft", "base_options": {"train_on": "t"}, "calibrate_on": "v"})
+    ready = TS.prepare(SimpleNamespace(), "m", spec)
+    assert ready.pretrained == "/ckpt.pt" and ready.method == "temperature-scaling"
+    assert ready.options["base_options"] == {"train_on": "t", "_head": "/head.npy"}
+    assert TS.base_spec(ready).options["_head"] == "/head.npy"
+    zs = replace(spec, options={"base": "zeroshot", "calibrate_on": "v"})
+    assert TS.prepare(SimpleNamespace(), "m", zs) is zs
+
+
+# -- end to end: a suite with the three methods --------------------------------------------------
+LP_OPTS = ("{train_on: cifar10-subset-probe, val_on: cifar10-subset-val, refit: train, "
+           "grid: [1.0, 100.0]}")
+SUITE = f"""
+models:
+  - tiny-random
+  - {{name: lp, arch: robench-tiny-vit, method: linear-probe, options: {LP_OPTS}}}
+  - {{name: lpc, arch: robench-tiny-vit, method: lp-clip,
+      options: {{train_on: cifar10-subset-val, views: 1, epochs: 2, lr: 0.001}}}}
+  - {{name: ts-lp, arch: robench-tiny-vit, method: temperature-scaling,
+      options: {{base: linear-probe, base_options: {LP_OPTS},
+                calibrate_on: cifar10-subset-val}}}}
+  - {{name: ts-zs, arch: robench-tiny-vit, method: temperature-scaling,
+      options: {{base: zeroshot, calibrate_on: cifar10-subset-val}}}}
+datasets: [cifar10-subset-val]
+model: {{num_workers: 0, batch_size: 500}}
+metrics: {{bootstrap: 0}}
+progress: false
+"""
+
+
+def test_suite_with_linear_probe_lp_clip_and_temperature_scaling(tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    cfg = load_suite(str(tmp_path / "s.yaml"), [f"cache_dir={tmp_path / 'c'}",
+                                                f"results_dir={tmp_path / 'r'}", "device=cpu"])
+    paths = Runner(cfg).run()
+    assert len(paths) == 5 and all(p.is_file() for p in paths)
+    out = tmp_path / "r" / "s"
+    rec = {m: json.loads((out / m / "cifar10-subset-val.json").read_text())
+           for m in ("tiny-random", "lp", "lpc", "ts-lp", "ts-zs")}
+    methods = {m: r["protocol"]["method"] for m, r in rec.items()}
+    assert methods == {"tiny-random": "zeroshot", "lp": "linear-probe", "lpc": "lp-clip",
+                       "ts-lp": "temperature-scaling", "ts-zs": "temperature-scaling"}
+    assert rec["lp"]["protocol"]["C"] in rec["lp"]["protocol"]["grid"]
+    assert rec["ts-lp"]["protocol"]["base_method"] == "linear-probe"
+    for base, ts in (("lp", "ts-lp"), ("tiny-random", "ts-zs")):
+        assert rec[ts]["protocol"]["temperature"] > 0
+        # same head up to T: identical accuracy, and on the calibration split itself (this
+        # suite evaluates on it) NLL cannot be worse than at T = 1
+        assert rec[ts]["metrics"]["acc1"] == rec[base]["metrics"]["acc1"]
+        assert rec[ts]["metrics"]["nll"] <= rec[base]["metrics"]["nll"] + 1e-6
+    assert rec["lp"]["metrics"]["acc1"] > rec["tiny-random"]["metrics"]["acc1"]
