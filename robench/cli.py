@@ -14,7 +14,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from robench.data.commands import add_data_commands
 from robench.errors import RobenchError
+from robench.report import add_report_command
 
 DEFAULT_SUITE = "smoke"
 
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list models, datasets or suites")
     ls.add_argument("what", choices=["models", "datasets", "suites"])
     ls.set_defaults(func=cmd_list)
+    add_data_commands(sub)
+    add_report_command(sub)
     return p
 
 

@@ -66,6 +66,39 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10-c": DatasetSpec("cifar-c", "CIFAR-10-C", options={"variant": "cifar10"},
                              n_expected=19 * 50000,
                              description="CIFAR-10-C (Hendrycks & Dietterich 2019), npy layout"),
+    "cifar100-c": DatasetSpec("cifar-c", "CIFAR-100-C", options={"variant": "cifar100"},
+                              n_expected=19 * 50000,
+                              description="CIFAR-100-C (Hendrycks & Dietterich 2019), npy layout"),
+    # ImageNet family: labels are 1k indices, class names the 1000 CLIP ImageNet names, so one
+    # zero-shot head serves all; R and A are scored over their own 200-class sub-lists.
+    "imagenet": DatasetSpec(
+        "imagenet-folder", "imagenet/val", templates="imagenet", options={"nested": ["val"]},
+        n_expected=50000,
+        description="ImageNet-1k val, <root>/<wnid>/*.JPEG; label = index in sorted wnids"),
+    "imagenet-v2-matched-frequency": DatasetSpec(
+        "imagenet-v2", "imagenetv2-matched-frequency-format-val", templates="imagenet",
+        options={"nested": ["imagenetv2-matched-frequency-format-val"]}, n_expected=10000,
+        description="ImageNetV2 matched-frequency, <root>/<0..999>/*.jpeg; label = int(folder)"),
+    "imagenet-v2-threshold-0.7": DatasetSpec(
+        "imagenet-v2", "imagenetv2-threshold0.7-format-val", templates="imagenet",
+        options={"nested": ["imagenetv2-threshold0.7-format-val"]}, n_expected=10000,
+        description="ImageNetV2 threshold-0.7, <root>/<0..999>/*.jpeg; label = int(folder)"),
+    "imagenet-v2-top-images": DatasetSpec(
+        "imagenet-v2", "imagenetv2-top-images-format-val", templates="imagenet",
+        options={"nested": ["imagenetv2-top-images-format-val"]}, n_expected=10000,
+        description="ImageNetV2 top-images, <root>/<0..999>/*.jpeg; label = int(folder)"),
+    "imagenet-r": DatasetSpec(
+        "imagenet-folder", "imagenet-r", templates="imagenet",
+        options={"subset": "imagenet-r", "nested": ["imagenet-r"]}, n_expected=30000,
+        description="ImageNet-R, <root>/<wnid>/*.jpg (200 folders); scored over its 200 classes"),
+    "imagenet-a": DatasetSpec(
+        "imagenet-folder", "imagenet-a", templates="imagenet",
+        options={"subset": "imagenet-a", "nested": ["imagenet-a"]}, n_expected=7500,
+        description="ImageNet-A, <root>/<wnid>/*.jpg (200 folders); scored over its 200 classes"),
+    "imagenet-sketch": DatasetSpec(
+        "imagenet-folder", "imagenet-sketch", templates="imagenet", options={"nested": ["sketch"]},
+        n_expected=50889,
+        description="ImageNet-Sketch, <root>[/sketch]/<wnid>/*.JPEG (1000 folders)"),
 }
 
 MODELS: dict[str, ModelSpec] = {

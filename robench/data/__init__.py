@@ -15,6 +15,8 @@ FAMILIES: dict[str, str] = {
     "cifar": "robench.data.cifar:load",
     "cifar-c": "robench.data.cifar_c:load",
     "generated-c": "robench.data.generated_c:load",
+    "imagenet-folder": "robench.data.imagenet:load_folder",
+    "imagenet-v2": "robench.data.imagenet:load_v2",
 }
 
 

@@ -20,6 +20,10 @@ from robench.errors import RobenchError
 CIFAR_CLASSNAMES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                 "truck"],
+    # torchvision's order (the release's fine_label_names), '_' -> ' ' as CLIP's prompts use them
+    "cifar100": [c.replace("_", " ") for c in
+                 (Path(__file__).resolve().parent / "metadata" / "cifar100_classes.txt")
+                 .read_text().split()],
 }
 
 

@@ -1,0 +1,424 @@
+"""``robench data verify``: is a dataset on disk what robench expects, and has it changed?
+
+Checks, in order, each reported as ok / warn / FAIL with the fix:
+
+- layout: the family's loader reads the index (same code as a run, so the same label rule); its
+  error, when there is one, names what is there instead of the expected layout;
+- count: number of samples against the registry's expected count (ImageNet val 50000, ...);
+- classes: every class folder present and non-empty; labels inside the label space (and inside
+  the scored sub-list for ImageNet-R/-A); stray non-image files;
+- checksums (CIFAR pickles): md5 of every batch file against torchvision's table;
+- readable: every image decoded (or a seeded random ``--sample N``), unreadable files named;
+- manifest: the file listing (relative path + size) of the dataset folder, hashed and written to
+  ``<root>/.robench_manifest.json`` (or, when the root is read-only, to
+  ``<cache>/manifests/``); a later verify compares against it and reports added, removed and
+  resized files. ``accept`` records the new listing after an intended change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from robench.data import family_loader
+from robench.data.base import ImageSource
+from robench.errors import RobenchError
+from robench.registry import DatasetSpec
+
+MANIFEST_NAME = ".robench_manifest.json"
+MANIFEST_FORMAT = 1
+STATUS_WIDTH = 5
+
+
+@dataclass
+class Check:
+    """One line of a verify report."""
+
+    status: str  # "ok" | "warn" | "FAIL"
+    what: str
+    detail: str
+    fix: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    name: str
+    root: Path
+    checks: list[Check] = field(default_factory=list)
+    manifest_path: Path | None = None
+    source: ImageSource | None = None
+
+    def add(self, status: str, what: str, detail: str, fix: str | None = None) -> None:
+        self.checks.append(Check(status, what, detail, fix))
+
+    @property
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "FAIL"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def render(self) -> str:
+        lines = [f"{self.name}  (root {self.root})"]
+        for c in self.checks:
+            lines.append(f"  {c.status:<{STATUS_WIDTH}} {c.what:<9} {c.detail}")
+            if c.fix:
+                lines.append(f"  {'':<{STATUS_WIDTH}} {'':<9} fix: {c.fix}")
+        n = len(self.problems)
+        warns = sum(c.status == "warn" for c in self.checks)
+        verdict = "OK" if n == 0 else f"{n} problem{'s' if n > 1 else ''}"
+        lines.append(f"  => {self.name}: {verdict}"
+                     + (f" ({warns} warning{'s' if warns > 1 else ''})" if warns else ""))
+        return "\n".join(lines)
+
+
+def verify_dataset(name: str, spec: DatasetSpec, root: Path, sample: int | None = None,
+                   cache_dir: Path | None = None, workers: int | None = None,
+                   progress: bool = True, accept: bool = False, seed: int = 0) -> VerifyReport:
+    """Verify the dataset ``name`` (declared by ``spec``) at ``root``; never raises for a problem
+    in the data itself (that is a FAIL line), only for a problem of the call."""
+    report = VerifyReport(name, root)
+    if spec.family == "generated-c":
+        base = spec.options.get("base", "?")
+        raise RobenchError(
+            f"{name} is generated on demand from {base} (and checked by its generator's manifest)",
+            f"verify its base instead: robench data verify {base}")
+    try:
+        source = family_loader(spec.family)(root, name=name, cache_dir=str(cache_dir or ""),
+                                            progress=progress, workers=workers or 1,
+                                            **spec.options)
+    except RobenchError as e:
+        report.add("FAIL", "layout", e.problem, e.fix)
+        _compare_only(report, root, cache_dir)
+        return report
+    report.source = source
+    data_root = Path(source.info.get("root") or root)
+    report.root = data_root
+    _check_layout(report, spec, source)
+    _check_count(report, spec, source)
+    _check_classes(report, source)
+    if spec.family == "cifar":
+        _check_cifar_md5(report, spec, data_root)
+    _check_readable(report, source, sample, workers, progress, seed)
+    _check_manifest(report, spec, source, data_root, cache_dir, sample, accept)
+    return report
+
+
+# -- the checks ---------------------------------------------------------------------------------
+def _check_layout(report: VerifyReport, spec: DatasetSpec, source: ImageSource) -> None:
+    info = source.info
+    scored = (f"scored over {len(source.class_subset)} of {len(source.classnames)} classes"
+              if source.class_subset else f"{len(source.classnames)} classes")
+    if "layout" in info:
+        detail = f"{info['layout']}; {info.get('label_rule', '')}"
+        if not source.class_subset:
+            detail += f"; {scored}"
+    elif source.groups:
+        cs = info.get("corruptions", [])
+        per = info.get("rows_per_file", 0) // 5
+        detail = (f"{spec.family}: {len(cs)} corruption files x 5 severities x {per} images "
+                  f"(labels from labels.npy); {scored}")
+    else:
+        detail = f"{spec.family}: {scored}"
+    report.add("ok", "layout", detail)
+    if source.groups and "corruptions" in info:
+        from robench.data.corruptions import CORRUPTIONS
+
+        absent = [c for c in CORRUPTIONS if c not in info["corruptions"]]
+        if absent and spec.options.get("corruptions", "all") == "all":
+            report.add("warn", "layout",
+                       f"{len(absent)} of the {len(CORRUPTIONS)} corruption files are absent: "
+                       f"{', '.join(absent)} (the 15 standard ones are present)",
+                       "re-extract the full archive if you want the extra corruptions")
+
+
+def _check_count(report: VerifyReport, spec: DatasetSpec, source: ImageSource) -> None:
+    n, expected, note = len(source), spec.n_expected, ""
+    present = source.info.get("corruptions")
+    if expected is not None and source.groups and present:
+        from robench.data.corruptions import CORRUPTIONS
+
+        if expected % len(CORRUPTIONS) == 0 and len(present) < len(CORRUPTIONS):
+            # the extra corruptions are optional: count what the present files should hold
+            expected = expected // len(CORRUPTIONS) * len(present)
+            note = f" for the {len(present)} corruption files present"
+    if expected is None:
+        report.add("ok", "count", f"{n} samples (no expected count registered)")
+    elif n == expected:
+        report.add("ok", "count", f"{n} samples (expected {expected}{note})")
+    else:
+        how = "missing" if n < expected else "extra"
+        report.add("FAIL", "count",
+                   f"{n} samples, expected {expected}{note} ({abs(expected - n)} {how})",
+                   "the copy is incomplete (an interrupted extraction?): "
+                   f"{_reinstall(report.name)}"
+                   if n < expected else
+                   "remove files that are not part of the release (duplicates from a second "
+                   "extraction, copies with other extensions)")
+
+
+def _check_classes(report: VerifyReport, source: ImageSource) -> None:
+    labels, k = source.labels, len(source.classnames)
+    info = source.info
+    if len(labels) and (labels.min() < 0 or labels.max() >= k):
+        hint = " (is this CIFAR-100-C under a CIFAR-10-C name?)" if k == 10 and \
+            labels.max() < 100 else ""
+        report.add("FAIL", "labels", f"labels span {labels.min()}..{labels.max()} but the "
+                   f"dataset has {k} classes{hint}", "point the root at the right dataset")
+        return
+    expected = source.class_subset if source.class_subset is not None else list(range(k))
+    if source.class_subset is not None:
+        outside = sorted(set(np.unique(labels).tolist()) - set(source.class_subset))
+        if outside:
+            report.add("FAIL", "labels", f"{len(outside)} label(s) outside the scored sub-list",
+                       "the loader and the sub-list disagree: report this as a bug")
+            return
+    counts = np.bincount(labels, minlength=k)[expected]
+    missing = info.get("missing_classes") or []
+    empty = [c for c, n in zip(expected, counts, strict=True) if n == 0]
+    if missing:
+        report.add("FAIL", "classes",
+                   f"{len(missing)} of {len(expected)} class folders missing: {_short(missing)}",
+                   f"the copy is incomplete: {_reinstall(report.name)}")
+    elif empty:
+        names = [f"{c} '{source.classnames[c]}'" for c in empty]
+        report.add("FAIL", "classes",
+                   f"{len(empty)} of {len(expected)} classes have no images: {_short(names)}",
+                   f"a class without images cannot be scored: {_reinstall(report.name)}")
+    else:
+        report.add("ok", "classes", f"{len(expected)} of {len(expected)} classes present, "
+                   f"{counts.min()}..{counts.max()} samples per class")
+    skipped = info.get("skipped_files") or []
+    if skipped:
+        report.add("warn", "files", f"{len(skipped)} non-image entries in class folders "
+                   f"ignored: {_short(skipped)}",
+                   "harmless if intended; a stray archive or folder means an odd extraction")
+
+
+def _check_cifar_md5(report: VerifyReport, spec: DatasetSpec, root: Path) -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    from robench.data.download import file_digest
+
+    cls = {"cifar10": CIFAR10, "cifar100": CIFAR100}[spec.options.get("variant", "cifar10")]
+    folder = (root if root.name == cls.base_folder else root / cls.base_folder)
+    files = cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]
+    bad = [f for f, md5 in files if file_digest(folder / f, "md5") != md5]
+    if bad:
+        report.add("FAIL", "checksum", f"md5 mismatch for {', '.join(bad)} in {folder}",
+                   f"the files are damaged: {_reinstall(report.name)}")
+    else:
+        report.add("ok", "checksum", f"md5 of all {len(files)} files match torchvision's table")
+
+
+def _check_readable(report: VerifyReport, source: ImageSource, sample: int | None,
+                    workers: int | None, progress: bool, seed: int) -> None:
+    n = len(source)
+    if sample == 0:
+        report.add("warn", "readable", "not checked (--sample 0)")
+        return
+    if sample is not None and sample < n:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=sample, replace=False))
+        what = f"a random sample of {sample} (seed {seed})"
+    else:
+        rows = np.arange(n)
+        what = "all"
+    bad = decode_all(source, rows, workers=workers, progress=progress)
+    if bad:
+        paths = source.info.get("paths")
+        named = [f"{paths[i] if paths else f'#{i}'} ({err})" for i, err in bad]
+        report.add("FAIL", "readable",
+                   f"{len(bad)} of {len(rows)} images could not be decoded: {_short(named, 3)}",
+                   f"replace those files ({_reinstall(report.name)}); until then a run skips "
+                   "and counts them (or fails with strict=true)")
+    else:
+        report.add("ok", "readable", f"{len(rows)} of {len(rows)} images decoded ({what})")
+
+
+def decode_all(source: ImageSource, rows: np.ndarray, workers: int | None = None,
+               progress: bool = True) -> list[tuple[int, str]]:
+    """Decode rows of ``source`` (threads: PIL releases the GIL while decoding); return the
+    (row, error) pairs that failed."""
+    from tqdm import tqdm
+
+    def one(i: int) -> tuple[int, str] | None:
+        try:
+            im = source.load_image(int(i))
+            if im.width < 1 or im.height < 1:
+                return int(i), "empty image"
+        except Exception as e:  # any decoder error is a finding, not a crash
+            return int(i), f"{type(e).__name__}: {e}"
+        return None
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    bad = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for r in tqdm(pool.map(one, rows, chunksize=64), total=len(rows), unit="img",
+                      desc=f"decoding {source.name}", disable=not progress, dynamic_ncols=True):
+            if r is not None:
+                bad.append(r)
+    return bad
+
+
+# -- the manifest -------------------------------------------------------------------------------
+def file_listing(root: Path) -> list[tuple[str, int]]:
+    """(relative path, size) of every regular file under ``root`` (symlinks followed), without
+    robench's own manifest and hidden files."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            p = Path(dirpath) / f
+            try:
+                out.append((p.relative_to(root).as_posix(), p.stat().st_size))
+            except OSError:  # a dangling symlink: listed with size -1, decode reports it
+                out.append((p.relative_to(root).as_posix(), -1))
+    return sorted(out)
+
+
+def listing_hash(listing: list[tuple[str, int]]) -> str:
+    h = hashlib.sha256()
+    for rel, size in listing:
+        h.update(f"{rel}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def manifest_locations(root: Path, cache_dir: Path | None) -> list[Path]:
+    """Where a manifest may sit: in the root, else in the cache (read-only roots)."""
+    places = [root / MANIFEST_NAME]
+    if cache_dir is not None:
+        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        places.append(Path(cache_dir) / "manifests" / f"{root.name}-{key}.json")
+    return places
+
+
+def read_manifest(root: Path, cache_dir: Path | None) -> tuple[dict | None, Path | None]:
+    for p in manifest_locations(root, cache_dir):
+        if p.is_file():
+            try:
+                return json.loads(p.read_text()), p
+            except (OSError, ValueError):
+                return {"unreadable": True}, p
+    return None, None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from robench.io import write_json
+
+    write_json(path, obj)
+
+
+def write_manifest(root: Path, cache_dir: Path | None, obj: dict,
+                   writer: Callable[[Path, dict], None] | None = None) -> Path:
+    """Write into the root; fall back to the cache dir when the root is not writable."""
+    writer = writer or _write_json
+    errors = []
+    for p in manifest_locations(root, cache_dir):
+        try:
+            writer(p, obj)
+            return p
+        except OSError as e:
+            errors.append(f"{p}: {e.strerror or e}")
+    raise RobenchError(f"cannot write the manifest ({'; '.join(errors)})",
+                       "make the dataset folder or the cache dir (ROBENCH_CACHE) writable")
+
+
+def _diff(old: list, new: list) -> str:
+    o, n = dict(map(tuple, old)), dict(new)
+    added = sorted(set(n) - set(o))
+    removed = sorted(set(o) - set(n))
+    resized = sorted(k for k in set(o) & set(n) if o[k] != n[k])
+    parts = []
+    for label, items in (("added", added), ("removed", removed), ("changed size", resized)):
+        if items:
+            parts.append(f"{len(items)} file(s) {label} ({_short(items, 3)})")
+    return "; ".join(parts) or "the listing differs"
+
+
+def _compare_only(report: VerifyReport, root: Path, cache_dir: Path | None) -> None:
+    """After a failed load: say whether the folder changed since it was last verified."""
+    if not root.is_dir():
+        return
+    old, path = read_manifest(root, cache_dir)
+    if old and "files" in old:
+        listing = file_listing(root)
+        if listing_hash(listing) != old.get("files_hash"):
+            report.add("FAIL", "manifest", f"the folder changed since it was verified on "
+                       f"{old.get('created', '?')} ({path}): {_diff(old['files'], listing)}",
+                       "restore the data, or fix the layout problem above")
+
+
+def _check_manifest(report: VerifyReport, spec: DatasetSpec, source: ImageSource, root: Path,
+                    cache_dir: Path | None, sample: int | None, accept: bool) -> None:
+    listing = file_listing(root)
+    digest = listing_hash(listing)
+    old, old_path = read_manifest(root, cache_dir)
+    entry = {"n": len(source), "source_manifest_hash": source.manifest_hash,
+             "family": spec.family, "decoded": "all" if sample is None else f"sample {sample}",
+             "verified": _now(), "ok": report.ok}
+    if old and not old.get("unreadable") and old.get("files_hash") == digest:
+        datasets = {**old.get("datasets", {}), report.name: entry}
+        if report.ok and old_path is not None:
+            try:  # note this verification where the manifest already is
+                _write_json(old_path, {**old, "datasets": datasets})
+            except OSError:
+                pass  # a read-only copy: the comparison above is what matters
+        report.manifest_path = old_path
+        report.add("ok", "manifest", f"unchanged since {old.get('created', '?')} "
+                   f"({len(listing)} files, sha256 {digest[:16]}; {old_path})")
+        return
+    if old and not accept:
+        what = ("is unreadable" if old.get("unreadable") else
+                f"was recorded on {old.get('created', '?')}; now: "
+                f"{_diff(old.get('files', []), listing)}")
+        report.manifest_path = old_path
+        report.add("FAIL", "manifest", f"the data changed: the manifest {old_path} {what}",
+                   "if the change is intended, re-run with --accept to record the new listing; "
+                   "otherwise restore the data (records made before carry the old "
+                   "data.manifest_hash)")
+        return
+    if not report.ok:
+        report.add("warn", "manifest", "not written: fix the problems above first")
+        return
+    obj = {"format": MANIFEST_FORMAT, "created": _now(), "root": str(root),
+           "files_hash": digest, "n_files": len(listing), "files": [list(x) for x in listing],
+           "datasets": {report.name: entry}}
+    path = write_manifest(root, cache_dir, obj)
+    report.manifest_path = path
+    where = "" if path.parent == root else " (the dataset folder is read-only)"
+    verb = "re-recorded after --accept" if old else "written"
+    report.add("ok", "manifest",
+               f"{verb}: {path}{where} ({len(listing)} files, sha256 {digest[:16]})")
+
+
+def _reinstall(name: str) -> str:
+    """How to get a clean copy of ``name``."""
+    from robench.data.download import SOURCES, Archive
+
+    if isinstance(SOURCES.get(name), Archive):
+        return (f"extract the archive again, or `robench data download {name} --force` "
+                "(downloads, verifies and replaces it)")
+    if name in SOURCES:
+        return f"redo the manual install (`robench data download {name}` lists the steps)"
+    return "copy the dataset again from its source"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _short(items: list, k: int = 5) -> str:
+    shown = ", ".join(str(x) for x in items[:k])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > k else "")
