@@ -1,0 +1,299 @@
+"""Train robench's tiny CLIP-style model from scratch on the shipped CIFAR-10 subset.
+
+Contrastive image/caption training (symmetric InfoNCE, as in CLIP) on the ``pretrain`` split
+only. Captions are the 18 CIFAR prompt templates filled with the class name, one template drawn
+at random per image per step. Zero-shot top-1 (prompt ensemble of the same 18 templates) is
+reported on ``val`` (model selection) and ``test``. Seeded and deterministic on a given machine:
+
+    python scripts/train_tiny_clip.py
+
+writes robench/assets/models/robench-tiny-clip-cifar10.pt (fp16 state_dict) plus ``.sha256``
+and ``.json`` sidecars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from PIL import Image
+
+import robench.models.backbone  # noqa: F401  (registers robench's configs with open_clip)
+from robench.data.folder import scan
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "robench" / "data" / "metadata" / "cifar_templates.txt"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "robench-tiny-clip"
+    epochs: int = 25
+    batch_size: int = 128
+    lr: float = 4e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    pad: int = 4  # random-crop padding (pixels)
+    seed: int = 0
+    threads: int = 2
+    max_steps: int | None = None  # stop early (tests)
+
+
+def load_split(root: Path, per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                    list[str]]:
+    """All images of ``<root>/<class>/*.jpg`` decoded once: (N,3,H,W) uint8, labels, classnames."""
+    classes, paths, labels = scan(Path(root))
+    if per_class is not None:
+        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
+                               for c in range(len(classes))])
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return images, torch.from_numpy(labels), [c.replace("_", " ") for c in classes]
+
+
+def read_templates() -> list[str]:
+    return TEMPLATES.read_text().strip().splitlines()
+
+
+def normalizer(preprocess: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std of the model's own evaluation preprocessing (so training matches evaluation)."""
+    for t in getattr(preprocess, "transforms", []):
+        if hasattr(t, "mean") and hasattr(t, "std"):
+            return (torch.tensor(t.mean).view(1, 3, 1, 1), torch.tensor(t.std).view(1, 3, 1, 1))
+    raise RuntimeError(f"no Normalize in {preprocess}")
+
+
+def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> float, normalised exactly like ToTensor() + Normalize()."""
+    return (images.float() / 255.0 - mean) / std
+
+
+def augment(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, per image, on a uint8 batch."""
+    n, _, h, w = images.shape
+    if pad:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, 3, h, w + 2 * pad)
+        images = padded.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, 3, h, w)
+        images = images.gather(3, cols)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and embeddings; none on norms, biases or logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "logit_scale" in name or "bn" in name or ".ln" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, threads: int):
+    """Fixed thread count, seeded RNGs, deterministic kernels; global settings restored after."""
+    state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(state[0])
+        torch.use_deterministic_algorithms(state[1], warn_only=state[2])
+
+
+def create_model(name: str, seed: int):
+    """Seeded random init of the registered architecture + its eval preprocessing + tokenizer."""
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classnames: list[str],
+          templates: list[str], log=print) -> tuple[torch.nn.Module, object, object]:
+    """Contrastive training; returns (model, eval preprocess, tokenizer)."""
+    with deterministic(cfg.seed, cfg.threads):
+        return _train(cfg, images, labels, classnames, templates, log)
+
+
+def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classnames: list[str],
+           templates: list[str], log) -> tuple[torch.nn.Module, object, object]:
+    model, preprocess, tokenizer = create_model(cfg.model, cfg.seed)
+    mean, std = normalizer(preprocess)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # All captions tokenised once: (C, T, context_length).
+    captions = tokenizer([t.format(c) for c in classnames for t in templates])
+    captions = captions.view(len(classnames), len(templates), -1)
+
+    n = len(labels)
+    steps_per_epoch = n // cfg.batch_size  # drop the last partial batch
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                            betas=(0.9, 0.98), eps=1e-6)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    loss_fn = ClipLoss()
+    model.train()
+    step, t0 = 0, time.time()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen)
+        running, seen = 0.0, 0
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = to_input(augment(images[idx], cfg.pad, gen), mean, std)
+            y = labels[idx]
+            t_idx = torch.randint(0, len(templates), (len(idx),), generator=gen)
+            text = captions[y, t_idx]
+            img_f, txt_f, scale = model(x, text)[:3]
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # as in CLIP: temperature clipped to at most 100
+                model.logit_scale.clamp_(0, math.log(100))
+            running += loss.item()
+            seen += 1
+            step += 1
+        if seen:
+            log(f"epoch {epoch + 1:3d}/{cfg.epochs}  step {step:5d}  loss {running / seen:.4f}  "
+                f"lr {sched.get_last_lr()[0]:.2e}  scale {model.logit_scale.exp().item():6.2f}  "
+                f"{time.time() - t0:6.1f}s")
+        if step >= total:
+            break
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+@torch.no_grad()
+def zeroshot_top1(model: torch.nn.Module, preprocess: object, tokenizer: object,
+                  images: torch.Tensor, labels: torch.Tensor, classnames: list[str],
+                  templates: list[str], batch_size: int = 500) -> float:
+    """Top-1 (%) of the prompt-ensemble zero-shot classifier (same builder robench uses)."""
+    model.eval()
+    w = open_clip.build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=classnames,
+                                             templates=templates, num_classes_per_batch=10)
+    mean, std = normalizer(preprocess)
+    correct = 0
+    for s in range(0, len(labels), batch_size):
+        f = model.encode_image(to_input(images[s:s + batch_size], mean, std), normalize=True)
+        pred = (model.logit_scale.exp() * f @ w).argmax(1)
+        correct += int((pred == labels[s:s + batch_size]).sum())
+    return 100.0 * correct / len(labels)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    ap.add_argument("--data", type=Path, default=REPO / "robench/assets/cifar10-subset")
+    ap.add_argument("--out", type=Path,
+                    default=REPO / "robench/assets/models/robench-tiny-clip-cifar10.pt")
+    ap.add_argument("--model", default=d.model, help="open_clip model name (architecture)")
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    ap.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--no-test", action="store_true",
+                    help="report val only (use while tuning: select on val, not test)")
+    args = ap.parse_args()
+    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                      pad=args.pad, seed=args.seed, threads=args.threads,
+                      max_steps=args.max_steps)
+
+    t0, c0 = time.time(), time.process_time()
+    images, labels, classnames = load_split(args.data / "pretrain")
+    templates = read_templates()
+    print(f"pretrain: {len(labels)} images, {len(classnames)} classes, {len(templates)} templates "
+          f"(decoded in {time.time() - t0:.1f}s)")
+    model, preprocess, tokenizer = train(cfg, images, labels, classnames, templates)
+    train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
+
+    # Save fp16, then evaluate the weights exactly as saved (fp16 -> fp32 model via open_clip).
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    torch.save(state, args.out)
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg.model,
+                                                                 pretrained=str(args.out))
+    results = {}
+    for split in ["val"] + ([] if args.no_test else ["test"]):
+        x, y, names = load_split(args.data / split)
+        assert names == classnames, (names, classnames)
+        results[split] = zeroshot_top1(model, preprocess, tokenizer, x, y, classnames, templates)
+        print(f"zero-shot top-1 on {split}: {results[split]:.2f}% ({len(y)} images)")
+
+    digest = sha256(args.out)
+    args.out.with_name(args.out.name + ".sha256").write_text(f"{digest}  {args.out.name}\n")
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = {
+        "model": cfg.model,
+        "model_config": open_clip.get_model_config(cfg.model),
+        "checkpoint": args.out.name,
+        "sha256": digest,
+        "dtype": "float16",
+        "n_params": n_params,
+        "size_bytes": args.out.stat().st_size,
+        "train_config": asdict(cfg),
+        "seed": cfg.seed,
+        "data": {"train": "cifar10-subset/pretrain", "n_train": len(labels),
+                 "classnames": classnames, "templates": "cifar (18)"},
+        "train_wall_s": round(train_s, 1),  # decode + training, on the machine below
+        "train_cpu_s": round(train_cpu_s, 1),
+        "machine": {"cpu_count": os.cpu_count(), "threads": cfg.threads,
+                    "platform": platform.platform()},
+        "zeroshot_top1": {k: round(v, 2) for k, v in results.items()},
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "command": "python scripts/train_tiny_clip.py",
+    }
+    args.out.with_name(args.out.name + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB, sha256 {digest[:12]}...) "
+          f"in {train_s:.0f}s of training")
+
+
+if __name__ == "__main__":
+    main()
