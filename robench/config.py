@@ -49,7 +49,7 @@ class RunConfig:
     data: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 0
-    id_dataset: str = ""  # pair every other dataset with this one for ood_auroc
+    id_dataset: str | None = None  # pair every other dataset with this one for ood_auroc
     data_root: str = "data"
     cache_dir: str = ""
     results_dir: str = "runs"  # committed reference results live in results/

@@ -99,6 +99,11 @@ DATASETS: dict[str, DatasetSpec] = {
         "imagenet-folder", "imagenet-sketch", templates="imagenet", options={"nested": ["sketch"]},
         n_expected=50889,
         description="ImageNet-Sketch, <root>[/sketch]/<wnid>/*.JPEG (1000 folders)"),
+    "imagenet-c": DatasetSpec(
+        "imagenet-c", "imagenet-c", templates="imagenet", options={"corruptions": "standard"},
+        n_expected=15 * 5 * 50000,
+        description="ImageNet-C, <root>/<corruption>/<1..5>/<wnid>/*.JPEG; mean over the 15 "
+                    "standard corruptions x 5 severities"),
 }
 
 MODELS: dict[str, ModelSpec] = {

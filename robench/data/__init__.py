@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "generated-c": "robench.data.generated_c:load",
     "imagenet-folder": "robench.data.imagenet:load_folder",
     "imagenet-v2": "robench.data.imagenet:load_v2",
+    "imagenet-c": "robench.data.imagenet_c:load",
 }
 
 

@@ -8,6 +8,7 @@ the 15 standard corruptions x 5 severities (the 4 extra ones are kept per group 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from PIL import Image
 from robench.data.base import ImageSource
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
+
+MANIFEST = "robench_c.json"  # written by robench.data.corrupt_set
 
 CIFAR_CLASSNAMES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -68,9 +71,12 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
         raise RobenchError(f"{name}: {labels_path} is missing (CIFAR-10-C layout: "
                            "<root>/<corruption>.npy + labels.npy)",
                            "point the root at the extracted CIFAR-10-C folder")
+    # a set made by `robench data corrupt` says which corruptions it holds and its class names
+    meta = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
     wanted = STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
     present = [c for c in wanted if (root / f"{c}.npy").is_file()]
-    missing = [c for c in STANDARD_CORRUPTIONS if c not in present]
+    required = [c for c in (meta.get("corruptions") or STANDARD_CORRUPTIONS) if c in wanted]
+    missing = [c for c in required if c not in present]
     if missing:
         raise RobenchError(f"{name}: {root} lacks {', '.join(f'{c}.npy' for c in missing)}",
                            "re-extract the archive (or regenerate with robench data corrupt)")
@@ -90,7 +96,7 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
         per = rows // len(SEVERITIES)
         for s in SEVERITIES:
             groups[f"{c}/{s}"] = np.arange(f_idx * rows + (s - 1) * per, f_idx * rows + s * per)
-    names = classnames or CIFAR_CLASSNAMES.get(variant)
+    names = classnames or meta.get("classnames") or CIFAR_CLASSNAMES.get(variant)
     if names is None:
         raise RobenchError(f"{name}: class names for {variant} unknown",
                            "pass classnames in the dataset's options")
@@ -102,6 +108,8 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
                                      .encode()).hexdigest(),
         loader=NpyRows(files, rows),
         groups=groups,
-        summary_groups=[f"{c}/{s}" for c in STANDARD_CORRUPTIONS for s in SEVERITIES],
+        summary_groups=[f"{c}/{s}" for c in
+                        ([c for c in present if c in STANDARD_CORRUPTIONS] or present)
+                        for s in SEVERITIES],
         info={"root": str(root), "corruptions": present, "rows_per_file": rows},
     )

@@ -15,6 +15,7 @@ USAGE = """explicit data management (robench never downloads data on its own):
   robench data verify NAME... [--root DIR] [--sample N] [--accept]
   robench data verify --suite S [NAME...] [key=value ...]
   robench data download [NAME] [--root DIR] [--force] [--archive FILE] [--sha256 HEX]
+  robench data corrupt --from NAME --out DIR [--corruptions standard|all|a,b] [--workers N]
 
 Dataset folders come from the same place as a run's: --root for one dataset, else the registered
 root under --data-root (default: $ROBENCH_DATA, else ./data); --suite S takes suite S's data_root
@@ -85,6 +86,33 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
                    help="keep the downloaded archive in <data-root>/.robench-downloads")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_download)
+
+    c = dsub.add_parser(
+        "corrupt", help="write a -C set (imagecorruptions) of any registered dataset",
+        description="Corrupt every image of a registered dataset with each corruption at "
+        "severities 1-5 (Hendrycks & Dietterich 2019), deterministically per image (seeded by "
+        "dataset, image, corruption and severity: the same pixels for any worker count), in "
+        "parallel processes. 32x32 images are written in the CIFAR-10-C npy layout, larger "
+        "ones in the ImageNet-C folder layout (JPEG, quality 85). An interrupted run resumes: "
+        "finished files are kept.")
+    c.add_argument("--from", dest="source", required=True, metavar="NAME",
+                   help="registered dataset to corrupt")
+    c.add_argument("--out", type=Path, required=True, help="folder to write the -C set into")
+    c.add_argument("--root", type=Path, help="the source dataset's folder")
+    c.add_argument("--data-root", help="folder holding the datasets (default: $ROBENCH_DATA or "
+                   "./data)")
+    c.add_argument("--corruptions", default="standard",
+                   help="standard (15), all (19) or a comma-separated list (default: standard)")
+    c.add_argument("--layout", choices=["auto", "npy", "folders"], default="auto",
+                   help="auto: npy for 32x32 images, else folders")
+    c.add_argument("--stride", type=int, default=1,
+                   help="corrupt every k-th image only (npy layout; a quick smaller set)")
+    c.add_argument("--seed", type=int, default=0, help="base seed of the per-image seeds")
+    c.add_argument("--workers", type=int, help="processes (default: CPU count, max 8)")
+    c.add_argument("--cache-dir", type=Path,
+                   help="for sources generated on demand (default: $ROBENCH_CACHE)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_corrupt)
     return dsub
 
 
@@ -183,3 +211,71 @@ def cmd_download(args: argparse.Namespace) -> int:
     print(f"  {len(source)} samples{expected}; decode-check it with "
           f"`robench data verify {args.name}`")
     return 0 if spec.n_expected in (None, len(source)) else 1
+
+
+def _corruption_list(value: str) -> tuple[str, ...]:
+    from robench.data.corruptions import CORRUPTIONS, STANDARD_CORRUPTIONS
+    from robench.errors import unknown
+
+    if value == "standard":
+        return STANDARD_CORRUPTIONS
+    if value == "all":
+        return CORRUPTIONS
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    for n in names:
+        if n not in CORRUPTIONS:
+            raise unknown("corruption", n, ["standard", "all", *CORRUPTIONS])
+    return names
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from robench.data import family_loader
+    from robench.data.corrupt_set import default_workers, generate_c_folders, generate_c_set
+    from robench.errors import RobenchError
+    from robench.registry import dataset_root, get_dataset
+
+    corruptions = _corruption_list(args.corruptions)
+    if args.stride < 1:
+        raise RobenchError(f"--stride {args.stride} must be >= 1", "give --stride 1 (every image)")
+    data_root = args.data_root or default_data_root()
+    cache_dir = args.cache_dir or default_cache_dir()
+    workers = args.workers or default_workers()
+
+    def source_of(name: str, root: Path | None = None):
+        spec = get_dataset(name)
+        return family_loader(spec.family)(
+            root or dataset_root(name, spec, data_root, {}), name=name, cache_dir=str(cache_dir),
+            source_of=source_of, progress=not args.no_progress, workers=workers, **spec.options)
+
+    base = get_dataset(args.source)
+    if base.family in ("cifar-c", "generated-c", "imagenet-c"):
+        of = f" (of {base.options['base']})" if base.options.get("base") else ""
+        raise RobenchError(f"{args.source} is itself a -C set{of}",
+                           "corrupt its clean base dataset instead")
+    source = source_of(args.source, args.root)
+    if args.out.resolve() == Path(source.info.get("root", "")).resolve():
+        raise RobenchError(f"--out {args.out} is the source dataset's folder",
+                           "write the -C set to a new folder")
+    layout = args.layout
+    if layout == "auto":
+        layout = "npy" if np.asarray(source.load_image(0)).shape == (32, 32, 3) else "folders"
+    if layout == "npy":
+        rows = list(range(0, len(source), args.stride))
+        generate_c_set(source, args.out, rows=rows, corruptions=corruptions, seed=args.seed,
+                       workers=workers, progress=not args.no_progress)
+        family, n = "cifar-c", len(rows) * 5 * len(corruptions)
+    else:
+        if args.stride != 1:
+            raise RobenchError("--stride applies to the npy layout only",
+                               "drop --stride, or corrupt a smaller registered dataset")
+        generate_c_folders(source, args.out, corruptions=corruptions, seed=args.seed,
+                           workers=workers, progress=not args.no_progress)
+        family, n = "imagenet-c", len(source) * 5 * len(corruptions)
+    print(f"{args.source}: {len(corruptions)} corruption(s) x 5 severities -> {args.out} "
+          f"({layout} layout, {n} images)")
+    decl = (f"{{name: {args.source}-c, family: {family}, root: {args.out.resolve()}, "
+            f"templates: {get_dataset(args.source).templates}}}")
+    print(f'  score it: robench run suite=SUITE "datasets=[{decl}]"')
+    return 0

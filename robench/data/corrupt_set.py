@@ -86,7 +86,15 @@ def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str
         if {k: old.get(k) for k in params} != params:
             raise RobenchError(f"{out} holds a -C set made from other data or parameters",
                                "choose another --out folder, or delete it to regenerate")
-    write_json(man, {**params, "corruptions": list(corruptions)})
+    folders: dict[str, int] = {}
+    for rel, y in zip(paths, source.labels, strict=True):
+        folder = Path(rel).parts[0] if len(Path(rel).parts) > 1 else ""
+        if folders.setdefault(folder, int(y)) != int(y):
+            raise RobenchError(f"{source.name}: folder {folder!r} holds images of two labels",
+                               "the folder layout needs one class per folder")
+    # the class table lets robench.data.imagenet_c read the set back with the source's labels
+    write_json(man, {**params, "corruptions": list(corruptions), "class_folders": folders,
+                     "classnames": list(source.classnames)})
     n = len(source)
     tasks = [(c, s, list(range(a, min(n, a + chunk))), seed, source.manifest_hash[:16], str(out),
               paths[a:a + chunk]) for c in corruptions for s in severities
@@ -120,7 +128,8 @@ def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = 
         if {k: old.get(k) for k in params} != params:
             raise RobenchError(f"{out} holds a -C set made from other data or parameters",
                                "choose another --out folder, or delete it to regenerate")
-    write_json(man, {**params, "corruptions": list(corruptions)})
+    write_json(man, {**params, "corruptions": list(corruptions),
+                     "classnames": list(source.classnames)})
     write_npy(out / "labels.npy", np.tile(source.labels[rows], len(severities)))
     todo = [c for c in corruptions if not (out / f"{c}.npy").is_file()]
     if not todo:

@@ -122,6 +122,15 @@ SOURCES: dict[str, Archive | Manual] = {
         "torchvision; torchvision.datasets.ImageNet('DIR', split='val')\"` (writes DIR/val/"
         "<wnid>/*.JPEG); 3) move DIR/val to {target} or set data.imagenet.root=DIR/val; "
         "4) check it: robench data verify imagenet"),
+    "imagenet-c": Manual(
+        "ImageNet-C comes as five archives (about 65 GB) on Zenodo; robench installs them one by "
+        "one from files you downloaded",
+        "1) download blur.tar, digital.tar, noise.tar and weather.tar (extra.tar for the four "
+        "extra corruptions) from https://zenodo.org/record/2235448; 2) extract each into "
+        "{target} so that it holds <corruption>/<1..5>/<wnid>/*.JPEG (`tar -xf blur.tar -C "
+        "{target}`), or set data.imagenet-c.root to where they are; 3) robench data verify "
+        "imagenet-c --sample 2000. To make a -C set yourself from ImageNet val instead: robench "
+        "data corrupt --from imagenet --out {target}"),
     "imagenet-sketch": Manual(
         "ImageNet-Sketch is distributed by its authors through Google Drive / Kaggle, which "
         "robench does not script",

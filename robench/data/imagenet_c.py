@@ -1,0 +1,103 @@
+"""ImageNet-C folder layout (Hendrycks & Dietterich 2019):
+``<root>/<corruption>/<severity 1..5>/<class folder>/<image>``.
+
+The released ImageNet-C has wnid class folders (label = index in the 1000 sorted wnids). A set
+written by ``robench data corrupt`` from any other folder dataset carries its own class folders;
+its ``robench_c.json`` manifest maps them to labels and class names, so both read the same way.
+Each (corruption, severity) is a group scored separately; the headline numbers average the 15
+standard corruptions x 5 severities (or, for a generated set, the standard ones it was made with).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from robench.data.base import ImageSource, hash_manifest
+from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
+from robench.data.imagenet import (
+    _child_dirs,
+    _images_in,
+    _open,
+    _short,
+    imagenet_classnames,
+    wnid_index,
+)
+from robench.errors import RobenchError
+
+MANIFEST = "robench_c.json"  # written by robench.data.corrupt_set
+
+
+def _label_table(root: Path, name: str) -> tuple[dict[str, int], list[str], list[str] | None]:
+    """(class folder -> label, class names, corruptions the set was generated with or None)."""
+    man = root / MANIFEST
+    if man.is_file():
+        meta = json.loads(man.read_text())
+        if meta.get("class_folders") and meta.get("classnames"):
+            table = {str(c): int(i) for c, i in meta["class_folders"].items()}
+            return table, list(meta["classnames"]), list(meta.get("corruptions") or []) or None
+    return wnid_index(), list(imagenet_classnames()), None
+
+
+def load(root: Path, name: str, corruptions: str = "standard", **_: object) -> ImageSource:
+    """Load a -C set in the ImageNet-C folder layout; ``corruptions`` = ``standard`` or ``all``."""
+    if not root.is_dir():
+        raise RobenchError(f"{name}: dataset folder {root} does not exist",
+                           f"set data.{name}.root to the folder holding <corruption>/<1..5>/"
+                           "<class>/<image> (the extracted ImageNet-C, or the --out folder of "
+                           "robench data corrupt)")
+    table, classnames, generated = _label_table(root, name)
+    wanted = STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
+    present = [c for c in wanted if (root / c).is_dir()]
+    required = [c for c in (generated or STANDARD_CORRUPTIONS) if c in wanted]
+    missing = [c for c in required if c not in present]
+    if missing:
+        found = _child_dirs(root)
+        raise RobenchError(
+            f"{name}: {root} lacks the corruption folder(s) {_short(missing)} "
+            f"(found: {_short(found) or 'none'})",
+            "extract every ImageNet-C archive (blur, digital, extra, noise, weather) into this "
+            "folder, or finish the generation with robench data corrupt (it resumes)")
+    paths: list[Path] = []
+    labels: list[int] = []
+    entries: list[tuple[str, int, int]] = []
+    groups: dict[str, np.ndarray] = {}
+    for c in present:
+        for s in SEVERITIES:
+            folder = root / c / str(s)
+            if not folder.is_dir():
+                raise RobenchError(f"{name}: {folder} is missing (layout: <corruption>/<1..5>/"
+                                   "<class>/<image>)", "re-extract or regenerate this corruption")
+            start = len(paths)
+            for cls in _child_dirs(folder):
+                if cls not in table:
+                    known = "ImageNet wnids" if generated is None else f"the classes in {MANIFEST}"
+                    raise RobenchError(
+                        f"{name}: class folder {c}/{s}/{cls} is not a known class (expected "
+                        f"{known})", "check that the root is the -C set's folder")
+                images, _skipped = _images_in(folder / cls)
+                for fname, size in images:
+                    paths.append(folder / cls / fname)
+                    labels.append(table[cls])
+                    entries.append((f"{c}/{s}/{cls}/{fname}", size, table[cls]))
+            groups[f"{c}/{s}"] = np.arange(start, len(paths))
+            if len(paths) == start:
+                raise RobenchError(f"{name}: {folder} holds no images",
+                                   "re-extract or regenerate this corruption")
+    standard = [c for c in present if c in STANDARD_CORRUPTIONS] or present
+    return ImageSource(
+        name=name,
+        labels=np.asarray(labels, dtype=np.int64),
+        classnames=classnames,
+        manifest_hash=hash_manifest(entries),
+        loader=partial(_open, paths),
+        groups=groups,
+        summary_groups=[f"{c}/{s}" for c in standard for s in SEVERITIES],
+        info={"root": str(root), "layout": "imagenet-c: <corruption>/<severity>/<class>/<image>",
+              "label_rule": ("label = index of the wnid folder in the 1000 sorted ImageNet wnids"
+                             if generated is None else f"label from the class table in {MANIFEST}"),
+              "corruptions": present, "generated": generated is not None},
+    )

@@ -1,0 +1,214 @@
+"""`robench data corrupt`: any registered dataset -> a -C set in the released layouts, read back
+by the same loaders as CIFAR-10-C / ImageNet-C, deterministic, resumable, with clear errors."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CIFAR10_NAMES, REALDATA, REPO
+from PIL import Image
+
+from robench.data import cifar_c, imagenet, imagenet_c
+from robench.data.corruptions import SEVERITIES, STANDARD_CORRUPTIONS
+from robench.errors import RobenchError
+from robench.registry import ASSETS
+
+VAL = ASSETS / "cifar10-subset" / "val"
+
+
+def robench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "robench.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "robench_c.json"}
+
+
+def val_labels() -> np.ndarray:
+    classes = sorted(p.name for p in VAL.iterdir() if p.is_dir())
+    return np.asarray([i for i, c in enumerate(classes) for _ in sorted((VAL / c).iterdir())])
+
+
+@pytest.fixture(scope="module")
+def npy_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("c") / "val-c"
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
+                "--stride", "25", "--workers", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "npy layout, 1500 images" in r.stdout
+    return out
+
+
+def test_npy_layout_reads_back_as_cifar_c(npy_set: Path) -> None:
+    src = cifar_c.load(npy_set, name="val-c")
+    rows = np.arange(0, 500, 25)
+    assert len(src) == 15 * 5 * len(rows)
+    assert src.classnames == CIFAR10_NAMES  # from the manifest, not guessed
+    assert set(src.groups) == {f"{c}/{s}" for c in STANDARD_CORRUPTIONS for s in SEVERITIES}
+    np.testing.assert_array_equal(src.labels[src.groups["fog/3"]], val_labels()[rows])
+    # row k of severity s is image rows[k], corrupted: close to the clean pixels, not equal
+    clean = np.asarray(Image.open(sorted((VAL / "airplane").iterdir())[0]).convert("RGB"))
+    light = np.asarray(src.load_image(int(src.groups["brightness/1"][0])), dtype=int)
+    assert 0 < np.abs(light - clean).mean() < 40
+
+
+def test_same_pixels_for_any_worker_count_and_as_the_runners_generated_set(
+        npy_set: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(one),
+                "--stride", "25", "--workers", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert digests(one) == digests(npy_set)
+    # the generated-c family (what a suite uses) writes the very same pixels
+    from robench.data.generated_c import load as generated
+    from robench.runner import load_source  # noqa: F401  (same loader path as a run)
+
+    def source_of(name: str):
+        from robench.data.folder import load
+
+        return load(VAL, name=name)
+
+    gen = generated(Path(""), name="g", base="cifar10-subset-val", stride=25,
+                    cache_dir=str(tmp_path / "cache"), source_of=source_of, progress=False)
+    for c in ("gaussian_noise", "glass_blur", "frost"):
+        a = np.load(npy_set / f"{c}.npy")
+        b = np.load(Path(gen.info["root"]) / f"{c}.npy")
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_regenerates_only_what_is_missing(npy_set: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(npy_set, out)
+    before = digests(out)
+    kept = out / "fog.npy"
+    mtime = kept.stat().st_mtime_ns
+    (out / "snow.npy").unlink()
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
+                "--stride", "25", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert digests(out) == before
+    assert kept.stat().st_mtime_ns == mtime  # finished files are not rewritten
+    # other parameters into the same folder are refused, not mixed
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
+                "--stride", "25", "--seed", "1", "--no-progress")
+    assert r.returncode != 0 and "other data or parameters" in r.stderr
+
+
+def test_a_chosen_subset_of_corruptions(tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
+                "--stride", "50", "--corruptions", "gaussian_noise,spatter", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    src = cifar_c.load(out, name="two", corruptions="all")
+    assert src.info["corruptions"] == ["gaussian_noise", "spatter"]
+    assert src.summary_groups == [f"gaussian_noise/{s}" for s in SEVERITIES]
+    with pytest.raises(RobenchError, match="fog.npy"):
+        (out / "robench_c.json").unlink()  # without its manifest it must be a full release
+        cifar_c.load(out, name="two")
+
+
+def test_run_scores_a_generated_set_with_the_printed_declaration(npy_set: Path,
+                                                                 tmp_path: Path) -> None:
+    decl = (f"{{name: val-c, family: cifar-c, root: {npy_set}, templates: cifar}}")
+    r = robench("run", "suite=quickstart", "models=[tiny-clip-cifar10]", f"datasets=[{decl}]",
+                "id_dataset=null", f"results_dir={tmp_path / 'runs'}",
+                f"cache_dir={tmp_path / 'cache'}", "progress=false")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "runs" / "quickstart" / "tiny-clip-cifar10" / "val-c.json")
+                     .read_text())
+    assert rec["data"]["n"] == 1500 and len(rec["groups"]) == 75
+    assert 10 < rec["metrics"]["acc1"] < 90
+
+
+# -- larger images: the ImageNet-C folder layout -------------------------------------------------
+def imagenet_fixture(root: Path, k: int = 3) -> list[tuple[str, int]]:
+    """``root/<wnid>/<file>.JPEG`` with k classes of 64x64 images: real ImageNet pixels when
+    shared/realdata is present, else noise."""
+    index = REALDATA / "imagenet" / "sample_1k_index.csv"
+    rng = np.random.default_rng(0)
+    picks: list[tuple[str, int, Image.Image]] = []
+    if index.is_file():
+        with open(index) as f:
+            rows = list(csv.DictReader(f))[100:100 + k]
+        for r in rows:
+            img = Image.open(REALDATA / "imagenet" / "sample_1k" / r["file"]).convert("RGB")
+            picks.append((r["wnid"], int(r["class_index"]), img.resize((64, 64))))
+    else:
+        for label in (100, 101, 102)[:k]:
+            wnid = imagenet.imagenet_wnids()[label]
+            px = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            picks.append((wnid, label, Image.fromarray(px)))
+    for wnid, _, img in picks:
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        img.save(root / wnid / f"{wnid}_0.JPEG", quality=95)
+    return [(w, y) for w, y, _ in picks]
+
+
+def test_folder_layout_reads_back_as_imagenet_c(tmp_path: Path) -> None:
+    src_root, out = tmp_path / "val", tmp_path / "imagenet-c"
+    classes = imagenet_fixture(src_root)
+    r = robench("data", "corrupt", "--from", "imagenet", "--root", str(src_root), "--out",
+                str(out), "--workers", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "folders layout, 225 images" in r.stdout and "family: imagenet-c" in r.stdout
+    wnid, label = classes[0]
+    assert (out / "gaussian_noise" / "3" / wnid / f"{wnid}_0.JPEG").is_file()
+    c = imagenet_c.load(out, name="imagenet-c")
+    assert len(c) == 225 and len(c.groups) == 75 and len(c.summary_groups) == 75
+    assert len(c.classnames) == 1000
+    assert sorted(set(c.labels.tolist())) == sorted(y for _, y in classes)  # 1k wnid indices
+    assert c.load_image(0).size == (64, 64)
+    # bit-identical with one worker
+    again = tmp_path / "again"
+    r = robench("data", "corrupt", "--from", "imagenet", "--root", str(src_root), "--out",
+                str(again), "--workers", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert digests(again) == digests(out)
+    # the registered imagenet-c entry reads it; verify flags it as far from a full release
+    r = robench("data", "verify", "imagenet-c", "--root", str(out), "--no-progress")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ok    layout" in r.stdout and "225 of 225 images decoded" in r.stdout
+    assert "225 samples, expected 3750000" in r.stdout
+    assert "997 of 1000 classes have no images" in r.stdout
+
+
+def test_released_imagenet_c_layout_needs_the_standard_corruptions(tmp_path: Path) -> None:
+    wnid = imagenet.imagenet_wnids()[7]
+    for s in SEVERITIES:
+        d = tmp_path / "gaussian_noise" / str(s) / wnid
+        d.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(d / "a.JPEG")
+    with pytest.raises(RobenchError, match="shot_noise") as e:
+        imagenet_c.load(tmp_path, name="imagenet-c")
+    assert "extract every ImageNet-C archive" in e.value.fix
+    with pytest.raises(RobenchError, match="does not exist"):
+        imagenet_c.load(tmp_path / "nope", name="imagenet-c")
+
+
+def test_corrupt_errors(tmp_path: Path, npy_set: Path) -> None:
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(tmp_path / "x"),
+                "--corruptions", "gausian_noise")
+    assert r.returncode != 0 and "gaussian_noise" in r.stderr  # closest valid name offered
+    r = robench("data", "corrupt", "--from", "imagenet", "--root", str(tmp_path / "missing"),
+                "--out", str(tmp_path / "y"))
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = robench("data", "corrupt", "--from", "cifar10-subset-test-c", "--out",
+                str(tmp_path / "z"), "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode != 0 and "itself a -C set" in r.stderr
+    r = robench("data", "corrupt", "--from", "imagenett", "--out", str(tmp_path / "w"))
+    assert r.returncode != 0 and "imagenet" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "w").exists()
+    assert json.loads((npy_set / "robench_c.json").read_text())["base"] == "cifar10-subset-val"
