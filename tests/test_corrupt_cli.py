@@ -212,3 +212,25 @@ def test_corrupt_errors(tmp_path: Path, npy_set: Path) -> None:
     assert r.returncode != 0 and "imagenet" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "w").exists()
     assert json.loads((npy_set / "robench_c.json").read_text())["base"] == "cifar10-subset-val"
+
+
+def test_cifar10_c_suite_on_a_set_made_by_corrupt(tmp_path: Path) -> None:
+    """suites/cifar10-c.yaml end to end: CIFAR-10 in torchvision's layout, its -C set written by
+    `robench data corrupt` where the suite expects the released CIFAR-10-C."""
+    from conftest import write_cifar10
+
+    data = tmp_path / "data"
+    write_cifar10(data / "cifar10", n_test=40)
+    r = robench("data", "corrupt", "--from", "cifar10", "--data-root", str(data), "--out",
+                str(data / "CIFAR-10-C"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = robench("data", "verify", "--suite", "cifar10-c", f"data_root={data}", "--no-progress")
+    assert r.returncode == 1 and "40 samples, expected 10000" in r.stdout  # a 40-image fixture
+    assert "3000 samples, expected 750000 for the 15 corruption files present" in r.stdout
+    r = robench("run", "suite=cifar10-c", "models=[tiny-random]", f"data_root={data}",
+                f"cache_dir={tmp_path / 'cache'}", f"results_dir={tmp_path / 'r'}",
+                "metrics.bootstrap=0", "progress=false")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "r" / "cifar10-c" / "tiny-random" / "cifar10-c.json").read_text())
+    assert rec["data"]["n"] == 40 * 75 and len(rec["groups"]) == 75
+    assert rec["protocol"]["id_dataset"] == "cifar10" and rec["metrics"]["ood_auroc"] is not None
