@@ -3,8 +3,8 @@
 Cell by cell (model x dataset, and every group of a -C set) and metric by metric:
 
 * **exact** mode, when the two runs are comparable bit for bit (same torch / numpy / open_clip
-  versions, device type and dtype): |fresh - baseline| <= 1e-6 (the runs are seeded and
-  deterministic, so any change is a real change);
+  versions, device type, dtype and kernel family -- AVX2 and AVX512 round differently):
+  |fresh - baseline| <= 1e-6 (the runs are seeded and deterministic, so any change is real);
 * **band** mode otherwise: a metric with an interval may move by ``band`` x its half-width
   (Clopper-Pearson for acc1, bootstrap for ECE / AUROC); others by a relative ``rel_tol``.
 
@@ -28,7 +28,7 @@ from robench.results import find_records, read_record
 EXACT_TOL = 1e-6
 CI_METRICS = {"acc1": "acc1", "ece": "ece", "auroc": "auroc"}
 # provenance fields that, when equal, make two runs bit-for-bit comparable
-DETERMINISM_KEYS = ("torch", "numpy", "open_clip", "device", "dtype")
+DETERMINISM_KEYS = ("torch", "numpy", "open_clip", "device", "dtype", "kernels")
 # fields whose difference makes the numbers incomparable (not merely different)
 PROTOCOL_KEYS = ("method", "template_set", "n_templates", "scored_classes", "ece_bins",
                  "confidence", "id_dataset")

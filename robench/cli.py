@@ -18,12 +18,12 @@ from robench.data.commands import add_data_commands
 from robench.errors import RobenchError
 from robench.report import add_report_command
 
-DEFAULT_SUITE = "smoke"
+DEFAULT_SUITE = "quickstart"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from robench.config import load_suite
-    from robench.results import read_record, summary_table, to_frame
+    from robench.results import leaderboard_table, read_record, to_frame
     from robench.runner import Runner
 
     suite = DEFAULT_SUITE
@@ -35,9 +35,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides.append(ov)
     cfg = load_suite(suite, overrides)
     paths = Runner(cfg).run()
-    frame = to_frame([read_record(p) for p in paths])
-    print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name}")
-    print(summary_table(frame).to_string(index=False))
+    records = [read_record(p) for p in paths]
+    frame = to_frame(records)
+    print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name} "
+          f"(per cell: robench results --dir {cfg.results_dir}/{cfg.name})")
+    print(leaderboard_table(frame, list(dict.fromkeys(r["model"] for r in records)),
+                            list(dict.fromkeys(r["dataset"] for r in records))).to_string())
     if cfg.check:
         from robench.check import render, run_check
 
@@ -85,8 +88,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, path in available_suites().items():
             print(f"{name:28s} {path}")
     elif args.what == "datasets":
+        width = max(len(s.family) for s in registry.DATASETS.values())
         for name, spec in registry.DATASETS.items():
-            print(f"{name:28s} {spec.family:10s} {spec.description}")
+            print(f"{name:30s} {spec.family:{width}s} {spec.description}")
     else:
         for name, spec in registry.MODELS.items():
             print(f"{name:28s} {spec.method:12s} {spec.arch}/{spec.pretrained}  {spec.description}")

@@ -93,3 +93,31 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
         if c in out:
             out[c] = out[c].map(lambda v: f"{v:.4f}" if pd.notna(v) else "-")
     return out
+
+
+def leaderboard_table(frame: pd.DataFrame, models: list[str] | None = None,
+                      datasets: list[str] | None = None,
+                      metrics: tuple[str, ...] = ("acc1", "ece", "auroc", "ood_auroc"),
+                      ) -> pd.DataFrame:
+    """The leaderboard printed after a run: one row per model, (dataset, metric) columns.
+
+    ``models`` / ``datasets`` give the order (the suite's); a metric that is empty for a dataset
+    (``ood_auroc`` of the in-distribution set) is left out for it.
+    """
+    models = models or list(dict.fromkeys(frame["model"]))
+    datasets = datasets or list(dict.fromkeys(frame["dataset"]))
+    cells = frame.set_index(["model", "dataset"])
+    columns: dict[tuple[str, str], list[str]] = {}
+    for d in datasets:
+        for m in metrics:
+            if m not in cells:
+                continue
+            values = [cells[m].get((model, d)) for model in models]
+            if all(v is None or pd.isna(v) for v in values):
+                continue
+            fmt = "{:.2f}" if m in ("acc1", "acc5") else "{:.4f}"
+            columns[(d, m)] = [fmt.format(v) if v is not None and pd.notna(v) else "-"
+                               for v in values]
+    table = pd.DataFrame(columns, index=pd.Index(models, name="model"))
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["dataset", "metric"])
+    return table

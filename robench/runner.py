@@ -329,12 +329,25 @@ def provenance(backbone: Backbone, cfg: DictConfig, spec: ModelSpec) -> dict:
         "robench": robench.__version__, "torch": torch.__version__,
         "open_clip": open_clip.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "git_sha": git_sha(),
-        "device": backbone.device, "dtype": backbone.precision,
+        "device": backbone.device, "dtype": backbone.precision, "kernels": kernel_family(backbone),
         "batch_size": cfg.model.batch_size, "seed": cfg.seed,
         "arch": spec.arch, "pretrained": spec.pretrained,
         "weights_hash": backbone.weights_hash, "logit_scale": backbone.logit_scale,
         "preprocess": backbone.preprocess_id,
     }
+
+
+def kernel_family(backbone: Backbone) -> str:
+    """Which compute kernels ran: the CPU's vector ISA as torch dispatches it (AVX2, AVX512, ...)
+    or the GPU's name. Floating-point results are bit-identical only within one family, so
+    ``robench check`` compares exactly only when this matches."""
+    import torch
+
+    if str(backbone.device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(backbone.device))
+    if str(backbone.device).startswith("cpu"):
+        return f"cpu-{torch.backends.cpu.get_cpu_capability()}"
+    return str(backbone.device)
 
 
 def git_sha() -> str | None:

@@ -66,6 +66,17 @@ def test_band_mode_uses_interval_half_width(tmp_path):
     assert run_check(a, c).failed
 
 
+def test_another_cpu_kernel_family_is_compared_in_band_mode(tmp_path):
+    # AVX2 and AVX512 kernels round differently: same versions, yet not bit-comparable
+    a = _write(tmp_path / "a", _record(kernels="cpu-AVX512"))
+    b = _write(tmp_path / "b", _record(acc1=79.9, kernels="cpu-AVX2"))
+    res = run_check(a, b)
+    assert not res.failed and res.mode["m/d"] == "band"
+    c = _write(tmp_path / "c", _record(acc1=79.9, kernels="cpu-AVX512"))
+    res = run_check(a, c)
+    assert res.failed and res.mode["m/d"] == "exact"
+
+
 def test_direction_regressed_vs_improved(tmp_path):
     a = _write(tmp_path / "a", _record())
     worse = run_check(a, _write(tmp_path / "w", _record(ece=0.09)))

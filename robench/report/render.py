@@ -196,7 +196,7 @@ def load_records(results_dir: str | Path) -> list[dict]:
     if not root.is_dir():
         raise RobenchError(
             f"results folder {root} does not exist",
-            f"run a suite first (robench run suite=smoke results_dir={root}) or pass "
+            f"run a suite first (robench run suite=quickstart results_dir={root}) or pass "
             "--results with a folder of records (the committed ones are in results/)")
     records: list[dict] = []
     seen: dict[tuple[str, str, str], Path] = {}
@@ -217,8 +217,8 @@ def load_records(results_dir: str | Path) -> list[dict]:
     if not records:
         raise RobenchError(
             f"no result records under {root}",
-            f"run a suite first (robench run suite=smoke results_dir={root}) or pass --results "
-            "with a folder of records")
+            f"run a suite first (robench run suite=quickstart results_dir={root}) or pass "
+            "--results with a folder of records")
     return records
 
 
