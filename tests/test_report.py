@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -476,6 +477,8 @@ def _column_values(page, table_id: str, col: int) -> list[str]:
 
 def test_report_in_headless_chromium(report: dict, tmp_path: Path) -> None:
     if not CHROMIUM.exists():
+        if os.environ.get("ROBENCH_REQUIRE_BROWSER"):  # set by .ci/run: CI must not skip it
+            pytest.fail(f"{CHROMIUM} is missing but ROBENCH_REQUIRE_BROWSER is set")
         pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` "
                     "to run the real-browser check of the report")
     from playwright.sync_api import sync_playwright
