@@ -115,7 +115,13 @@ def test_a_chosen_subset_of_corruptions(tmp_path: Path) -> None:
     src = cifar_c.load(out, name="two", corruptions="all")
     assert src.info["corruptions"] == ["gaussian_noise", "spatter"]
     assert src.summary_groups == [f"gaussian_noise/{s}" for s in SEVERITIES]
-    with pytest.raises(RobenchError, match="fog.npy"):
+    # a later call adds to the set instead of forgetting what is there
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
+                "--stride", "50", "--corruptions", "fog", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    src = cifar_c.load(out, name="two", corruptions="all")
+    assert src.info["corruptions"] == ["gaussian_noise", "fog", "spatter"]
+    with pytest.raises(RobenchError, match="shot_noise.npy"):
         (out / "robench_c.json").unlink()  # without its manifest it must be a full release
         cifar_c.load(out, name="two")
 

@@ -21,7 +21,13 @@ import numpy as np
 from tqdm import tqdm
 
 from robench.data.base import ImageSource
-from robench.data.corruptions import SEVERITIES, STANDARD_CORRUPTIONS, corrupt, image_seed
+from robench.data.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    STANDARD_CORRUPTIONS,
+    corrupt,
+    image_seed,
+)
 from robench.errors import RobenchError
 from robench.io import write_json, write_npy
 
@@ -68,6 +74,21 @@ def _folder_task(args: tuple) -> int:
     return written
 
 
+def _claim(out: Path, params: dict, corruptions: Sequence[str], extra: dict) -> None:
+    """Write ``out``'s manifest, refusing a folder that holds a set made with other ``params``
+    (a resume must not mix two sets); the corruption list grows with each call."""
+    man = out / MANIFEST
+    done: list[str] = []
+    if man.is_file():
+        old = json.loads(man.read_text())
+        if {k: old.get(k) for k in params} != params:
+            raise RobenchError(f"{out} holds a -C set made from other data or parameters",
+                               "choose another --out folder, or delete it to regenerate")
+        done = old.get("corruptions") or []
+    names = [c for c in CORRUPTIONS if c in done or c in corruptions]
+    write_json(man, {**params, "corruptions": names, **extra})
+
+
 def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str] =
                        STANDARD_CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
                        seed: int = 0, workers: int = 2, chunk: int = 50,
@@ -80,12 +101,6 @@ def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str
     out.mkdir(parents=True, exist_ok=True)
     params = {"base": source.name, "base_manifest": source.manifest_hash, "seed": seed,
               "severities": list(severities), "layout": "imagenet-c folders"}
-    man = out / MANIFEST
-    if man.is_file():
-        old = json.loads(man.read_text())
-        if {k: old.get(k) for k in params} != params:
-            raise RobenchError(f"{out} holds a -C set made from other data or parameters",
-                               "choose another --out folder, or delete it to regenerate")
     folders: dict[str, int] = {}
     for rel, y in zip(paths, source.labels, strict=True):
         folder = Path(rel).parts[0] if len(Path(rel).parts) > 1 else ""
@@ -93,8 +108,8 @@ def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str
             raise RobenchError(f"{source.name}: folder {folder!r} holds images of two labels",
                                "the folder layout needs one class per folder")
     # the class table lets robench.data.imagenet_c read the set back with the source's labels
-    write_json(man, {**params, "corruptions": list(corruptions), "class_folders": folders,
-                     "classnames": list(source.classnames)})
+    _claim(out, params, corruptions, {"class_folders": folders,
+                                      "classnames": list(source.classnames)})
     n = len(source)
     tasks = [(c, s, list(range(a, min(n, a + chunk))), seed, source.manifest_hash[:16], str(out),
               paths[a:a + chunk]) for c in corruptions for s in severities
@@ -122,14 +137,7 @@ def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = 
               "rows": [int(r) for r in rows], "severities": list(severities),
               "generator": "imagecorruptions via robench.data.corruptions"}
     out.mkdir(parents=True, exist_ok=True)
-    man = out / MANIFEST
-    if man.is_file():
-        old = json.loads(man.read_text())
-        if {k: old.get(k) for k in params} != params:
-            raise RobenchError(f"{out} holds a -C set made from other data or parameters",
-                               "choose another --out folder, or delete it to regenerate")
-    write_json(man, {**params, "corruptions": list(corruptions),
-                     "classnames": list(source.classnames)})
+    _claim(out, params, corruptions, {"classnames": list(source.classnames)})
     write_npy(out / "labels.npy", np.tile(source.labels[rows], len(severities)))
     todo = [c for c in corruptions if not (out / f"{c}.npy").is_file()]
     if not todo:
