@@ -137,10 +137,14 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
     return FeatureSet(np.load(npy, mmap_mode="r"), sorted(bad), key, cached=False)
 
 
-def describe(source: ImageSource, rows: list[int], limit: int = 10) -> str:
-    """Human names of rows (file paths where the source has them)."""
+def sample_names(source: ImageSource, rows: list[int], limit: int = 10) -> list[str]:
+    """Names of the first ``limit`` rows: file paths where the source has them, else ``#row``."""
     paths = source.info.get("paths")
-    names = [paths[i] if paths else f"#{i}" for i in rows[:limit]]
+    return [paths[i] if paths else f"#{i}" for i in rows[:limit]]
+
+
+def describe(source: ImageSource, rows: list[int], limit: int = 10) -> str:
+    """Human names of rows, for messages."""
     more = f" (+{len(rows) - limit} more)" if len(rows) > limit else ""
-    return ", ".join(names) + more
+    return ", ".join(sample_names(source, rows, limit)) + more
 

@@ -29,7 +29,7 @@ import robench.metrics as M  # noqa: N812
 from robench.data import family_loader
 from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
-from robench.features import FeatureSet, describe, extract_features
+from robench.features import FeatureSet, extract_features, sample_names
 from robench.models import METHODS
 from robench.models.backbone import Backbone, load_backbone
 from robench.models.heads import LinearHead
@@ -274,7 +274,7 @@ class Runner:
             "data": {
                 "root": source.info.get("root"), "manifest_hash": source.manifest_hash,
                 "n": len(source), "n_bad": len(feats.bad),
-                "bad_samples": describe(source, feats.bad, limit=100) if feats.bad else [],
+                "bad_samples": sample_names(source, feats.bad, limit=100),
                 "feature_key": feats.key,
             },
             "provenance": provenance(backbone, self.cfg, spec),

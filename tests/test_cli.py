@@ -109,3 +109,37 @@ def test_list_commands():
     suites = run_cli("list", "suites")
     assert "smoke" in suites.stdout
     assert str(REPO / "suites") in suites.stdout
+
+
+def test_corrupt_images_are_named_in_the_record_and_strict_fails_keeping_finished_cells(
+        tmp_path, tiny_checkpoint):
+    from PIL import Image
+
+    folder = tmp_path / "data" / "mine"
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (60 * i, 20, 200)).save(folder / cls / f"{i}.png")
+    (folder / "dog" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(f"""
+models: [{{name: tiny-file, arch: robench-tiny-vit, pretrained: {tiny_checkpoint}}}]
+datasets: [cifar10-subset-val, {{name: mine, family: folder, root: {folder}}}]
+id_dataset: null
+model: {{batch_size: 8, num_workers: 0}}
+metrics: {{bootstrap: 0}}
+""")
+    out = tmp_path / "results" / "bad" / "tiny-file"
+    r = run_cli(*_args(tmp_path, suite, "strict=true", "progress=false"))
+    assert r.returncode == 2 and "dog/2.png" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "cifar10-subset-val.json").is_file()  # the finished cell is kept
+    assert not (out / "mine.json").exists()
+    done = (out / "cifar10-subset-val.json").stat().st_mtime_ns
+
+    r = run_cli(*_args(tmp_path, suite, "progress=false"))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "mine.json").read_text())
+    assert rec["data"]["n"] == 8 and rec["data"]["n_bad"] == 1
+    assert rec["data"]["bad_samples"] == ["dog/2.png"]
+    assert rec["metrics"]["n"] == 7  # scored over the images that decode
+    assert (out / "cifar10-subset-val.json").stat().st_mtime_ns == done  # not redone
