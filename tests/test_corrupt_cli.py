@@ -72,7 +72,6 @@ def test_same_pixels_for_any_worker_count_and_as_the_runners_generated_set(
     assert digests(one) == digests(npy_set)
     # the generated-c family (what a suite uses) writes the very same pixels
     from robench.data.generated_c import load as generated
-    from robench.runner import load_source  # noqa: F401  (same loader path as a run)
 
     def source_of(name: str):
         from robench.data.folder import load
