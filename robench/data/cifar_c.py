@@ -8,17 +8,15 @@ the 15 standard corruptions x 5 severities (the 4 extra ones are kept per group 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from robench.data.base import ImageSource
+from robench.data.corrupt_set import read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
-
-MANIFEST = "robench_c.json"  # written by robench.data.corrupt_set
 
 CIFAR_CLASSNAMES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -72,7 +70,7 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
                            "<root>/<corruption>.npy + labels.npy)",
                            "point the root at the extracted CIFAR-10-C folder")
     # a set made by `robench data corrupt` says which corruptions it holds and its class names
-    meta = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
+    meta = read_manifest(root)
     wanted = STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
     present = [c for c in wanted if (root / f"{c}.npy").is_file()]
     required = [c for c in (meta.get("corruptions") or STANDARD_CORRUPTIONS) if c in wanted]

@@ -74,19 +74,23 @@ def _folder_task(args: tuple) -> int:
     return written
 
 
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a -C set written here (parameters, corruptions, class table); ``{}`` for a
+    released set, which has none."""
+    man = folder / MANIFEST
+    return json.loads(man.read_text()) if man.is_file() else {}
+
+
 def _claim(out: Path, params: dict, corruptions: Sequence[str], extra: dict) -> None:
     """Write ``out``'s manifest, refusing a folder that holds a set made with other ``params``
     (a resume must not mix two sets); the corruption list grows with each call."""
-    man = out / MANIFEST
-    done: list[str] = []
-    if man.is_file():
-        old = json.loads(man.read_text())
-        if {k: old.get(k) for k in params} != params:
-            raise RobenchError(f"{out} holds a -C set made from other data or parameters",
-                               "choose another --out folder, or delete it to regenerate")
-        done = old.get("corruptions") or []
+    old = read_manifest(out)
+    if old and {k: old.get(k) for k in params} != params:
+        raise RobenchError(f"{out} holds a -C set made from other data or parameters",
+                           "choose another --out folder, or delete it to regenerate")
+    done = old.get("corruptions") or []
     names = [c for c in CORRUPTIONS if c in done or c in corruptions]
-    write_json(man, {**params, "corruptions": names, **extra})
+    write_json(out / MANIFEST, {**params, "corruptions": names, **extra})
 
 
 def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str] =

@@ -10,13 +10,13 @@ standard corruptions x 5 severities (or, for a generated set, the standard ones 
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from robench.data.base import ImageSource, hash_manifest
+from robench.data.corrupt_set import MANIFEST, read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.data.imagenet import (
     _child_dirs,
@@ -28,17 +28,13 @@ from robench.data.imagenet import (
 )
 from robench.errors import RobenchError
 
-MANIFEST = "robench_c.json"  # written by robench.data.corrupt_set
 
-
-def _label_table(root: Path, name: str) -> tuple[dict[str, int], list[str], list[str] | None]:
+def _label_table(root: Path) -> tuple[dict[str, int], list[str], list[str] | None]:
     """(class folder -> label, class names, corruptions the set was generated with or None)."""
-    man = root / MANIFEST
-    if man.is_file():
-        meta = json.loads(man.read_text())
-        if meta.get("class_folders") and meta.get("classnames"):
-            table = {str(c): int(i) for c, i in meta["class_folders"].items()}
-            return table, list(meta["classnames"]), list(meta.get("corruptions") or []) or None
+    meta = read_manifest(root)
+    if meta.get("class_folders") and meta.get("classnames"):
+        table = {str(c): int(i) for c, i in meta["class_folders"].items()}
+        return table, list(meta["classnames"]), list(meta.get("corruptions") or []) or None
     return wnid_index(), list(imagenet_classnames()), None
 
 
@@ -49,7 +45,7 @@ def load(root: Path, name: str, corruptions: str = "standard", **_: object) -> I
                            f"set data.{name}.root to the folder holding <corruption>/<1..5>/"
                            "<class>/<image> (the extracted ImageNet-C, or the --out folder of "
                            "robench data corrupt)")
-    table, classnames, generated = _label_table(root, name)
+    table, classnames, generated = _label_table(root)
     wanted = STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
     present = [c for c in wanted if (root / c).is_dir()]
     required = [c for c in (generated or STANDARD_CORRUPTIONS) if c in wanted]
