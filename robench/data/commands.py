@@ -276,6 +276,6 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     print(f"{args.source}: {len(corruptions)} corruption(s) x 5 severities -> {args.out} "
           f"({layout} layout, {n} images)")
     decl = (f"{{name: {args.source}-c, family: {family}, root: {args.out.resolve()}, "
-            f"templates: {get_dataset(args.source).templates}}}")
+            f"templates: {base.templates}}}")
     print(f'  score it: robench run suite=SUITE "datasets=[{decl}]"')
     return 0
