@@ -26,13 +26,15 @@ class ModelDefaults:
     batch_size: int = 256
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
     num_workers: int = 2
+    # cached features: auto = the precision's (float32 for fp32, float16 otherwise) | float16
+    features_dtype: str = "auto"
 
 
 @dataclass
 class MetricsConfig:
     n_bins: int = 15
     bootstrap: int = 200  # resamples for ECE / AUROC intervals; 0 disables them
-    alpha: float = 0.05
+    alpha: float = 0.05  # interval level is 1 - alpha
 
 
 @dataclass
@@ -58,6 +60,12 @@ class RunConfig:
     force: bool = False
     strict: bool = False  # a corrupt image fails the run instead of being counted and skipped
     progress: bool = True
+    # per-sample outputs beside each record: "exact" (top-5, log-normaliser, true-class logit,
+    # ...: every metric recomputable) or "logits" (also the full N x C float32 logits)
+    outputs: str = "exact"
+    # methods may not train, select or calibrate on an evaluated dataset (or one with the same
+    # files); true overrides the refusal, e.g. to reproduce a paper that did
+    allow_train_on_eval: bool = False
 
 
 def suite_dirs() -> list[Path]:
@@ -144,6 +152,12 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
     if cfg.model.precision not in ("fp32", "fp16", "bf16"):
         raise RobenchError(f"unknown precision '{cfg.model.precision}'",
                            "use model.precision=fp32, fp16 or bf16")
+    if cfg.outputs not in ("exact", "logits"):
+        raise RobenchError(f"unknown outputs '{cfg.outputs}'",
+                           "use outputs=exact (default) or outputs=logits (also full logits)")
+    from robench.features import features_dtype
+
+    features_dtype(cfg.model.precision, cfg.model.features_dtype)
     if not cfg.models or not cfg.datasets:
         raise RobenchError(f"suite '{cfg.name}' names no models or no datasets",
                            "list at least one model and one dataset in the suite")

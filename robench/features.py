@@ -1,5 +1,8 @@
 """Image features, extracted once per (weights, preprocessing, precision, dataset manifest) and
-kept in a content-addressed on-disk cache (fp16 ``.npy``, memory-mapped on reuse).
+kept in a content-addressed on-disk cache (``.npy``, memory-mapped on reuse), stored at the run's
+precision: float32 for ``fp32`` runs (so an fp32 run scores exactly what the model computed),
+float16 for ``fp16`` / ``bf16`` runs or when ``model.features_dtype=float16`` asks for half the
+disk (top-1 is unchanged except on near-ties; the dtype is in the key and in the record).
 
 Every head reads these features, so evaluating one more head costs a matrix product, not a pass
 over the images; a second run of a suite decodes no image.
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +33,22 @@ log = logging.getLogger(__name__)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
+FEATURE_DTYPES = ("auto", "float32", "float16")
+
+
+def features_dtype(precision: str, requested: str = "auto") -> np.dtype:
+    """The storage dtype of cached features: the run's precision unless asked otherwise."""
+    if requested not in FEATURE_DTYPES:
+        raise RobenchError(f"unknown model.features_dtype '{requested}'",
+                           "use model.features_dtype=auto, float32 or float16")
+    if requested == "auto":
+        return np.dtype(np.float32 if precision == "fp32" else np.float16)
+    return np.dtype(requested)
+
+
 @dataclass
 class FeatureSet:
-    features: np.ndarray  # (N, D) float16, L2-normalised, memory-mapped when read from cache
+    features: np.ndarray  # (N, D) float32/float16, L2-normalised, memory-mapped from the cache
     bad: list[int]  # rows whose image could not be decoded (their features are zeros)
     key: str
     cached: bool
@@ -68,10 +85,14 @@ class _Collate:
         return xs, idx, ok
 
 
-def feature_key(backbone: Backbone, source: ImageSource, view: str = "") -> str:
-    """Content address: weights hash + preprocessing + precision + dataset manifest hash (+ the
-    name of an augmented view, for methods that train on several random views per image)."""
-    parts = [backbone.id(), source.manifest_hash, len(source)] + ([view] if view else [])
+def feature_key(backbone: Backbone, source: ImageSource, view: str = "",
+                dtype: str = "auto") -> str:
+    """Content address: weights hash + preprocessing + precision + dataset manifest hash +
+    storage dtype (+ the name of an augmented view, for methods that train on several random
+    views per image)."""
+    stored = features_dtype(backbone.precision, dtype)
+    parts = [backbone.id(), source.manifest_hash, len(source), stored.name] + \
+        ([view] if view else [])
     ident = json.dumps(parts)
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
@@ -79,7 +100,7 @@ def feature_key(backbone: Backbone, source: ImageSource, view: str = "") -> str:
 def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | Path,
                      batch_size: int = 256, num_workers: int = 2, progress: bool = True,
                      strict: bool = False, transform: object = None, view: str = "",
-                     seed: int | None = None) -> FeatureSet:
+                     seed: int | None = None, dtype: str = "auto") -> FeatureSet:
     """Features of every image of ``source``, from the cache when present.
 
     ``transform`` replaces the backbone's preprocessing (e.g. a random augmentation); ``view``
@@ -88,7 +109,8 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
     if transform is not None and not view:
         raise ValueError("a custom transform needs a view name for the cache key")
     cache = Path(cache_dir).expanduser() / "features"
-    key = feature_key(backbone, source, view)
+    key = feature_key(backbone, source, view, dtype)
+    stored = features_dtype(backbone.precision, dtype)
     npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
     if npy.is_file() and meta.is_file():
         info = json.loads(meta.read_text())
@@ -114,9 +136,9 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
                     raise RobenchError(
                         f"{source.name}: cannot decode image(s) {describe(source, bad)}",
                         "replace the files, or run with strict=false to count and skip them")
-            f = backbone.encode_images(xs).cpu().numpy().astype(np.float16)
+            f = backbone.encode_images(xs).cpu().numpy().astype(stored)
             if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=stored,
                                                 shape=(len(source), f.shape[1]))
             f[~ok.numpy()] = 0
             out[idx.numpy()] = f
@@ -135,6 +157,34 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
     write_json(meta, {"bad": sorted(bad), "dataset": source.name, "n": len(source),
                       "manifest": source.manifest_hash, "backbone": backbone.id()})
     return FeatureSet(np.load(npy, mmap_mode="r"), sorted(bad), key, cached=False)
+
+
+def iter_row_blocks(features: np.ndarray, block: int, rows: np.ndarray | None = None
+                    ) -> Iterator[tuple[slice, np.ndarray]]:
+    """(positions, float32 rows) of ``features`` (or of ``features[rows]``) a block at a time.
+
+    A memory-mapped cache file is read with plain file reads rather than through the map: pages
+    touched through a map count towards the process's resident memory until the kernel evicts
+    them, so streaming a 3.75M x 1024 file through it would make RSS grow to the file's size.
+    """
+    n = features.shape[0] if rows is None else len(rows)
+    filename = getattr(features, "filename", None)
+    contiguous = rows is None and isinstance(features, np.memmap) and filename \
+        and features.flags.c_contiguous
+    if not contiguous:
+        for s in range(0, n, block):
+            pos = slice(s, min(s + block, n))
+            idx = pos if rows is None else rows[pos]
+            yield pos, np.asarray(features[idx], dtype=np.float32)
+        return
+    row_bytes = features.dtype.itemsize * int(np.prod(features.shape[1:]))
+    with open(filename, "rb") as f:
+        for s in range(0, n, block):
+            pos = slice(s, min(s + block, n))
+            f.seek(features.offset + s * row_bytes)
+            count = (pos.stop - s) * int(np.prod(features.shape[1:]))
+            chunk = np.fromfile(f, dtype=features.dtype, count=count)
+            yield pos, chunk.reshape((pos.stop - s, *features.shape[1:])).astype(np.float32)
 
 
 def sample_names(source: ImageSource, rows: list[int], limit: int = 10) -> list[str]:

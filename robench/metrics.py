@@ -45,11 +45,14 @@ __all__ = [
     "compute_all",
     "ece",
     "fpr_at_95_tpr",
-    "mce",
+    "max_calibration_error",
     "misclassification_auroc",
     "nll",
     "ood_auroc",
+    "metrics_from_outputs",
     "percentile_interval",
+    "sample_outputs",
+    "SampleOutputs",
     "softmax",
 ]
 
@@ -222,43 +225,6 @@ def _label_rank(x: NDArray, y: NDArray[np.intp], s_y: NDArray) -> NDArray[np.int
     return rank
 
 
-class _RowStats(NamedTuple):
-    conf: NDArray[np.float64]  # max_k p_k
-    log_p_label: NDArray[np.float64]  # log p_y
-    sum_sq: NDArray[np.float64]  # sum_k p_k^2
-    rank: NDArray[np.intp]  # position of y in the stable descending order
-
-
-def _row_stats(x: NDArray, y: NDArray[np.intp]) -> _RowStats:
-    """Everything ``compute_all`` needs from the logits, in one blocked pass and O(n) memory.
-
-    The softmax of a row is never stored: with ``e_k = exp(x_k - m)`` and ``Z = sum_k e_k`` we
-    have ``max_k p_k = 1/Z`` (the maximal term is exp(0) = 1 exactly), ``log p_y = x_y - m - log Z``
-    and ``sum_k p_k^2 = sum_k e_k^2 / Z^2``.
-    """
-    n, num_classes = x.shape
-    work = _work_dtype(x.dtype)
-    conf = np.empty(n)
-    log_p = np.empty(n)
-    sum_sq = np.empty(n)
-    rank = np.empty(n, dtype=np.intp)
-    for rows in _row_blocks(n, num_classes):
-        xb = np.asarray(x[rows], dtype=work)
-        yb = y[rows]
-        m = xb.max(axis=1)
-        _check_row_max(m)
-        s_y = xb[np.arange(len(yb)), yb]
-        rank[rows] = _label_rank(xb, yb, s_y)
-        e = xb - m[:, None]
-        np.exp(e, out=e)
-        z = e.sum(axis=1).astype(np.float64)
-        conf[rows] = 1.0 / z
-        # x_y - m is exact in float64 for float32 inputs; log p_y from logs avoids underflow of p_y.
-        log_p[rows] = (s_y.astype(np.float64) - m) - np.log(z)
-        sum_sq[rows] = np.einsum("ij,ij->i", e, e).astype(np.float64) / (z * z)
-    return _RowStats(conf, log_p, sum_sq, rank)
-
-
 def accuracy_topk(probs_or_logits: ArrayLike, labels: ArrayLike, k: int = 1) -> float:
     """Top-k accuracy in percent: ``100 * mean_i [rank_i(y_i) < k]``.
 
@@ -354,8 +320,11 @@ def _mce_from_gaps(count: NDArray[np.int64], gap: NDArray[np.float64]) -> float:
     return float(np.max(np.abs(gap[filled]) / count[filled]))
 
 
-def mce(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+def max_calibration_error(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
     """Maximum calibration error (Guo et al. 2017): ``max_b |acc(B_b) - conf(B_b)|``.
+
+    Recorded as ``max_cal_err`` (not "MCE", which robustness papers use for ImageNet-C's mean
+    Corruption Error).
 
     Same equal-width ``(lo, hi]`` bins as :func:`ece` (0 into the first, 1.0 into the last bin);
     the maximum runs over non-empty bins only. A fraction in ``[0, 1]``.
@@ -798,7 +767,8 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "ece": MetricInfo("expected calibration error, L1, equal-width bins (fraction)", "lower"),
     "ece_ci_low": MetricInfo("ECE, percentile-bootstrap lower bound (fraction)", "lower"),
     "ece_ci_high": MetricInfo("ECE, percentile-bootstrap upper bound (fraction)", "lower"),
-    "mce": MetricInfo("maximum calibration error over equal-width bins (fraction)", "lower"),
+    "max_cal_err": MetricInfo("maximum calibration error over equal-width bins (fraction)",
+                              "lower"),
     "ece_adaptive": MetricInfo("ECE with equal-mass bins (fraction)", "lower"),
     "nll": MetricInfo("negative log-likelihood of the label (nats, p clipped at 1e-12)", "lower"),
     "brier": MetricInfo("multiclass Brier score, summed over classes (0-2)", "lower"),
@@ -820,6 +790,121 @@ RECORD_METRIC_INFO: dict[str, MetricInfo] = {
 }
 
 
+TOPK = 5
+
+
+class SampleOutputs(NamedTuple):
+    """Exact per-sample outputs of a classifier: everything every metric of :func:`compute_all`
+    needs, so a stored cell can be re-scored without its logits (``robench rescore``).
+
+    For row i with scored logits ``x_i`` (C columns), maximum ``m_i`` and target position
+    ``y_i``: ``log_norm_i = log sum_k exp(x_ik - m_i)`` (so the log-sum-exp is
+    ``m_i + log_norm_i``), ``true_logit_i = x_{i,y_i}``, ``label_rank_i`` = position of ``y_i``
+    in a stable descending sort of ``x_i`` (ties to the lower index, like ``argmax``),
+    ``sum_sq_prob_i = sum_k p_ik^2`` (Brier), ``topk_*`` the k largest logits and their columns in
+    that order (``topk_logit[:, 0] = m``). Then ``MSP = exp(-log_norm)``,
+    ``log p_y = (true_logit - m) - log_norm`` and ``correct = label_rank == 0``. Logits keep the
+    precision they were computed in (float32 for a float32 head, float64 for float64 input).
+    """
+
+    topk_index: NDArray[np.int32]  # (n, k) column positions, descending logit, ties lower first
+    topk_logit: NDArray[np.floating]  # (n, k)
+    log_norm: NDArray[np.float64]
+    true_logit: NDArray[np.floating]
+    label_rank: NDArray[np.int32]
+    sum_sq_prob: NDArray[np.float64]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.log_norm.shape[0])
+
+    @property
+    def conf(self) -> NDArray[np.float64]:
+        """MSP ``exp(-log_norm)`` in float64 (<= 1 since log_norm >= 0)."""
+        return np.exp(-self.log_norm)
+
+    @property
+    def log_p_label(self) -> NDArray[np.float64]:
+        gap = self.true_logit.astype(np.float64) - self.topk_logit[:, 0].astype(np.float64)
+        return gap - self.log_norm
+
+    @property
+    def lse(self) -> NDArray[np.float64]:
+        """The log-sum-exp of the scored logits."""
+        return self.topk_logit[:, 0].astype(np.float64) + self.log_norm
+
+    @property
+    def correct(self) -> NDArray[np.bool_]:
+        return self.label_rank == 0
+
+    def take(self, rows: NDArray) -> SampleOutputs:
+        """The outputs of a subset of rows (a group of a -C set)."""
+        return SampleOutputs(*(a[rows] for a in self[:-1]), self.num_classes)
+
+    @classmethod
+    def concat(cls, parts: list[SampleOutputs]) -> SampleOutputs:
+        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(6)),
+                   parts[0].num_classes)
+
+
+def _topk(x: NDArray, k: int) -> NDArray[np.intp]:
+    """Columns of the k largest entries of each row, descending, ties to the lower index (the
+    order of a stable descending sort), in O(C) per row except for rows tied at the k-th value."""
+    n, c = x.shape
+    if k >= c:
+        return np.argsort(-x, axis=1, kind="stable")
+    part = np.argpartition(-x, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(x, part, axis=1)
+    # order the k candidates by (-value, column): sort by column, then stably by value
+    keys = np.argsort(part, axis=1, kind="stable")
+    part = np.take_along_axis(part, keys, axis=1)
+    vals = np.take_along_axis(vals, keys, axis=1)
+    keys = np.argsort(-vals, axis=1, kind="stable")
+    part = np.take_along_axis(part, keys, axis=1)
+    # rows where the k-th value is tied with a column outside the candidates: argpartition may
+    # have picked any of the tied columns; redo those rows with a full stable sort
+    kth = np.take_along_axis(x, part[:, -1:], axis=1)
+    ties = np.flatnonzero(np.count_nonzero(x >= kth, axis=1) > k)
+    if ties.size:
+        part[ties] = np.argsort(-x[ties], axis=1, kind="stable")[:, :k]
+    return part
+
+
+def sample_outputs(logits: ArrayLike, labels: ArrayLike, k: int = TOPK) -> SampleOutputs:
+    """:class:`SampleOutputs` of a logits matrix, one block of rows at a time (O(n) memory
+    beyond the input; the softmax is never stored).
+
+    With ``m = max_k x_k``, ``e_k = exp(x_k - m)`` (float32 for float32 input, as the logits'
+    own precision) and ``Z = sum_k e_k`` accumulated in float64: ``lse = m + log Z`` and
+    ``sum_k p_k^2 = sum_k e_k^2 / Z^2``.
+    """
+    x = _as_scores_2d(logits, "logits")
+    n, num_classes = x.shape
+    y = _as_labels(labels, n, num_classes)
+    kk = min(k, num_classes)
+    work = _work_dtype(x.dtype)
+    out = SampleOutputs(np.empty((n, kk), np.int32), np.empty((n, kk), work),
+                        np.empty(n), np.empty(n, work), np.empty(n, np.int32),
+                        np.empty(n), num_classes)
+    for rows in _row_blocks(n, num_classes):
+        xb = np.asarray(x[rows], dtype=work)
+        yb = y[rows]
+        m = xb.max(axis=1)
+        _check_row_max(m)
+        s_y = xb[np.arange(len(yb)), yb]
+        out.label_rank[rows] = _label_rank(xb, yb, s_y)
+        top = _topk(xb, kk)
+        out.topk_index[rows] = top
+        out.topk_logit[rows] = np.take_along_axis(xb, top, axis=1)
+        out.true_logit[rows] = s_y
+        e = xb - m[:, None]
+        np.exp(e, out=e)
+        z = e.sum(axis=1, dtype=np.float64)
+        out.log_norm[rows] = np.log(z)
+        out.sum_sq_prob[rows] = np.einsum("ij,ij->i", e, e).astype(np.float64) / (z * z)
+    return out
+
+
 def compute_all(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -831,35 +916,50 @@ def compute_all(
 ) -> dict[str, float | int | None]:
     """All per-cell metrics from logits and integer labels, as a flat dict (see METRIC_INFO).
 
-    The softmax is taken over the given columns (pass logits or log-probabilities, not
-    probabilities). Confidence is the MSP and correctness is top-1 (argmax) correctness. Keys:
-    ``n, num_classes, acc1, acc1_ci_low, acc1_ci_high, acc5, ece, ece_ci_low, ece_ci_high, mce,
-    ece_adaptive, nll, brier, auroc, auroc_ci_low, auroc_ci_high, aupr_err, fpr95,
-    mean_confidence``. Accuracies and their Clopper-Pearson interval are in percent; ECE-type
-    values are fractions. Undefined values (e.g. AUROC with no errors; every interval when
-    ``n_bootstrap = 0``) are ``float('nan')``. ``n`` and ``num_classes`` are ints, everything else
-    a Python float.
-
-    float16/float32 logits are processed in float32 (float64 otherwise), one block of rows at a
-    time, never materialising the probability matrix; per-sample results and all reductions over
-    samples are float64.
+    ``metrics_from_outputs(sample_outputs(logits, labels), ...)``: the softmax is taken over the
+    given columns (pass logits or log-probabilities, not probabilities); float16/float32 logits
+    are processed in float32 one block of rows at a time, never materialising the probabilities.
     """
-    x = _as_scores_2d(logits, "logits")
-    n, num_classes = x.shape
-    y = _as_labels(labels, n, num_classes)
+    return metrics_from_outputs(sample_outputs(logits, labels), n_bins=n_bins,
+                                n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
+
+
+def metrics_from_outputs(
+    out: SampleOutputs,
+    *,
+    n_bins: int = 15,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, float | int | None]:
+    """All per-cell metrics from exact per-sample outputs (:class:`SampleOutputs`).
+
+    Confidence is the MSP and correctness is top-1 (argmax) correctness. Keys:
+    ``n, num_classes, acc1, acc1_ci_low, acc1_ci_high, acc5, ece, ece_ci_low, ece_ci_high,
+    max_cal_err, ece_adaptive, nll, brier, auroc, auroc_ci_low, auroc_ci_high, aupr_err, fpr95,
+    mean_confidence``. Accuracies and their Clopper-Pearson interval are in percent; ECE-type
+    values are fractions; ``nll = mean(min(-log p_y, -log 1e-12))``, ``brier = mean(sum_k p_k^2 -
+    2 p_y + 1)``. Undefined values (e.g. AUROC with no errors; every interval when
+    ``n_bootstrap = 0``) are ``float('nan')``. ``n`` and ``num_classes`` are ints, everything else
+    a Python float. Every reduction is float64; this function is the only place metrics are
+    computed, so a record and its re-scoring from stored outputs agree exactly.
+    """
+    n, num_classes = len(out), int(out.num_classes)
+    if n == 0:
+        raise ValueError("no samples to score")
     n_bins = _check_n_bins(n_bins)
     alpha = _check_alpha(alpha)
     if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be a non-negative integer; got {n_bootstrap!r}")
 
-    rs = _row_stats(x, y)
-    correct = rs.rank == 0
-    bin_count, bin_gap = _bin_gaps(rs.conf, correct, n_bins)
+    correct = out.correct
+    conf = out.conf
+    log_p_label = out.log_p_label
+    bin_count, bin_gap = _bin_gaps(conf, correct, n_bins)
     n_correct = int(np.count_nonzero(correct))
     acc1_low, acc1_high = clopper_pearson(n_correct, n, alpha)
-    acc5 = 100.0 if num_classes <= 5 else 100.0 * np.count_nonzero(rs.rank < 5) / n
-    conf = rs.conf
-    p_label = np.exp(rs.log_p_label)
+    acc5 = 100.0 if num_classes <= 5 else 100.0 * np.count_nonzero(out.label_rank < 5) / n
+    p_label = np.exp(log_p_label)
 
     # One stable sort serves the adaptive ECE, AUROC, AUPR, FPR@95 and the bootstrap.
     ev = BootstrapEvaluator(conf, correct, n_bins)
@@ -874,7 +974,7 @@ def compute_all(
 
     return {
         "n": int(n),
-        "num_classes": int(num_classes),
+        "num_classes": num_classes,
         "acc1": 100.0 * n_correct / n,
         "acc1_ci_low": acc1_low,
         "acc1_ci_high": acc1_high,
@@ -882,10 +982,10 @@ def compute_all(
         "ece": _ece_from_gaps(bin_gap, n),
         "ece_ci_low": ece_low,
         "ece_ci_high": ece_high,
-        "mce": _mce_from_gaps(bin_count, bin_gap),
+        "max_cal_err": _mce_from_gaps(bin_count, bin_gap),
         "ece_adaptive": _adaptive_ece_sorted(srt.score, srt.positive, n_bins),
-        "nll": float(np.minimum(-rs.log_p_label, -math.log(NLL_EPS)).mean()) + 0.0,
-        "brier": float((rs.sum_sq - 2.0 * p_label + 1.0).mean()),
+        "nll": float(np.minimum(-log_p_label, -math.log(NLL_EPS)).mean()) + 0.0,
+        "brier": float((out.sum_sq_prob - 2.0 * p_label + 1.0).mean()),
         "auroc": auroc_point,
         "auroc_ci_low": auroc_low,
         "auroc_ci_high": auroc_high,

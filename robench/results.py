@@ -1,5 +1,5 @@
 """Result records: one JSON per (suite, model, dataset), written atomically, plus per-sample
-probabilities beside it; and their aggregation into pandas tables."""
+outputs beside it (``robench.scoring.CellOutputs``); and their aggregation into pandas tables."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from robench.errors import RobenchError
-from robench.io import write_json, write_npz
+from robench.io import write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: exact per-sample outputs, method section, max_cal_err
 # The headline columns of the leaderboard, in order.
 HEADLINE = ["acc1", "acc5", "ece", "auroc", "nll", "brier", "aupr_err", "fpr95", "ood_auroc"]
 
@@ -36,10 +36,10 @@ def clean(value: Any) -> Any:
     return value
 
 
-def write_record(path: Path, record: dict, probs: np.ndarray, labels: np.ndarray) -> None:
-    """Probabilities first, record last: a record on disk implies its samples are there too."""
-    write_npz(path.with_suffix(".npz"), probs=probs.astype(np.float16, copy=False),
-              labels=labels.astype(np.int64))
+def write_record(path: Path, record: dict, outputs: Any) -> None:
+    """Per-sample outputs first, record last: a record on disk implies its outputs are there
+    too. ``outputs`` is a :class:`robench.scoring.CellOutputs`."""
+    outputs.save(path.with_suffix(".npz"))
     write_json(path, clean({"schema": SCHEMA_VERSION, **record}))
 
 

@@ -25,11 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import robench
-import robench.metrics as M  # noqa: N812
 from robench.data import family_loader
 from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
-from robench.features import FeatureSet, extract_features, sample_names
+from robench.features import FeatureSet, describe, extract_features, sample_names
 from robench.models import METHODS
 from robench.models.backbone import Backbone, load_backbone
 from robench.models.heads import LinearHead
@@ -42,9 +41,10 @@ from robench.registry import (
     template_set,
 )
 from robench.results import read_record, record_path, write_record
+from robench.scoring import OUTPUTS_VERSION, cell_metrics, cell_outputs, id_confidence
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: exact per-sample outputs, ood_auroc over the same classes
 
 
 def load_source(name: str, spec: DatasetSpec, cfg: DictConfig,
@@ -131,10 +131,15 @@ class Runner:
         source = self.source(name)
         key = (backbone.id(), name)
         if key not in self._features:
-            self._features[key] = extract_features(
+            feats = extract_features(
                 backbone, source, self.cfg.cache_dir, batch_size=self.cfg.model.batch_size,
                 num_workers=self.cfg.model.num_workers, progress=self.cfg.progress,
-                strict=self.cfg.strict)
+                strict=self.cfg.strict, dtype=self.cfg.model.features_dtype)
+            if self.cfg.strict and feats.bad:  # cached features remember the bad images
+                raise RobenchError(
+                    f"{name}: cannot decode image(s) {describe(source, feats.bad)}",
+                    "replace the files, or run with strict=false to count and skip them")
+            self._features[key] = feats
         return source, self._features[key]
 
     # -- models -------------------------------------------------------------------------------
@@ -166,6 +171,7 @@ class Runner:
             "dataset": dataset, "dataset_spec": asdict(self.dataset_specs[dataset]),
             "manifest": source.manifest_hash, "metrics": OmegaConf.to_container(self.cfg.metrics),
             "seed": self.cfg.seed, "precision": self.cfg.model.precision,
+            "features_dtype": self.cfg.model.features_dtype, "outputs": self.cfg.outputs,
             "id_dataset": self.cfg.id_dataset,
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
@@ -175,17 +181,18 @@ class Runner:
         if self.cfg.force or not path.is_file() or not path.with_suffix(".npz").is_file():
             return False
         try:
-            return read_record(path).get("cell_key") == self.cell_key(model, dataset)
+            rec = read_record(path)
         except RobenchError:
             return False
+        if self.cfg.strict and rec.get("data", {}).get("n_bad"):
+            return False  # scored without its corrupt images: strict=true must fail on them
+        return rec.get("cell_key") == self.cell_key(model, dataset)
 
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
         for name in self.dataset_specs:  # a wrong root fails before any model is loaded
             self.source(name)
         datasets = list(self.dataset_specs)
-        if self.cfg.id_dataset:  # the ID cell first: shifted cells need its confidences
-            datasets.sort(key=lambda d: d != self.cfg.id_dataset)
         evaluated = [m for m in self.models if m in self._evaluated]
         paths = [record_path(self.cfg.results_dir, self.cfg.name, m, d)
                  for m in evaluated for d in datasets]
@@ -226,33 +233,18 @@ class Runner:
 
     def score_cell(self, model: str, dataset: str, backbone: Backbone, head: LinearHead,
                    source: ImageSource, feats: FeatureSet) -> None:
-        """Logits -> metrics (per group and headline) -> record + per-sample probabilities."""
-        logits, labels, scored = restrict(head.logits(feats.features), source)
-        valid = np.ones(len(labels), dtype=bool)
-        valid[feats.bad] = False
+        """Features -> logits (streamed in blocks) -> exact per-sample outputs -> metrics (per
+        group and headline) -> outputs file + record."""
         mc = self.cfg.metrics
-        id_conf = self.id_confidence(model, dataset)
-
-        def cell_metrics(rows: np.ndarray) -> dict:
-            rows = rows[valid[rows]]
-            if len(rows) == 0:
-                raise RobenchError(f"{dataset}: no decodable image in a cell", "check the data")
-            out = M.compute_all(logits[rows], labels[rows], n_bins=mc.n_bins,
-                                n_bootstrap=mc.bootstrap, seed=self.cfg.seed, alpha=mc.alpha)
-            if id_conf is not None:
-                conf = M.softmax(logits[rows]).max(axis=1)
-                out["ood_auroc"] = M.ood_auroc(id_conf, conf)
-            return out
-
-        group_metrics = None
-        if source.groups:
-            group_metrics = {g: cell_metrics(idx) for g, idx in source.groups.items()}
-            summary = source.summary_groups or list(source.groups)
-            headline = average_metrics([group_metrics[g] for g in summary])
-            headline["n"] = int(sum(group_metrics[g]["n"] for g in summary))
-        else:
-            headline = cell_metrics(np.arange(len(labels)))
+        out = cell_outputs(head, feats, source, keep_logits=self.cfg.outputs == "logits")
+        pairing = self.ood_pairing(dataset, head, backbone, out.scored_classes)
+        if pairing is not None:
+            out.ood_id_conf = pairing
+        headline, group_metrics = cell_metrics(
+            out, source.summary_groups, n_bins=mc.n_bins, n_bootstrap=mc.bootstrap,
+            seed=self.cfg.seed, alpha=mc.alpha)
         spec = self.models[model]
+        scored = "all" if out.scored_classes is None else [int(c) for c in out.scored_classes]
         record = {
             "suite": self.cfg.name, "model": model, "dataset": dataset,
             "cell_key": self.cell_key(model, dataset),
@@ -260,65 +252,49 @@ class Runner:
             "metrics": headline,
             "groups": group_metrics,
             "protocol": {
-                "method": spec.method, "confidence": "msp", "ece_bins": mc.n_bins,
-                "bootstrap": mc.bootstrap, "alpha": mc.alpha,
-                "scored_classes": scored, "n_classes_scored": logits.shape[1],
+                "version": PROTOCOL_VERSION, "method": spec.method, "confidence": "msp",
+                "ece_bins": mc.n_bins, "bootstrap": mc.bootstrap,
+                "interval_level": 1 - mc.alpha, "seed": self.cfg.seed,
+                "scored_classes": scored, "n_classes_scored": out.samples.num_classes,
                 "summary": "mean over groups " + ",".join(source.summary_groups or [])
                 if source.groups else "all samples",
+                "summary_groups": list(source.summary_groups or []) if source.groups else None,
                 "id_dataset": self.cfg.id_dataset or None,
                 "auroc": "misclassification detection: MSP separating correct from wrong",
-                "ood_auroc": "ID vs this set, score=-MSP, shifted positive" if id_conf is not None
-                else None,
-                **head.info,
+                "ood_auroc": "ID vs this set over the same scored classes, score=-MSP, shifted "
+                             "positive" if pairing is not None else None,
+                **{k: head.info[k] for k in ("template_set", "n_templates") if k in head.info},
             },
+            # the method's own knobs and what its head reports (WiSE-FT's mixing alpha, a
+            # fitted temperature, a probe's C), apart from the protocol's fields
+            "method": {"name": spec.method, "options": dict(spec.options), "head": head.info},
             "data": {
                 "root": source.info.get("root"), "manifest_hash": source.manifest_hash,
                 "n": len(source), "n_bad": len(feats.bad),
                 "bad_samples": sample_names(source, feats.bad, limit=100),
-                "feature_key": feats.key,
+                "feature_key": feats.key, "features_dtype": str(feats.features.dtype),
             },
+            "outputs": {"file": f"{dataset}.npz", "version": OUTPUTS_VERSION,
+                        "logits": out.logits is not None},
             "provenance": provenance(backbone, self.cfg, spec),
         }
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
-        write_record(path, record, probabilities(logits), labels)
+        write_record(path, record, out)
 
-    def id_confidence(self, model: str, dataset: str) -> np.ndarray | None:
-        if not self.cfg.id_dataset or dataset == self.cfg.id_dataset:
+    def ood_pairing(self, dataset: str, head: LinearHead, backbone: Backbone,
+                    columns: np.ndarray | None) -> np.ndarray | None:
+        """The ID set's MSP for ``ood_auroc`` of a shifted cell: the same head over the same
+        scored classes, from the ID set's cached features (None for the ID cell itself or
+        when the suite pairs nothing)."""
+        id_name = self.cfg.id_dataset
+        if not id_name or dataset == id_name:
             return None
-        path = record_path(self.cfg.results_dir, self.cfg.name, model, self.cfg.id_dataset)
-        with np.load(path.with_suffix(".npz")) as z:
-            return z["probs"].astype(np.float32).max(axis=1)
-
-
-def probabilities(logits: np.ndarray, block: int = 8192) -> np.ndarray:
-    """float16 softmax, a block of rows at a time (float64 for 100k x 1000 would be 800 MB)."""
-    out = np.empty(logits.shape, dtype=np.float16)
-    for s in range(0, len(logits), block):
-        out[s:s + block] = M.softmax(logits[s:s + block])
-    return out
-
-
-def restrict(logits: np.ndarray, source: ImageSource) -> tuple[np.ndarray, np.ndarray, object]:
-    """Restrict logits to the source's scored class sub-list (ImageNet-R/-A: 200 of 1000) and map
-    labels to positions in that sub-list."""
-    if source.class_subset is None:
-        return logits, source.labels, "all"
-    subset = np.asarray(source.class_subset)
-    position = {int(c): i for i, c in enumerate(subset)}
-    labels = np.asarray([position[int(y)] for y in source.labels], dtype=np.int64)
-    return logits[:, subset], labels, [int(c) for c in subset]
-
-
-def average_metrics(cells: list[dict]) -> dict:
-    """Unweighted mean of each metric over cells (the CIFAR-10-C convention: mean over
-    corruptions x severities); interval keys are dropped because a mean of intervals is not one."""
-    keys = [k for k in cells[0]
-            if not k.endswith(("_ci_low", "_ci_high")) and k not in ("n", "num_classes")]
-    out = {"num_classes": cells[0].get("num_classes")}
-    for k in keys:
-        vals = [c[k] for c in cells if c.get(k) is not None]
-        out[k] = float(np.nanmean(vals)) if vals and not all(np.isnan(vals)) else float("nan")
-    return out
+        id_source, id_feats = self.source_and_features(backbone, id_name)
+        if list(id_source.classnames) != list(head.classnames):
+            log.warning("ood_auroc of %s is not computed: %s has another label space",
+                        dataset, id_name)
+            return None
+        return id_confidence(head, id_feats, id_source, columns)
 
 
 def provenance(backbone: Backbone, cfg: DictConfig, spec: ModelSpec) -> dict:

@@ -94,3 +94,28 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "robench.cli", *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd or REPO, timeout=timeout)
+
+
+OUTPUT_FIELDS = ("topk_index", "topk_logit", "log_norm", "true_logit", "label_rank",
+                 "sum_sq_prob", "label", "target", "valid")
+
+
+def cell_outputs(path: Path) -> dict[str, np.ndarray]:
+    """The exact per-sample outputs stored beside a record (``<dataset>.npz``)."""
+    with np.load(Path(path).with_suffix(".npz"), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def same_outputs(a: Path, b: Path) -> bool:
+    """Whether two cells' per-sample outputs are bit-identical (same logits up to the top 5,
+    same normalisers, same true-class logits)."""
+    x, y = cell_outputs(a), cell_outputs(b)
+    return all(np.array_equal(x[k], y[k]) for k in OUTPUT_FIELDS)
+
+
+def derived_state(pretrained: str) -> dict:
+    """The weights of a derived ``local-dir:`` checkpoint (fine-tuned, CAR-FT, WiSE-FT)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(pretrained.removeprefix("local-dir:")) /
+                         "open_clip_model.safetensors"))

@@ -40,7 +40,8 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
     assert len(recs) == 4
     rec = json.loads((out / "tiny-file" / "cifar10.json").read_text())
     assert rec["model"] == "tiny-file" and rec["dataset"] == "cifar10"
-    for key in ("acc1", "acc1_ci_low", "acc1_ci_high", "acc5", "ece", "ece_ci_low", "mce",
+    for key in ("acc1", "acc1_ci_low", "acc1_ci_high", "acc5", "ece", "ece_ci_low",
+                "max_cal_err",
                 "ece_adaptive", "nll", "brier", "auroc", "auroc_ci_low", "aupr_err", "fpr95"):
         assert key in rec["metrics"], key
     assert rec["metrics"]["n"] == 60
@@ -52,9 +53,11 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
     assert rec["data"]["manifest_hash"]
     val = json.loads((out / "tiny-file" / "cifar10-subset-val.json").read_text())
     assert 0.0 <= val["metrics"]["ood_auroc"] <= 1.0  # paired with id_dataset=cifar10
+    assert "mce" not in rec["metrics"]  # renamed: not ImageNet-C's mean Corruption Error
     with np.load(out / "tiny-file" / "cifar10.npz") as z:
-        assert z["probs"].shape == (60, 10) and z["labels"].shape == (60,)
-        np.testing.assert_allclose(z["probs"].astype(np.float32).sum(1), 1.0, atol=1e-2)
+        assert z["topk_class"].shape == (60, 5) and z["label"].shape == (60,)
+        assert z["log_norm"].dtype == np.float64 and z["sample_id"].shape == (60,)
+        assert "probs" not in z.files  # no float16 probabilities any more
     assert "tiny-file" in r.stdout and "acc1" in r.stdout  # the printed table
 
     mtimes = {p: p.stat().st_mtime_ns for p in recs}

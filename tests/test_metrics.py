@@ -169,7 +169,7 @@ def test_ece_mce_match_naive_loop(rng, n_bins):
     assert M.ece(conf, correct, n_bins) == pytest.approx(
         naive_ece(conf, correct, n_bins), abs=1e-12
     )
-    assert M.mce(conf, correct, n_bins) == pytest.approx(
+    assert M.max_calibration_error(conf, correct, n_bins) == pytest.approx(
         naive_ece(conf, correct, n_bins, "max"), abs=1e-12
     )
 
@@ -180,7 +180,7 @@ def test_ece_adversarial_values_match_naive_loop(rng):
     conf = np.concatenate([edges, edges, np.ones(5), np.zeros(3), np.round(rng.random(50), 1)])
     correct = rng.random(conf.size) < 0.5
     assert M.ece(conf, correct) == pytest.approx(naive_ece(conf, correct), abs=1e-12)
-    assert M.mce(conf, correct) == pytest.approx(naive_ece(conf, correct, 15, "max"), abs=1e-12)
+    assert M.max_calibration_error(conf, correct) == pytest.approx(naive_ece(conf, correct, 15, "max"), abs=1e-12)
 
 
 def test_ece_bin_edges_are_right_closed():
@@ -197,7 +197,7 @@ def test_ece_simple_cases():
     assert M.ece([1.0, 1.0], [True, True]) == 0.0
     assert M.ece([1.0], [False]) == 1.0
     assert M.ece([0.7], [True]) == pytest.approx(0.3)
-    assert M.mce([0.7], [False]) == pytest.approx(0.7)
+    assert M.max_calibration_error([0.7], [False]) == pytest.approx(0.7)
     # Mean over a bin, not per sample: 0.94 and 0.96 share the last bin with accuracy 0.5.
     assert M.ece([0.94, 0.96], [True, False]) == pytest.approx(0.45)
 
@@ -209,7 +209,7 @@ def test_ece_mce_match_torchmetrics_on_random_probs(rng):
     probs = M.softmax(logits)
     conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
     assert not np.any(conf == 1.0)
-    for norm, ours in (("l1", M.ece), ("max", M.mce)):
+    for norm, ours in (("l1", M.ece), ("max", M.max_calibration_error)):
         metric = tmc.MulticlassCalibrationError(num_classes=10, n_bins=15, norm=norm)
         ref = float(metric(torch.from_numpy(probs), torch.from_numpy(labels)))
         # torchmetrics computes in float32.
@@ -229,7 +229,7 @@ def test_ece_confidence_one_goes_to_last_bin_unlike_torchmetrics():
     labels = np.array([1, 0])
     conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
     assert M.ece(conf, correct) == pytest.approx(0.475)
-    assert M.mce(conf, correct) == pytest.approx(0.475)
+    assert M.max_calibration_error(conf, correct) == pytest.approx(0.475)
     assert M.ece(conf, correct) == pytest.approx(naive_ece(conf, correct))
     tm_l1 = tmc.MulticlassCalibrationError(num_classes=3, n_bins=15, norm="l1")
     tm_max = tmc.MulticlassCalibrationError(num_classes=3, n_bins=15, norm="max")
@@ -260,7 +260,7 @@ def test_calibration_input_validation():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         M.adaptive_ece([-0.1], [True])
     with pytest.raises(ValueError, match="NaN"):
-        M.mce([np.nan], [True])
+        M.max_calibration_error([np.nan], [True])
     with pytest.raises(ValueError, match="same shape"):
         M.ece([0.5, 0.6], [True])
     with pytest.raises(ValueError, match="empty"):
@@ -469,7 +469,7 @@ def test_bootstrap_degenerate():
 # --------------------------------------------------------------------------------------------
 
 KEYS = (
-    "n num_classes acc1 acc1_ci_low acc1_ci_high acc5 ece ece_ci_low ece_ci_high mce ece_adaptive "
+    "n num_classes acc1 acc1_ci_low acc1_ci_high acc5 ece ece_ci_low ece_ci_high max_cal_err ece_adaptive "
     "nll brier auroc auroc_ci_low auroc_ci_high aupr_err fpr95 mean_confidence"
 ).split()
 
@@ -499,7 +499,7 @@ def test_compute_all_matches_individual_metrics(rng):
     )
     close = {
         "ece": M.ece(conf, correct),
-        "mce": M.mce(conf, correct),
+        "max_cal_err": M.max_calibration_error(conf, correct),
         "ece_adaptive": M.adaptive_ece(conf, correct),
         "nll": skm.log_loss(labels, probs, labels=np.arange(10)),
         "brier": M.brier(probs, labels),
@@ -555,7 +555,7 @@ def test_compute_all_degenerate_cells():
     assert out["aupr_err"] == 1.0
     # Saturated confidence of exactly 1.0 (float32 underflow) lands in the last bin.
     sat = M.compute_all(np.array([[200.0, 0.0]], dtype=np.float32), np.array([1]))
-    assert sat["mean_confidence"] == 1.0 and sat["ece"] == 1.0 and sat["mce"] == 1.0
+    assert sat["mean_confidence"] == 1.0 and sat["ece"] == 1.0 and sat["max_cal_err"] == 1.0
     assert sat["nll"] == pytest.approx(-math.log(1e-12))
 
 

@@ -173,10 +173,13 @@ def test_suite_with_linear_probe_lp_clip_and_temperature_scaling(tmp_path):
     methods = {m: r["protocol"]["method"] for m, r in rec.items()}
     assert methods == {"tiny-random": "zeroshot", "lp": "linear-probe", "lpc": "lp-clip",
                        "ts-lp": "temperature-scaling", "ts-zs": "temperature-scaling"}
-    assert rec["lp"]["protocol"]["C"] in rec["lp"]["protocol"]["grid"]
-    assert rec["ts-lp"]["protocol"]["base_method"] == "linear-probe"
+    head = {m: r["method"]["head"] for m, r in rec.items()}
+    assert head["lp"]["C"] in head["lp"]["grid"]
+    assert head["ts-lp"]["base_method"] == "linear-probe"
+    assert all("C" not in r["protocol"] and "temperature" not in r["protocol"]
+               for r in rec.values())  # method knobs never land among the protocol fields
     for base, ts in (("lp", "ts-lp"), ("tiny-random", "ts-zs")):
-        assert rec[ts]["protocol"]["temperature"] > 0
+        assert head[ts]["temperature"] > 0
         # same head up to T: identical accuracy, and on the calibration split itself (this
         # suite evaluates on it) NLL cannot be worse than at T = 1
         assert rec[ts]["metrics"]["acc1"] == rec[base]["metrics"]["acc1"]

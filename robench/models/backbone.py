@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -92,7 +94,8 @@ def check_weights_available(arch: str, pretrained: str | None) -> None:
     if not pretrained or os.path.isfile(pretrained):
         return
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
-    if not cfg:
+    if cfg.get("file") and os.path.isfile(cfg["file"]):  # a tag registered for a local file
+        return
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise unknown(f"pretrained tag (or file) for {arch}", pretrained, tags,
                       fix="use a tag open_clip knows for this architecture or a checkpoint path")
@@ -120,6 +123,10 @@ class Backbone:
     device: str
     precision: str
     weights_hash: str
+    # the architecture as instantiated (open_clip model config, QuickGELU and other tag
+    # overrides applied) and the final preprocessing config: what a derived checkpoint must carry
+    model_cfg: dict | None = None
+    preprocess_cfg: dict | None = None
 
     @property
     def image_size(self) -> int:
@@ -150,8 +157,11 @@ class Backbone:
         return torch.nn.functional.normalize(f.float(), dim=-1)
 
     def id(self) -> str:
+        """Identity of what computes the features: weights, architecture config (QuickGELU vs
+        GELU changes the network, not the weights), preprocessing and precision."""
+        arch = json.dumps(self.model_cfg, sort_keys=True, default=str)
         return hashlib.sha256(
-            f"{self.weights_hash}|{self.preprocess_id}|{self.precision}".encode()
+            f"{self.weights_hash}|{arch}|{self.preprocess_id}|{self.precision}".encode()
         ).hexdigest()[:16]
 
 
@@ -190,9 +200,75 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
         root.setLevel(level)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
+    pp_cfg = getattr(model.visual, "preprocess_cfg", None)
     return Backbone(arch=arch, pretrained=pretrained, model=model, preprocess=preprocess,
                     tokenizer=tokenizer, device=device, precision=precision,
-                    weights_hash=state_dict_hash(model))
+                    weights_hash=state_dict_hash(model),
+                    model_cfg=instantiated_model_cfg(arch, pretrained, kwargs),
+                    # JSON-normalised (tuples -> lists) so it compares equal after a reload
+                    preprocess_cfg=json.loads(json.dumps(pp_cfg)) if pp_cfg else None)
+
+
+def instantiated_model_cfg(arch: str, pretrained: str | None, kwargs: dict) -> dict | None:
+    """The open_clip model config the network was built from, with the overrides that
+    ``create_model`` applied (``force_quick_gelu`` for OpenAI tags)."""
+    if pretrained and pretrained.startswith("local-dir:"):
+        path = Path(pretrained.removeprefix("local-dir:")).expanduser() / "open_clip_config.json"
+        cfg = json.loads(path.read_text()).get("model_cfg")
+    elif pretrained and pretrained.startswith("hf-hub:"):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(pretrained.removeprefix("hf-hub:"), "open_clip_config.json")
+        cfg = json.loads(Path(found).read_text()).get("model_cfg") if isinstance(found, str) \
+            else None
+    else:
+        cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        return None
+    cfg = copy.deepcopy(cfg)
+    if kwargs.get("force_quick_gelu"):
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+DERIVED_WEIGHTS = "open_clip_model.safetensors"
+
+
+def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: Path) -> str:
+    """Save weights derived from ``backbone`` (fine-tuned, interpolated) as an open_clip
+    ``local-dir:`` folder that reloads as the same network: the parent's instantiated model
+    config (QuickGELU included) and final preprocessing config go into ``open_clip_config.json``,
+    the weights into ``open_clip_model.safetensors`` (float32). Returns the ``local-dir:`` spec.
+
+    Written into a temporary folder renamed into place, so a crash never leaves a folder that
+    looks complete.
+    """
+    from safetensors.torch import save_file
+
+    from robench.errors import RobenchError
+
+    if backbone.model_cfg is None:
+        raise RobenchError(f"cannot save a derived checkpoint of {backbone.arch}: its open_clip "
+                           "model config is unknown", "load the parent through open_clip")
+    out = Path(out)
+    if (out / "open_clip_config.json").is_file() and (out / DERIVED_WEIGHTS).is_file():
+        return f"local-dir:{out}"
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+               .contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp / DERIVED_WEIGHTS))
+    config = {"model_cfg": backbone.model_cfg,
+              "preprocess_cfg": backbone.preprocess_cfg or {},
+              "robench": {"parent_arch": backbone.arch, "parent_pretrained": backbone.pretrained,
+                          "parent_weights_hash": backbone.weights_hash}}
+    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return f"local-dir:{out}"
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from robench.artifacts import artifact_dir
 from robench.errors import RobenchError
-from robench.io import atomic_write, write_npy
-from robench.models.backbone import Backbone, load_backbone
+from robench.io import atomic_write, write_npz
+from robench.models.backbone import Backbone, load_backbone, save_derived
 from robench.models.heads import LinearHead
 from robench.models.zeroshot import class_embeddings
 from robench.registry import ModelSpec
@@ -100,12 +100,20 @@ def car_ft_loss(logits: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor,
     return ce + lam * kl, kl
 
 
+HEAD_FILE = "robench_head.npz"
+
+
 def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: Path,
-             cache_dir: str | Path, seed: int = 0, progress: bool = True) -> tuple[Path, Path]:
-    """Fine-tune ``backbone`` on ``source``; returns (checkpoint path, head path)."""
-    final, head_path = out / "model.pt", out / "head.npy"
-    if final.is_file() and head_path.is_file():
-        return final, head_path
+             cache_dir: str | Path, seed: int = 0, progress: bool = True) -> str:
+    """Fine-tune ``backbone`` on ``source``; returns the ``local-dir:`` spec of the result.
+
+    The result is an open_clip folder (:func:`robench.models.backbone.save_derived`) that reloads
+    with the parent's architecture config and preprocessing, plus the trained head
+    (``robench_head.npz``: weight (D, C) and the class names of its label space).
+    """
+    final = out / "model"
+    if (final / HEAD_FILE).is_file():
+        return f"local-dir:{final}"
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -136,7 +144,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
     start = 0
     resume = out / "last_epoch.pt"
     if resume.is_file():  # an interrupted training resumes from its last finished epoch
-        state = torch.load(resume, map_location=device, weights_only=False)
+        state = torch.load(resume, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         head.data.copy_(state["head"])
         opt.load_state_dict(state["opt"])
@@ -173,10 +181,23 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
         atomic_write(resume, lambda tmp, s=state: torch.save(s, tmp))
     bar.close()
     model.eval()
-    write_npy(head_path, head.detach().cpu().numpy())
-    atomic_write(final, lambda tmp: torch.save(model.state_dict(), tmp))
+    spec = save_derived(backbone, model.state_dict(), final)
+    save_head(final, head.detach().cpu().numpy(), list(source.classnames))
     resume.unlink(missing_ok=True)
-    return final, head_path
+    return spec
+
+
+def save_head(folder: Path, weight: np.ndarray, classnames: list[str]) -> None:
+    """The trained head beside the derived checkpoint; written last, it marks the folder done."""
+    write_npz(folder / HEAD_FILE, weight=np.asarray(weight, dtype=np.float32),
+              classnames=np.asarray(classnames, dtype=str))
+
+
+def load_head(pretrained: str) -> tuple[np.ndarray, list[str]]:
+    """(weight, class names) of the head saved with a derived ``local-dir:`` checkpoint."""
+    folder = Path(pretrained.removeprefix("local-dir:"))
+    with np.load(folder / HEAD_FILE) as z:
+        return z["weight"], [str(c) for c in z["classnames"]]
 
 
 def options(spec: ModelSpec, lam_default: float) -> dict:
@@ -201,26 +222,24 @@ def prepare_finetuned(runner, name: str, spec: ModelSpec, lam_default: float) ->
                          allow_download=cfg.allow_download, seed=cfg.seed)
     templates = runner.templates_for(opts["train_on"])
     ident = {"weights": base.weights_hash, "train": source.manifest_hash, "opts": opts,
-             "seed": cfg.seed, "templates": templates, "method": spec.method}
+             "seed": cfg.seed, "templates": templates, "method": spec.method,
+             "arch": base.model_cfg, "format": 2}
     out = artifact_dir(cfg.cache_dir, "finetune", ident)
-    ckpt, head = finetune(base, source, templates, opts, out, cfg.cache_dir, seed=cfg.seed,
-                          progress=cfg.progress)
-    return replace(spec, pretrained=str(ckpt),
-                   options={**spec.options, "_head": str(head),
-                            "_classnames": list(source.classnames)})
+    ckpt = finetune(base, source, templates, opts, out, cfg.cache_dir, seed=cfg.seed,
+                    progress=cfg.progress)
+    return replace(spec, pretrained=ckpt)
 
 
 def finetuned_head(ctx, source) -> LinearHead:
-    """The fine-tuned head, valid for the label space it was trained on."""
-    opts = ctx.spec.options
-    if list(source.classnames) != list(opts["_classnames"]):
+    """The fine-tuned head saved with the checkpoint, valid for the label space it was trained
+    on."""
+    w, classnames = load_head(ctx.spec.pretrained)
+    if list(source.classnames) != classnames:
         raise RobenchError(
             f"{ctx.spec.method} head was trained on another label space than {source.name}'s",
             "evaluate fine-tuned models on datasets with the training classes")
-    w = np.load(opts["_head"])
     return LinearHead(weight=w, scale=ctx.backbone.logit_scale, classnames=list(source.classnames),
-                      info={"head": ctx.spec.method, "train_on": opts.get("train_on"),
-                            "logit_scale": ctx.backbone.logit_scale})
+                      info={"head": ctx.spec.method, "logit_scale": ctx.backbone.logit_scale})
 
 
 def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:

@@ -17,6 +17,14 @@ class LinearHead:
     bias: np.ndarray | None = None
     info: dict = field(default_factory=dict)
 
+    def restricted(self, columns: np.ndarray) -> LinearHead:
+        """The head over a sub-list of its classes (ImageNet-R/-A: 200 of 1000 columns): the
+        same numbers as restricting its logits, at a fifth of the matrix product."""
+        cols = np.asarray(columns, dtype=np.int64)
+        return LinearHead(weight=np.ascontiguousarray(self.weight[:, cols]), scale=self.scale,
+                          classnames=[self.classnames[c] for c in cols],
+                          bias=None if self.bias is None else self.bias[cols], info=self.info)
+
     def logits(self, features: np.ndarray, chunk: int = 65536) -> np.ndarray:
         """Float32 logits, computed in chunks so memory-mapped features stream from disk."""
         w = self.weight.astype(np.float32)

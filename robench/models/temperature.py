@@ -121,7 +121,7 @@ def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:  # noqa: ANN001 - 
 
 def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
     """The base head, with its scale divided by T fitted on ``calibrate_on``."""
-    from robench.runner import restrict  # lazily: the runner imports the method modules
+    from robench.scoring import scored_columns  # lazily: scoring imports the heads
 
     opts = options(dict(ctx.spec.options))
     spec = base_spec(ctx.spec)
@@ -137,7 +137,8 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
                     "so T fitted there under-corrects over-confidence (for linear-probe use "
                     "refit: train, or calibrate on another split)", spec.method,
                     opts["calibrate_on"])
-    logits, labels, _ = restrict(head.logits(val_feats.features), val_src)
+    columns, labels = scored_columns(val_src)
+    logits = (head if columns is None else head.restricted(columns)).logits(val_feats.features)
     keep = np.ones(len(labels), dtype=bool)
     keep[val_feats.bad] = False
     logits, labels = logits[keep], labels[keep]

@@ -17,9 +17,8 @@ import torch
 
 from robench.artifacts import artifact_dir
 from robench.errors import RobenchError
-from robench.io import atomic_write, write_npy
-from robench.models.backbone import load_backbone
-from robench.models.finetune import finetuned_head
+from robench.models.backbone import load_backbone, save_derived
+from robench.models.finetune import HEAD_FILE, finetuned_head, load_head, save_head
 from robench.models.heads import LinearHead
 from robench.models.zeroshot import class_embeddings
 from robench.registry import ModelSpec
@@ -49,6 +48,8 @@ def interpolate(zs: dict[str, torch.Tensor], ft: dict[str, torch.Tensor],
 
 
 def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
+    """Mix the zero-shot and fine-tuned weights and heads; save the result as a ``local-dir:``
+    folder with the zero-shot parent's architecture config and preprocessing."""
     opts = spec.options
     alpha = float(opts.get("alpha", 0.5))
     if not 0.0 <= alpha <= 1.0:
@@ -59,22 +60,23 @@ def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
     cfg = runner.cfg
     zs = load_backbone(declared.arch, declared.pretrained, cfg.device, "fp32",
                        allow_download=cfg.allow_download, seed=cfg.seed)
-    ft_state = torch.load(ft_spec.pretrained, map_location=zs.device, weights_only=True)
+    ft = load_backbone(declared.arch, ft_spec.pretrained, cfg.device, "fp32",
+                       allow_download=cfg.allow_download, seed=cfg.seed)
+    if ft.model_cfg != zs.model_cfg or ft.preprocess_cfg != zs.preprocess_cfg:
+        raise RobenchError(f"wise-ft: {ft_name} is not a fine-tuned copy of {declared.arch} "
+                           f"({declared.pretrained}): architecture or preprocessing differ",
+                           "interpolate a model with the checkpoint it was fine-tuned from")
+    w_ft, classnames = load_head(ft_spec.pretrained)
     train_on = ft_spec.options["train_on"]
-    classnames = ft_spec.options["_classnames"]
     w_zs = class_embeddings(zs, classnames, runner.templates_for(train_on), cfg.cache_dir,
                             progress=False)
-    w_ft = np.load(ft_spec.options["_head"])
-    ident = {"zs": zs.weights_hash, "ft": ft_spec.pretrained, "alpha": alpha}
-    out = artifact_dir(cfg.cache_dir, "wise-ft", ident)
-    ckpt, head = out / "model.pt", out / "head.npy"
-    if not (ckpt.is_file() and head.is_file()):
-        mixed = interpolate(zs.model.state_dict(), ft_state, alpha)
-        write_npy(head, ((1 - alpha) * w_zs + alpha * w_ft).astype(np.float32))
-        atomic_write(ckpt, lambda tmp: torch.save(mixed, tmp))
-    return replace(spec, arch=declared.arch, pretrained=str(ckpt),
-                   options={**opts, "train_on": train_on, "_head": str(head),
-                            "_classnames": classnames})
+    ident = {"zs": zs.weights_hash, "ft": ft.weights_hash, "alpha": alpha, "format": 2}
+    out = artifact_dir(cfg.cache_dir, "wise-ft", ident) / "model"
+    if not (out / HEAD_FILE).is_file():
+        mixed = interpolate(zs.model.state_dict(), ft.model.state_dict(), alpha)
+        save_derived(zs, mixed, out)
+        save_head(out, ((1 - alpha) * w_zs + alpha * w_ft).astype(np.float32), classnames)
+    return replace(spec, arch=declared.arch, pretrained=f"local-dir:{out}")
 
 
 def build(ctx, source) -> LinearHead:
