@@ -3,6 +3,7 @@
     robench run [suite=NAME] [key=value ...]     models x datasets -> result records
     robench results [--dir results/SUITE]          aggregated table (pandas)
     robench check --baseline results/quickstart    regression check against committed records
+    robench rescore --dir runs/quickstart [--n-bins 20]  metrics again, from per-sample outputs
     robench list models|datasets|suites
 """
 
@@ -80,6 +81,25 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from robench.rescore import rescore
+
+    rows = rescore(args.dir, n_bins=args.n_bins, bootstrap=args.bootstrap, alpha=args.alpha,
+                   out_dir=args.out)
+    moved = [r for r in rows if r.changed]
+    for r in rows:
+        what = ", ".join(r.changed[:6]) + (" ..." if len(r.changed) > 6 else "")
+        print(f"{r.model:28s} {r.dataset:28s} max |delta| {r.max_delta:.3g}"
+              + (f"  changed: {what}" if r.changed else "  unchanged"))
+    print(f"{len(rows)} record(s) re-scored from their per-sample outputs, {len(moved)} changed"
+          + (f", written to {args.out}" if args.out else ""))
+    if args.verify and moved:
+        print("robench: error: re-scoring with the records' own settings changed them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from robench import registry
     from robench.config import available_suites
@@ -140,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--dir", default="runs", help="results folder (default: runs)")
     res.add_argument("--format", choices=["table", "csv", "md"], default="table")
     res.set_defaults(func=cmd_results)
+    rs = sub.add_parser("rescore", help="recompute metrics from stored per-sample outputs")
+    rs.add_argument("--dir", required=True, help="results folder, e.g. runs/quickstart")
+    rs.add_argument("--n-bins", type=int, help="ECE bins (default: the record's)")
+    rs.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the record's)")
+    rs.add_argument("--alpha", type=float, help="1 - interval level (default: the record's)")
+    rs.add_argument("--out", help="write re-scored records here instead of in place")
+    rs.add_argument("--verify", action="store_true",
+                    help="exit 1 if a record changes (use without new settings)")
+    rs.set_defaults(func=cmd_rescore)
     ls = sub.add_parser("list", help="list models, datasets or suites")
     ls.add_argument("what", choices=["models", "datasets", "suites"])
     ls.set_defaults(func=cmd_list)

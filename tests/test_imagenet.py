@@ -19,8 +19,10 @@ from PIL import Image
 
 from robench.data import family_loader, imagenet
 from robench.errors import RobenchError
+from robench.features import FeatureSet
+from robench.models.heads import LinearHead
 from robench.registry import DATASETS
-from robench.runner import restrict
+from robench.scoring import cell_outputs, scored_columns
 
 REAL = REALDATA / "imagenet"
 HAVE_REAL = (REAL / "sample_1k_index.csv").is_file()
@@ -209,12 +211,17 @@ def test_r_a_labels_are_1k_indices_scored_over_their_200(tmp_path, samples, tabl
     logits[np.arange(len(src)), src.labels] = 10.0
     outside = next(c for c in range(1000) if c not in set(subset))
     logits[:, outside] = 20.0
-    restricted, labels, scored = restrict(logits, src)
-    assert restricted.shape == (200, 200) and scored == subset
-    np.testing.assert_array_equal(restricted, logits[:, subset])
-    np.testing.assert_array_equal(np.asarray(subset)[labels], src.labels)
-    assert (restricted.argmax(1) == labels).all()
-    assert (logits.argmax(1) != src.labels).all()
+    columns, target = scored_columns(src)
+    assert list(columns) == subset
+    np.testing.assert_array_equal(columns[target], src.labels)
+    # features = the logits and an identity head: the cell scores exactly these logits
+    head = LinearHead(np.eye(1000, dtype=np.float32), 1.0, list(src.classnames))
+    out = cell_outputs(head, FeatureSet(logits, [], "k", False), src)
+    assert out.samples.num_classes == 200
+    assert (out.samples.label_rank == 0).all()  # right over the 200
+    np.testing.assert_array_equal(out.scored_classes[out.samples.topk_index[:, 0]], src.labels)
+    np.testing.assert_array_equal(out.label, src.labels)  # stored in the 1k label space
+    assert (logits.argmax(1) != src.labels).all()  # wrong over the 1000
 
 
 def test_r_and_a_confusion_is_named(tmp_path, samples):

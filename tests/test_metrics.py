@@ -180,7 +180,8 @@ def test_ece_adversarial_values_match_naive_loop(rng):
     conf = np.concatenate([edges, edges, np.ones(5), np.zeros(3), np.round(rng.random(50), 1)])
     correct = rng.random(conf.size) < 0.5
     assert M.ece(conf, correct) == pytest.approx(naive_ece(conf, correct), abs=1e-12)
-    assert M.max_calibration_error(conf, correct) == pytest.approx(naive_ece(conf, correct, 15, "max"), abs=1e-12)
+    assert M.max_calibration_error(conf, correct) == pytest.approx(
+        naive_ece(conf, correct, 15, "max"), abs=1e-12)
 
 
 def test_ece_bin_edges_are_right_closed():
@@ -469,8 +470,8 @@ def test_bootstrap_degenerate():
 # --------------------------------------------------------------------------------------------
 
 KEYS = (
-    "n num_classes acc1 acc1_ci_low acc1_ci_high acc5 ece ece_ci_low ece_ci_high max_cal_err ece_adaptive "
-    "nll brier auroc auroc_ci_low auroc_ci_high aupr_err fpr95 mean_confidence"
+    "n num_classes acc1 acc1_ci_low acc1_ci_high acc5 ece ece_ci_low ece_ci_high max_cal_err "
+    "ece_adaptive nll brier auroc auroc_ci_low auroc_ci_high aupr_err fpr95 mean_confidence"
 ).split()
 
 

@@ -96,6 +96,7 @@ def check_weights_available(arch: str, pretrained: str | None) -> None:
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if cfg.get("file") and os.path.isfile(cfg["file"]):  # a tag registered for a local file
         return
+    if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise unknown(f"pretrained tag (or file) for {arch}", pretrained, tags,
                       fix="use a tag open_clip knows for this architecture or a checkpoint path")
