@@ -30,7 +30,7 @@ CI_METRICS = {"acc1": "acc1", "ece": "ece", "auroc": "auroc"}
 # provenance fields that, when equal, make two runs bit-for-bit comparable
 DETERMINISM_KEYS = ("torch", "numpy", "open_clip", "device", "dtype", "kernels")
 # fields whose difference makes the numbers incomparable (not merely different)
-PROTOCOL_KEYS = ("method", "template_set", "n_templates", "scored_classes", "ece_bins",
+PROTOCOL_KEYS = ("version", "method", "template_set", "n_templates", "scored_classes", "ece_bins",
                  "confidence", "id_dataset")
 
 
@@ -98,6 +98,10 @@ def compare_metrics(base: dict, fresh: dict, mode: str, band: float, rel_tol: fl
 
 def _mismatch(base: dict, fresh: dict) -> str | None:
     bp, fp = base.get("protocol", {}), fresh.get("protocol", {})
+    bv, fv = bp.get("version", 1), fp.get("version", 1)
+    if bv != fv:
+        return (f"protocol version {bv} != {fv}: the numbers are not comparable; refresh the "
+                "baseline (robench run ... results_dir=results force=true)")
     for k in PROTOCOL_KEYS:
         if bp.get(k) != fp.get(k):
             return f"protocol.{k}: {bp.get(k)!r} != {fp.get(k)!r}"

@@ -842,9 +842,10 @@ class SampleOutputs(NamedTuple):
         return SampleOutputs(*(a[rows] for a in self[:-1]), self.num_classes)
 
     @classmethod
-    def concat(cls, parts: list[SampleOutputs]) -> SampleOutputs:
-        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(6)),
-                   parts[0].num_classes)
+    def empty(cls, n: int, k: int, num_classes: int, dtype: type = np.float32) -> SampleOutputs:
+        """Uninitialised arrays for n samples (filled block by block by sample_outputs)."""
+        return cls(np.empty((n, k), np.int32), np.empty((n, k), dtype), np.empty(n),
+                   np.empty(n, dtype), np.empty(n, np.int32), np.empty(n), num_classes)
 
 
 def _topk(x: NDArray, k: int) -> NDArray[np.intp]:
@@ -870,12 +871,14 @@ def _topk(x: NDArray, k: int) -> NDArray[np.intp]:
     return part
 
 
-def sample_outputs(logits: ArrayLike, labels: ArrayLike, k: int = TOPK) -> SampleOutputs:
+def sample_outputs(logits: ArrayLike, labels: ArrayLike, k: int = TOPK,
+                   out: SampleOutputs | None = None, offset: int = 0) -> SampleOutputs:
     """:class:`SampleOutputs` of a logits matrix, one block of rows at a time (O(n) memory
-    beyond the input; the softmax is never stored).
+    beyond the input; the softmax is never stored). With ``out``, rows are written into it
+    from row ``offset`` on (so a cell streamed in blocks fills one preallocated set of arrays).
 
     With ``m = max_k x_k``, ``e_k = exp(x_k - m)`` (float32 for float32 input, as the logits'
-    own precision) and ``Z = sum_k e_k`` accumulated in float64: ``lse = m + log Z`` and
+    own precision) and ``Z = sum_k e_k`` accumulated in float64: ``log_norm = log Z`` and
     ``sum_k p_k^2 = sum_k e_k^2 / Z^2``.
     """
     x = _as_scores_2d(logits, "logits")
@@ -883,25 +886,26 @@ def sample_outputs(logits: ArrayLike, labels: ArrayLike, k: int = TOPK) -> Sampl
     y = _as_labels(labels, n, num_classes)
     kk = min(k, num_classes)
     work = _work_dtype(x.dtype)
-    out = SampleOutputs(np.empty((n, kk), np.int32), np.empty((n, kk), work),
-                        np.empty(n), np.empty(n, work), np.empty(n, np.int32),
-                        np.empty(n), num_classes)
+    if out is None:
+        out = SampleOutputs.empty(n, kk, num_classes, work)
+        offset = 0
     for rows in _row_blocks(n, num_classes):
         xb = np.asarray(x[rows], dtype=work)
         yb = y[rows]
+        dst = slice(offset + rows.start, offset + rows.stop)
         m = xb.max(axis=1)
         _check_row_max(m)
         s_y = xb[np.arange(len(yb)), yb]
-        out.label_rank[rows] = _label_rank(xb, yb, s_y)
+        out.label_rank[dst] = _label_rank(xb, yb, s_y)
         top = _topk(xb, kk)
-        out.topk_index[rows] = top
-        out.topk_logit[rows] = np.take_along_axis(xb, top, axis=1)
-        out.true_logit[rows] = s_y
+        out.topk_index[dst] = top
+        out.topk_logit[dst] = np.take_along_axis(xb, top, axis=1)
+        out.true_logit[dst] = s_y
         e = xb - m[:, None]
         np.exp(e, out=e)
         z = e.sum(axis=1, dtype=np.float64)
-        out.log_norm[rows] = np.log(z)
-        out.sum_sq_prob[rows] = np.einsum("ij,ij->i", e, e).astype(np.float64) / (z * z)
+        out.log_norm[dst] = np.log(z)
+        out.sum_sq_prob[dst] = np.einsum("ij,ij->i", e, e).astype(np.float64) / (z * z)
     return out
 
 

@@ -75,6 +75,11 @@ DATASETS: dict[str, DatasetSpec] = {
         "imagenet-folder", "imagenet/val", templates="imagenet", options={"nested": ["val"]},
         n_expected=50000,
         description="ImageNet-1k val, <root>/<wnid>/*.JPEG; label = index in sorted wnids"),
+    "imagenet-train": DatasetSpec(
+        "imagenet-folder", "imagenet/train", templates="imagenet", options={"nested": ["train"]},
+        n_expected=1281167,
+        description="ImageNet-1k train, <root>/<wnid>/*.JPEG (1,281,167 images); label = index "
+                    "in sorted wnids; for training linear probes, LP-CLIP and fine-tuning"),
     "imagenet-v2-matched-frequency": DatasetSpec(
         "imagenet-v2", "imagenetv2-matched-frequency-format-val", templates="imagenet",
         options={"nested": ["imagenetv2-matched-frequency-format-val"]}, n_expected=10000,

@@ -70,10 +70,29 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["suite", "model", "dataset"]).reset_index(drop=True)
 
 
+def protocol_version(record: dict) -> int:
+    return int((record.get("protocol") or {}).get("version", 1))
+
+
+def check_protocols(records: list[dict], where: str | Path) -> None:
+    """Refuse to put records of different protocol versions in one table: older records
+    (float16 per-sample probabilities, 1000-way ID side of ood_auroc) are not comparable."""
+    versions = sorted({protocol_version(r) for r in records})
+    if len(versions) > 1:
+        old = sorted({f"{r['model']} x {r['dataset']}" for r in records
+                      if protocol_version(r) < versions[-1]})
+        raise RobenchError(
+            f"{where} mixes records of protocol versions {versions}; older cells: "
+            f"{', '.join(old[:5])}{' ...' if len(old) > 5 else ''}",
+            "re-run the suite over the same results_dir (older cells are recomputed) or keep "
+            "the old records in another folder")
+
+
 def load_frame(results_dir: str | Path) -> pd.DataFrame:
     records = [read_record(p) for p in find_records(results_dir)]
     if not records:
         raise RobenchError(f"no result records under {results_dir}", "run a suite first")
+    check_protocols(records, results_dir)
     return to_frame(records)
 
 

@@ -44,6 +44,8 @@ from robench.results import read_record, record_path, write_record
 from robench.scoring import OUTPUTS_VERSION, cell_metrics, cell_outputs, id_confidence
 
 log = logging.getLogger(__name__)
+# method options that name a dataset the method learns from (labels or not)
+DATA_ROLES = ("train_on", "val_on", "calibrate_on")
 PROTOCOL_VERSION = 2  # 2: exact per-sample outputs, ood_auroc over the same classes
 
 
@@ -188,10 +190,44 @@ class Runner:
             return False  # scored without its corrupt images: strict=true must fail on them
         return rec.get("cell_key") == self.cell_key(model, dataset)
 
+    def data_roles(self, name: str, spec: ModelSpec | None = None) -> list[tuple[str, str]]:
+        """(option, dataset) pairs a model trains, selects or calibrates on, through wrapped
+        bases (temperature scaling) and the fine-tuned model of a WiSE-FT mix."""
+        spec = spec or self.declared(name)
+        opts = dict(spec.options)
+        roles = [(k, str(opts[k])) for k in DATA_ROLES if opts.get(k)]
+        if isinstance(opts.get("base_options"), dict):
+            base = ModelSpec(spec.arch, spec.pretrained, str(opts.get("base", "zeroshot")),
+                             dict(opts["base_options"]))
+            roles += self.data_roles(name, base)
+        if spec.method == "wise-ft" and opts.get("finetuned"):
+            roles += [(f"{opts['finetuned']}.{k}", d)
+                      for k, d in self.data_roles(str(opts["finetuned"]))]
+        return roles
+
+    def check_training_data(self, models: list[str]) -> None:
+        """Refuse a method that trains, selects or calibrates on an evaluated dataset (by name
+        or by the same files): its numbers there would be in-sample."""
+        if self.cfg.allow_train_on_eval:
+            return
+        evaluated = {self.source(d).manifest_hash: d for d in self.dataset_specs}
+        for m in models:
+            for role, d in self.data_roles(m):
+                same = d if d in self.dataset_specs else evaluated.get(self.source(d).manifest_hash)
+                if same:
+                    what = "is" if same == d else f"has the same files as {same}, which is"
+                    raise RobenchError(
+                        f"model {m}: {role}={d} {what} one of the datasets this suite "
+                        "evaluates, so its numbers there would be measured on training data",
+                        f"train on a separate split (e.g. imagenet-train, cifar10-subset-probe) "
+                        f"or drop {same} from datasets; allow_train_on_eval=true overrides this "
+                        "deliberately")
+
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
         for name in self.dataset_specs:  # a wrong root fails before any model is loaded
             self.source(name)
+        self.check_training_data([m for m in self.models if m in self._evaluated])
         datasets = list(self.dataset_specs)
         evaluated = [m for m in self.models if m in self._evaluated]
         paths = [record_path(self.cfg.results_dir, self.cfg.name, m, d)

@@ -138,10 +138,11 @@ def cell_outputs(head: LinearHead, feats: FeatureSet, source: ImageSource,
     """Stream the cell through the head into exact per-sample outputs."""
     columns, target = scored_columns(source)
     n = len(source)
-    parts: list[M.SampleOutputs] = []
+    c = head.weight.shape[1] if columns is None else len(columns)
+    samples = M.SampleOutputs.empty(n, min(M.TOPK, c), c)
     logits = None
     for pos, block in stream_logits(head, feats.features, columns):
-        parts.append(M.sample_outputs(block, target[pos]))
+        M.sample_outputs(block, target[pos], out=samples, offset=pos.start)
         if keep_logits:
             if logits is None:
                 logits = np.empty((n, block.shape[1]), dtype=np.float32)
@@ -155,7 +156,7 @@ def cell_outputs(head: LinearHead, feats: FeatureSet, source: ImageSource,
     paths = source.info.get("paths")
     ids = np.char.encode(np.asarray(paths, dtype=str), "utf-8") if paths else \
         np.char.encode(np.char.add("#", np.arange(n).astype(str)), "utf-8")
-    return CellOutputs(samples=M.SampleOutputs.concat(parts), label=np.asarray(source.labels),
+    return CellOutputs(samples=samples, label=np.asarray(source.labels),
                        target=target, valid=valid, group=group, group_names=names,
                        scored_classes=columns, sample_ids=ids, logits=logits)
 

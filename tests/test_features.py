@@ -17,10 +17,15 @@ def test_features_match_manual_encoding_and_cache_skips_decoding(tiny_backbone, 
     src = cifar.load(write_cifar10(tmp_path / "c"), name="c10")
     fs = extract_features(tiny_backbone, src, tmp_path / "cache", batch_size=16, num_workers=0,
                           progress=False)
-    assert not fs.cached and fs.features.dtype == np.float16 and fs.bad == []
+    # an fp32 run stores float32 features: what the model computed, not a float16 rounding
+    assert not fs.cached and fs.features.dtype == np.float32 and fs.bad == []
     x = torch.stack([tiny_backbone.preprocess(src.load_image(i)) for i in range(len(src))])
     ref = tiny_backbone.encode_images(x).numpy()
-    np.testing.assert_allclose(np.asarray(fs.features, np.float32), ref, atol=2e-3)
+    np.testing.assert_allclose(fs.features, ref, rtol=0, atol=1e-6)
+    half = extract_features(tiny_backbone, src, tmp_path / "cache", batch_size=16,
+                            num_workers=0, progress=False, dtype="float16")
+    assert half.features.dtype == np.float16 and half.key != fs.key  # its own cache entry
+    np.testing.assert_allclose(np.asarray(half.features, np.float32), ref, atol=2e-3)
 
     def boom(i):
         raise AssertionError("an image was decoded although the features are cached")

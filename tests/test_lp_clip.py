@@ -127,6 +127,48 @@ def test_training_functions_take_no_labels():
         _ = LPC.Unlabelled(LabelFree(_val_source())).labels
 
 
+def _reachable(root: object) -> list[object]:
+    """Every object reachable from ``root`` through references (the garbage collector's view),
+    not descending into modules, classes or module globals (code, not data of this run)."""
+    import gc
+    import types
+
+    def is_globals(o: object) -> bool:
+        return isinstance(o, dict) and "__builtins__" in o and "__name__" in o
+
+    seen, stack, out = {id(root)}, [root], []
+    while stack:
+        obj = stack.pop()
+        out.append(obj)
+        for ref in gc.get_referents(obj):
+            if id(ref) in seen or isinstance(ref, (type, types.ModuleType)) or is_globals(ref):
+                continue
+            seen.add(id(ref))
+            stack.append(ref)
+    assert len(out) < 100_000
+    return out
+
+
+def test_the_label_firewall_has_no_route_back_to_labels_or_names():
+    from robench.data.base import ImageSource
+    from robench.features import describe
+
+    src = _val_source()
+    train = LPC.Unlabelled(src)
+    reached = _reachable(train)
+    assert not any(isinstance(o, ImageSource) for o in reached)  # no way back to the source
+    assert not any(o is src.labels or o is src.info for o in reached)
+    assert not any(isinstance(o, np.ndarray) and o.shape == src.labels.shape
+                   and np.issubdtype(o.dtype, np.integer) for o in reached)
+    assert not hasattr(train, "__dict__")  # nothing can be attached to it later
+    assert "paths" not in train.info and describe(train, [0, 1]) == "#0, #1"  # no file names
+    public = [getattr(train, a) for a in ("name", "classnames", "manifest_hash")]
+    assert not any("/" in str(v) for v in public)
+    assert np.array_equal(np.asarray(train.load_image(7)), np.asarray(src.load_image(7)))
+    with pytest.raises(RobenchError, match="must not read the labels"):
+        _ = train.labels
+
+
 def _val_source():
     return load_folder(ASSETS / "cifar10-subset" / "val", name="cifar10-subset-val")
 

@@ -39,8 +39,9 @@ Optimiser: AdamW (decoupled weight decay on W, none on b), cosine schedule from 
 each round's steps, mini-batches of ``batch_size``, shuffling and random init drawn from
 generators seeded by the run's seed, so a given seed gives identical weights.
 
-Labels of the training split are never read: :class:`Unlabelled` wraps the training source and
-raises on ``.labels``, and no training function here takes a labels argument.
+Labels of the training split are never read: the training path sees the split only as
+:class:`Unlabelled` (pixels by index, no labels, no file names, no reference to the labelled
+source), and no training function here takes a labels argument.
 
 Output head: ``logits = s * (f @ W + b)``, i.e. the student exactly as it was trained (scale = the
 logit scale the student was trained at, stored with the artifact). With ``lr: 0`` and
@@ -63,6 +64,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from robench.artifacts import artifact_dir
+from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, extract_features, feature_key
 from robench.io import write_json, write_npz
@@ -86,25 +88,35 @@ VERSION = 1  # bump when training changes, so stale cached heads are not reused
 
 # -- the label firewall -----------------------------------------------------------------------
 class Unlabelled:
-    """An image source with its labels removed: images, class names and identity only.
+    """A training split with its labels and sample names removed: pixels by index, the label
+    space's class names (the teacher needs them) and the split's identity, nothing else.
 
-    Every LP-CLIP code path sees the training split through this wrapper, so reading a label is
-    an error rather than a silent leak. ``len`` is the number of images (no label is read).
+    Built from the labelled source's *image reader* only (``source.loader``, a function of the
+    row index), so nothing reachable from it leads back to the labelled source, its labels or
+    its ``info`` (whose relative paths, ``airplane/00003.jpg``, would reveal the class); reading
+    ``.labels`` is an error rather than a silent leak, and messages name rows as ``#i``.
     """
 
+    __slots__ = ("name", "classnames", "manifest_hash", "_n", "_read")
+
     def __init__(self, source: Any) -> None:
-        self._source = source
         self.name: str = source.name
         self.classnames: list[str] = list(source.classnames)
         self.manifest_hash: str = source.manifest_hash
-        self.info: dict = source.info
         self._n = len(source)
+        # an ImageSource's reader is a function of the index alone (it holds file paths or a
+        # pixel array, never the source); other sources can only be read through themselves
+        self._read = source.loader if isinstance(source, ImageSource) else source.load_image
+
+    @property
+    def info(self) -> dict:
+        return {}  # no paths: file names reveal classes
 
     def __len__(self) -> int:
         return self._n
 
     def load_image(self, i: int) -> Any:
-        return self._source.load_image(i)
+        return self._read(i)
 
     @property
     def labels(self) -> np.ndarray:

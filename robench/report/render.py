@@ -40,7 +40,7 @@ import robench
 from robench.errors import RobenchError
 from robench.io import atomic_write
 from robench.metrics import RECORD_METRIC_INFO, MetricInfo
-from robench.results import HEADLINE, find_records, read_record, to_frame
+from robench.results import HEADLINE, check_protocols, find_records, read_record, to_frame
 
 __all__ = ["DASH", "DEFAULT_TITLE", "load_records", "render_report"]
 
@@ -219,6 +219,7 @@ def load_records(results_dir: str | Path) -> list[dict]:
             f"no result records under {root}",
             f"run a suite first (robench run suite=quickstart results_dir={root}) or pass "
             "--results with a folder of records")
+    check_protocols(records, root)
     return records
 
 
@@ -607,8 +608,8 @@ def _scored_classes(rec: dict) -> str:
 
 
 def _alpha_level(rec: dict) -> str:
-    a = number(_section(rec, "protocol").get("alpha"))
-    return DASH if a is None else f"{100 * (1 - a):g}%"
+    level = number(_section(rec, "protocol").get("interval_level"))
+    return DASH if level is None else f"{100 * level:g}%"
 
 
 def _logit_scale(rec: dict) -> str:
@@ -640,7 +641,7 @@ PROVENANCE_FIELDS: list[tuple[str, Callable[[dict], Any]]] = [
     ("batch size", _get("provenance", "batch_size")),
     ("seed", _get("provenance", "seed")),
     ("method", _get("protocol", "method")),
-    ("head", _get("protocol", "head")),
+    ("head", lambda r: (_section(r, "method").get("head") or {}).get("head")),
     ("template set", _get("protocol", "template_set")),
     ("templates", _get("protocol", "n_templates")),
     ("confidence", _get("protocol", "confidence")),
@@ -658,11 +659,12 @@ PROVENANCE_FIELDS: list[tuple[str, Callable[[dict], Any]]] = [
     ("images", _get("data", "n")),
     ("undecodable images", _get("data", "n_bad")),
 ]
-# Protocol keys shown through PROVENANCE_FIELDS (or in the metric definitions); any other key a
-# method adds (WiSE-FT alpha, fine-tuning options, ...) is listed under its own name.
-_KNOWN_PROTOCOL = {"method", "head", "template_set", "n_templates", "confidence", "ece_bins",
-                   "bootstrap", "alpha", "scored_classes", "n_classes_scored", "summary",
-                   "id_dataset", "auroc", "ood_auroc", "logit_scale"}
+# Protocol keys shown through PROVENANCE_FIELDS (or in the metric definitions); any other
+# protocol key is listed under its own name. A method's knobs (WiSE-FT alpha, fine-tuning
+# options, a fitted temperature) live in the record's own ``method`` section.
+_KNOWN_PROTOCOL = {"version", "method", "template_set", "n_templates", "confidence", "ece_bins",
+                   "bootstrap", "interval_level", "seed", "scored_classes", "n_classes_scored",
+                   "summary", "summary_groups", "id_dataset", "auroc", "ood_auroc"}
 
 
 def _text(value: Any, limit: int = 160) -> str:
