@@ -50,7 +50,7 @@ class CellOutputs:
     group: np.ndarray
     group_names: list[str]
     scored_classes: np.ndarray | None
-    sample_ids: np.ndarray
+    sample_ids: np.ndarray | None  # utf-8 relative paths; None: the row index is the id
     logits: np.ndarray | None = None
     ood_id_conf: np.ndarray | None = None
 
@@ -68,7 +68,6 @@ class CellOutputs:
             "label": self.label.astype(np.int64), "target": self.target.astype(np.int32),
             "valid": self.valid, "group": self.group.astype(np.int32),
             "group_names": np.asarray(self.group_names, dtype=str),
-            "sample_id": self.sample_ids,
             "topk_index": s.topk_index, "topk_logit": s.topk_logit, "log_norm": s.log_norm,
             "true_logit": s.true_logit, "label_rank": s.label_rank, "sum_sq_prob": s.sum_sq_prob,
         }
@@ -77,6 +76,8 @@ class CellOutputs:
             arrays["topk_class"] = arrays["scored_classes"][s.topk_index]
         else:
             arrays["topk_class"] = s.topk_index.astype(np.int64)
+        if self.sample_ids is not None:
+            arrays["sample_id"] = self.sample_ids
         if self.logits is not None:
             arrays["logits"] = self.logits
         if self.ood_id_conf is not None:
@@ -99,7 +100,8 @@ class CellOutputs:
                            valid=z["valid"], group=z["group"],
                            group_names=[str(g) for g in z["group_names"]],
                            scored_classes=z["scored_classes"] if "scored_classes" in z.files
-                           else None, sample_ids=z["sample_id"],
+                           else None,
+                           sample_ids=z["sample_id"] if "sample_id" in z.files else None,
                            logits=z["logits"] if "logits" in z.files else None,
                            ood_id_conf=z["ood_id_conf"] if "ood_id_conf" in z.files else None)
         except (OSError, ValueError, KeyError) as e:
@@ -154,8 +156,7 @@ def cell_outputs(head: LinearHead, feats: FeatureSet, source: ImageSource,
     for gi, g in enumerate(names):
         group[source.groups[g]] = gi
     paths = source.info.get("paths")
-    ids = np.char.encode(np.asarray(paths, dtype=str), "utf-8") if paths else \
-        np.char.encode(np.char.add("#", np.arange(n).astype(str)), "utf-8")
+    ids = np.char.encode(np.asarray(paths, dtype=str), "utf-8") if paths else None
     return CellOutputs(samples=samples, label=np.asarray(source.labels),
                        target=target, valid=valid, group=group, group_names=names,
                        scored_classes=columns, sample_ids=ids, logits=logits)
