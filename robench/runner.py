@@ -220,6 +220,7 @@ class Runner:
                     rec = read_record(record_path(self.cfg.results_dir, self.cfg.name, m, d))
                     mt = rec["metrics"]
                     tqdm.write(f"[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
+                               f"acc5={_fmt(mt.get('acc5'))} "
                                f"ece={_fmt(mt['ece'], 4)} auroc={_fmt(mt['auroc'], 4)} "
                                f"({time.time() - t0:.0f}s)")
         return paths

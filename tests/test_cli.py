@@ -56,6 +56,8 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
         assert z["probs"].shape == (60, 10) and z["labels"].shape == (60,)
         np.testing.assert_allclose(z["probs"].astype(np.float32).sum(1), 1.0, atol=1e-2)
     assert "tiny-file" in r.stdout and "acc1" in r.stdout  # the printed table
+    header = next(line for line in r.stdout.splitlines() if line.startswith("metric"))
+    assert header.split()[1:] == ["acc1", "acc5", "ece", "auroc"] * 2 + ["ood_auroc"]
 
     mtimes = {p: p.stat().st_mtime_ns for p in recs}
     time.sleep(0.05)
@@ -75,6 +77,10 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
 
     res = run_cli("results", "--dir", str(out), "--format", "csv")
     assert res.returncode == 0 and res.stdout.count("\n") == 5
+    table = run_cli("results", "--dir", str(out))
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["model", "dataset", "n", "acc1", "acc5",
+                                                    "ece", "auroc", "ood_auroc"]
 
 
 def test_missing_dataset_root_fails_before_model_load(tmp_path, suite):
