@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import robench
 import robench.metrics as M  # noqa: N812
+from robench.config import pair_id_dataset
 from robench.data import family_loader
 from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
@@ -114,9 +115,8 @@ class Runner:
             name, spec = resolve_dataset(_plain(item))
             self.dataset_specs[name] = spec
         self._evaluated = set(self.models)
-        if self.cfg.id_dataset and self.cfg.id_dataset not in self.dataset_specs:
-            raise unknown("id_dataset", self.cfg.id_dataset, self.dataset_specs,
-                          fix="id_dataset must be one of the suite's datasets")
+        if note := pair_id_dataset(self.cfg, list(self.dataset_specs)):
+            tqdm.write(note)  # a subset of the suite leaves its ID set out: no ood_auroc
 
     # -- data ---------------------------------------------------------------------------------
     def source(self, name: str) -> ImageSource:
