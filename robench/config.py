@@ -54,6 +54,10 @@ class RunConfig:
     description: str = ""
     models: list[Any] = field(default_factory=list)
     datasets: list[Any] = field(default_factory=list)
+    # open_clip architecture configs (<arch>.json files or folders of them) to register, relative
+    # to the suite file's folder (command-line entries: to the working directory); see also
+    # $ROBENCH_MODEL_CONFIGS and robench/models/arch_configs.py
+    model_configs: list[str] = field(default_factory=list)
     model: ModelDefaults = field(default_factory=ModelDefaults)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Per-dataset overrides, e.g. ``data.imagenet.root=/mnt/imagenet/val``.
@@ -155,6 +159,8 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
         o.startswith("data_root=") for o in overrides
     ):
         cfg.data_root = os.environ["ROBENCH_DATA"]
+    base = Path.cwd() if "model_configs" in over else path.resolve().parent
+    cfg.model_configs = [str(base / Path(p).expanduser()) for p in cfg.model_configs]
     if not cfg.cache_dir:
         cfg.cache_dir = os.environ.get("ROBENCH_CACHE", str(Path.home() / ".cache" / "robench"))
     if cfg.model.precision not in ("fp32", "fp16", "bf16"):

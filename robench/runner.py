@@ -32,6 +32,7 @@ from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, extract_features, sample_names
 from robench.models import METHODS
+from robench.models.arch_configs import register_model_configs
 from robench.models.backbone import Backbone, load_backbone
 from robench.models.heads import LinearHead
 from robench.registry import (
@@ -102,6 +103,7 @@ class Runner:
     _evaluated: set[str] = field(default_factory=set)  # the suite's models (not helpers)
 
     def __post_init__(self) -> None:
+        register_model_configs(self.cfg.get("model_configs") or [])  # the suite's own archs
         for item in self.cfg.models:
             name, spec = resolve_model(_plain(item))
             if spec.method not in METHODS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ import open_clip
 import torch
 
 from robench.errors import RobenchError, unknown
+from robench.models.arch_configs import HOW_TO_REGISTER, register_model_configs
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # robench's own tiny architectures become ordinary open_clip model names.
@@ -69,13 +71,57 @@ def _not_cached(what: str) -> RobenchError:
     )
 
 
+LOCAL_DIR_FIX = ("a local-dir: folder holds open_clip_config.json ({\"model_cfg\": <architecture "
+                 "dict as in open_clip's model_configs/*.json>, \"preprocess_cfg\": {mean, std, "
+                 "interpolation, resize_mode, ...}}) and the weights "
+                 "(open_clip_model.safetensors or open_clip_pytorch_model.bin); see the README")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir
+
+
+def check_local_dir(pretrained: str) -> None:
+    """A ``local-dir:`` folder must hold open_clip_config.json with ``model_cfg`` and a weights
+    file: open_clip itself would build a randomly initialised model when the weights are
+    missing (with only a log warning)."""
+    d = Path(pretrained.removeprefix("local-dir:")).expanduser()
+    config = d / "open_clip_config.json"
+    if not config.is_file():
+        raise RobenchError(f"{pretrained}: no open_clip_config.json in {d}", LOCAL_DIR_FIX)
+    try:
+        content = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise RobenchError(f"{pretrained}: cannot read {config}: {e}", LOCAL_DIR_FIX) from e
+    if not isinstance(content, dict) or not isinstance(content.get("model_cfg"), dict):
+        raise RobenchError(f"{pretrained}: {config} has no \"model_cfg\" dict", LOCAL_DIR_FIX)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in d.iterdir() if p.is_file()):
+        raise RobenchError(f"{pretrained}: no weights file (*.safetensors, *.bin, *.pth) in {d}",
+                           LOCAL_DIR_FIX)
+
+
+def check_architecture(arch: str) -> None:
+    """An ``arch`` must be an open_clip model name: built in, robench's own, or registered
+    (``model_configs`` / ``$ROBENCH_MODEL_CONFIGS``). The error lists the closest few names."""
+    register_model_configs()  # $ROBENCH_MODEL_CONFIGS, also for callers outside a suite run
+    if arch not in open_clip.list_models():
+        raise unknown("open_clip architecture", arch, open_clip.list_models(), limit=5,
+                      fix=f"use a name from open_clip.list_models(), or {HOW_TO_REGISTER}")
+
+
+def architecture_config(arch: str, pretrained: str | None) -> str:
+    """The architecture dict the model is built from, as canonical JSON: part of the backbone's
+    identity, because a user's own config can change without changing any weight (e.g.
+    ``quick_gelu``, ``pool_type``). Empty for ``hf-hub:`` (read from the hub cache by
+    open_clip)."""
+    if pretrained and pretrained.startswith("hf-hub:"):
+        return ""
+    name = pretrained if pretrained and pretrained.startswith("local-dir:") else arch
+    cfg = open_clip.get_model_config(name)
+    return json.dumps(cfg, sort_keys=True) if cfg else ""
+
+
 def check_weights_available(arch: str, pretrained: str | None) -> None:
     """Fail fast (before any download attempt) when weights are neither cached nor a file."""
     if pretrained and pretrained.startswith("local-dir:"):
-        d = Path(pretrained.removeprefix("local-dir:")).expanduser()
-        if not (d / "open_clip_config.json").is_file():
-            raise RobenchError(f"{pretrained}: no open_clip_config.json in {d}",
-                               "a local-dir: folder needs open_clip_config.json and the weights")
+        check_local_dir(pretrained)
         return
     if pretrained and pretrained.startswith("hf-hub:"):
         model_id = pretrained.removeprefix("hf-hub:")
@@ -86,9 +132,7 @@ def check_weights_available(arch: str, pretrained: str | None) -> None:
         ):
             raise _not_cached(f"hf-hub model '{model_id}'")
         return
-    if arch not in open_clip.list_models():
-        raise unknown("open_clip architecture", arch, open_clip.list_models(),
-                      fix="use a name from open_clip.list_models() or pretrained=local-dir:...")
+    check_architecture(arch)
     if not pretrained or os.path.isfile(pretrained):
         return
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
@@ -120,6 +164,7 @@ class Backbone:
     device: str
     precision: str
     weights_hash: str
+    arch_config: str = ""  # canonical JSON of the architecture dict (see architecture_config)
 
     @property
     def image_size(self) -> int:
@@ -150,9 +195,11 @@ class Backbone:
         return torch.nn.functional.normalize(f.float(), dim=-1)
 
     def id(self) -> str:
+        """Weights + preprocessing + precision + architecture config: what the features of an
+        image depend on."""
         return hashlib.sha256(
-            f"{self.weights_hash}|{self.preprocess_id}|{self.precision}".encode()
-        ).hexdigest()[:16]
+            f"{self.weights_hash}|{self.preprocess_id}|{self.precision}|{self.arch_config}"
+            .encode()).hexdigest()[:16]
 
 
 def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
@@ -166,6 +213,8 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
         from robench.registry import ASSETS
 
         pretrained = str(ASSETS / pretrained.removeprefix("assets:"))
+    if not (pretrained and pretrained.startswith(SCHEMAS)):
+        check_architecture(arch)  # also with allow_download: the error says how to register
     if not allow_download:
         check_weights_available(arch, pretrained)
     model_name, tag = arch, pretrained
@@ -190,9 +239,12 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
         root.setLevel(level)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
+    arch_cfg = architecture_config(arch, pretrained)
+    if kwargs.get("force_quick_gelu"):
+        arch_cfg += "|force_quick_gelu"
     return Backbone(arch=arch, pretrained=pretrained, model=model, preprocess=preprocess,
                     tokenizer=tokenizer, device=device, precision=precision,
-                    weights_hash=state_dict_hash(model))
+                    weights_hash=state_dict_hash(model), arch_config=arch_cfg)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
