@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT = 1
 RACY_NS = 2_000_000_000
 HASH_THREADS = 16
+HASH_CHUNK = 64  # files per thread-pool task
 DIGEST_BYTES = 32  # sha256
 
 
@@ -150,15 +151,21 @@ def content_digests(root: Path, files: FileStats, cache_dir: str | Path | None =
     started = time.time_ns()
     unreadable = np.zeros(n, dtype=bool)
     if len(todo):
+        # chunks of files per task: one future per file would cost more than hashing a small one
+        chunks = [todo[s:s + HASH_CHUNK].tolist() for s in range(0, len(todo), HASH_CHUNK)]
+        bar = tqdm(total=len(todo), unit="file", desc=f"hashing {desc or root.name}",
+                   disable=not progress or len(todo) < 1000, dynamic_ncols=True, leave=False)
         with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-            jobs = pool.map(lambda i: _digest_or_none(root / files.rel[i]), todo.tolist())
-            bar = tqdm(jobs, total=len(todo), unit="file", desc=f"hashing {desc or root.name}",
-                       disable=not progress or len(todo) < 1000, dynamic_ncols=True, leave=False)
-            for i, d in zip(todo.tolist(), bar, strict=True):
-                if d is None:  # the feature pass reports it as undecodable; retried next run
-                    unreadable[i] = True
-                    d = hashlib.sha256(b"unreadable\0" + files.rel[i].encode()).digest()
-                digests[i] = np.frombuffer(d, dtype=np.uint8)
+            for rows, found in zip(chunks, pool.map(
+                    lambda rows: [_digest_or_none(root / files.rel[i]) for i in rows], chunks),
+                    strict=True):
+                for i, d in zip(rows, found, strict=True):
+                    if d is None:  # the feature pass reports it as undecodable; retried next run
+                        unreadable[i] = True
+                        d = hashlib.sha256(b"unreadable\0" + files.rel[i].encode()).digest()
+                    digests[i] = np.frombuffer(d, dtype=np.uint8)
+                bar.update(len(rows))
+        bar.close()
         _save_index(path, joined, stat, digests, started, unreadable)
     return Digests(digests, int(len(todo)))
 
