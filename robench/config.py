@@ -7,6 +7,7 @@ with the list of valid keys (closest first) instead of being silently ignored.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from robench.errors import RobenchError, unknown
+from robench.errors import RobenchError, closest_first, unknown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,16 @@ class MetricsConfig:
 
 
 @dataclass
+class SuiteMeta:
+    """Where a config came from, filled in by :func:`load_suite` (never set by the user): the
+    suite file and the top-level keys given as ``key=value`` on the command line. It lets the
+    runner tell a suite's own choice from the user's (see :func:`pair_id_dataset`)."""
+
+    path: str = ""
+    overridden: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     """Everything one ``robench run`` needs; every field can be overridden with ``key=value``."""
 
@@ -45,6 +56,10 @@ class RunConfig:
     description: str = ""
     models: list[Any] = field(default_factory=list)
     datasets: list[Any] = field(default_factory=list)
+    # open_clip architecture configs (<arch>.json files or folders of them) to register, relative
+    # to the suite file's folder (command-line entries: to the working directory); see also
+    # $ROBENCH_MODEL_CONFIGS and robench/models/arch_configs.py
+    model_configs: list[str] = field(default_factory=list)
     model: ModelDefaults = field(default_factory=ModelDefaults)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Per-dataset overrides, e.g. ``data.imagenet.root=/mnt/imagenet/val``.
@@ -66,6 +81,7 @@ class RunConfig:
     # methods may not train, select or calibrate on an evaluated dataset (or one with the same
     # files); true overrides the refusal, e.g. to reproduce a paper that did
     allow_train_on_eval: bool = False
+    meta: SuiteMeta = field(default_factory=SuiteMeta)  # filled in by load_suite
 
 
 def suite_dirs() -> list[Path]:
@@ -136,6 +152,10 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
     over = parse_overrides(overrides)
     _check_keys(raw, schema)
     _check_keys(over, schema)
+    for given in (raw, over):
+        if "meta" in given:
+            raise RobenchError("'meta' is filled in by robench (where the suite came from), not "
+                               "a setting", "remove meta from the suite file / the overrides")
     if not raw.get("name"):
         raw.name = path.stem
     try:
@@ -147,6 +167,8 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
         o.startswith("data_root=") for o in overrides
     ):
         cfg.data_root = os.environ["ROBENCH_DATA"]
+    base = Path.cwd() if "model_configs" in over else path.resolve().parent
+    cfg.model_configs = [str(base / Path(p).expanduser()) for p in cfg.model_configs]
     if not cfg.cache_dir:
         cfg.cache_dir = os.environ.get("ROBENCH_CACHE", str(Path.home() / ".cache" / "robench"))
     if cfg.model.precision not in ("fp32", "fp16", "bf16"):
@@ -161,4 +183,40 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
     if not cfg.models or not cfg.datasets:
         raise RobenchError(f"suite '{cfg.name}' names no models or no datasets",
                            "list at least one model and one dataset in the suite")
+    cfg.meta.path = str(path.resolve())
+    cfg.meta.overridden = sorted(str(k) for k in over.keys())
     return cfg
+
+
+def pair_id_dataset(cfg: DictConfig, datasets: Sequence[str]) -> str | None:
+    """Check ``id_dataset`` against the datasets of this run; return a note when it is dropped.
+
+    A suite's ``id_dataset`` left out by a ``datasets=[...]`` override (running a subset, e.g.
+    ``datasets=[imagenet-r]`` of ``imagenet-shifts``) is dropped for this run: ``cfg.id_dataset``
+    becomes None, no ``ood_auroc`` is computed, and the note says how to keep the pairing. An
+    ``id_dataset`` the user gave on the command line, or a suite file pairing with a dataset it
+    does not list, stays an error naming the fix.
+    """
+    id_ds = cfg.id_dataset
+    if not id_ds or id_ds in datasets:
+        return None
+    overridden = set(cfg.meta.overridden) if "meta" in cfg else set()
+    names = ", ".join(datasets)
+    if "datasets" in overridden and "id_dataset" not in overridden:
+        cfg.id_dataset = None
+        return (f"note: suite '{cfg.name}' pairs its datasets with id_dataset={id_ds}, which "
+                f"datasets=[{names}] leaves out: ood_auroc is not computed in this run. To keep "
+                f"it, add the ID set: datasets=[{names},{id_ds}]")
+    close = closest_first(id_ds, datasets)[:5]
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    if "id_dataset" in overridden:
+        raise RobenchError(
+            f"id_dataset={id_ds} (given on the command line) is not one of this run's datasets "
+            f"({names}).{hint}",
+            f"add it to the run (datasets=[{names},{id_ds}]), pair with one of the run's "
+            "datasets (id_dataset=NAME), or pass id_dataset=null for no ood_auroc")
+    raise RobenchError(
+        f"suite '{cfg.name}' sets id_dataset: {id_ds}, which is not one of its datasets "
+        f"({names}).{hint}",
+        f"list {id_ds} under datasets: in the suite file, set id_dataset to one of them, or pass "
+        "id_dataset=null for no ood_auroc")

@@ -22,12 +22,21 @@ def closest_first(name: str, valid: Iterable[str]) -> list[str]:
     return close or valid
 
 
-def unknown(kind: str, name: str, valid: Iterable[str], fix: str | None = None) -> RobenchError:
-    """Error for an unknown name that lists the valid ones, the closest match first."""
+def unknown(kind: str, name: str, valid: Iterable[str], fix: str | None = None,
+            limit: int | None = None) -> RobenchError:
+    """Error for an unknown name that lists the valid ones, the closest match first (only the
+    ``limit`` closest when there are many, e.g. open_clip's ~150 architectures)."""
     ordered = closest_first(str(name), valid)
     hint = f" Did you mean '{ordered[0]}'?" if ordered else ""
-    listing = ", ".join(ordered) if ordered else "(none registered)"
+    if not ordered:
+        listing = "(none registered)"
+    elif limit is not None and len(ordered) > limit:
+        listing = f"{', '.join(ordered[:limit])}, ... ({len(ordered)} in all)"
+    else:
+        listing = ", ".join(ordered)
+    what = f"Closest of the {kind}s" if limit is not None and len(ordered) > limit else \
+        f"Valid {kind}s"
     return RobenchError(
-        f"unknown {kind} '{name}'.{hint} Valid {kind}s: {listing}",
+        f"unknown {kind} '{name}'.{hint} {what}: {listing}",
         fix or f"use one of the valid {kind}s, or register a new one",
     )

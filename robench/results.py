@@ -102,11 +102,13 @@ def leaderboard(frame: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
 
 
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The compact per-cell table printed at the end of a run: acc1 / ECE / AUROC."""
-    cols = ["model", "dataset", "n", "acc1", "ece", "auroc"]
+    """The compact per-cell table of ``robench results``: acc1 / acc5 / ECE / AUROC (+ ood_auroc
+    where a cell has it). A record without a metric (older records without ``acc5``) shows
+    ``-``."""
+    cols = ["model", "dataset", "n", "acc1", "acc5", "ece", "auroc"]
     cols += [c for c in ("ood_auroc",) if c in frame and frame[c].notna().any()]
-    out = frame[cols].copy()
-    for c in ("acc1",):
+    out = frame.reindex(columns=cols).copy()
+    for c in ("acc1", "acc5"):
         out[c] = out[c].map(lambda v: f"{v:.2f}" if pd.notna(v) else "-")
     for c in ("ece", "auroc", "ood_auroc"):
         if c in out:
@@ -116,7 +118,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def leaderboard_table(frame: pd.DataFrame, models: list[str] | None = None,
                       datasets: list[str] | None = None,
-                      metrics: tuple[str, ...] = ("acc1", "ece", "auroc", "ood_auroc"),
+                      metrics: tuple[str, ...] = ("acc1", "acc5", "ece", "auroc", "ood_auroc"),
                       ) -> pd.DataFrame:
     """The leaderboard printed after a run: one row per model, (dataset, metric) columns.
 

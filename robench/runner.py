@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import robench
+from robench.config import pair_id_dataset
 from robench.data import family_loader
 from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, describe, extract_features, sample_names
 from robench.models import METHODS
+from robench.models.arch_configs import register_model_configs
 from robench.models.backbone import Backbone, load_backbone
 from robench.models.heads import LinearHead
 from robench.registry import (
@@ -101,8 +103,10 @@ class Runner:
     sources: dict[str, ImageSource] = field(default_factory=dict)
     _features: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
     _evaluated: set[str] = field(default_factory=set)  # the suite's models (not helpers)
+    evaluated_datasets: list[str] = field(default_factory=list)  # the suite's datasets
 
     def __post_init__(self) -> None:
+        register_model_configs(self.cfg.get("model_configs") or [])  # the suite's own archs
         for item in self.cfg.models:
             name, spec = resolve_model(_plain(item))
             if spec.method not in METHODS:
@@ -116,9 +120,9 @@ class Runner:
             name, spec = resolve_dataset(_plain(item))
             self.dataset_specs[name] = spec
         self._evaluated = set(self.models)
-        if self.cfg.id_dataset and self.cfg.id_dataset not in self.dataset_specs:
-            raise unknown("id_dataset", self.cfg.id_dataset, self.dataset_specs,
-                          fix="id_dataset must be one of the suite's datasets")
+        self.evaluated_datasets = list(self.dataset_specs)  # not helpers loaded later
+        if note := pair_id_dataset(self.cfg, list(self.dataset_specs)):
+            tqdm.write(note)  # a subset of the suite leaves its ID set out: no ood_auroc
 
     # -- data ---------------------------------------------------------------------------------
     def source(self, name: str) -> ImageSource:
@@ -210,10 +214,11 @@ class Runner:
         or by the same files): its numbers there would be in-sample."""
         if self.cfg.allow_train_on_eval:
             return
-        evaluated = {self.source(d).manifest_hash: d for d in self.dataset_specs}
+        evaluated = {self.source(d).manifest_hash: d for d in self.evaluated_datasets}
         for m in models:
             for role, d in self.data_roles(m):
-                same = d if d in self.dataset_specs else evaluated.get(self.source(d).manifest_hash)
+                same = d if d in self.evaluated_datasets else \
+                    evaluated.get(self.source(d).manifest_hash)
                 if same:
                     what = "is" if same == d else f"has the same files as {same}, which is"
                     raise RobenchError(
@@ -225,10 +230,10 @@ class Runner:
 
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
-        for name in self.dataset_specs:  # a wrong root fails before any model is loaded
+        for name in self.evaluated_datasets:  # a wrong root fails before any model is loaded
             self.source(name)
         self.check_training_data([m for m in self.models if m in self._evaluated])
-        datasets = list(self.dataset_specs)
+        datasets = list(self.evaluated_datasets)
         evaluated = [m for m in self.models if m in self._evaluated]
         paths = [record_path(self.cfg.results_dir, self.cfg.name, m, d)
                  for m in evaluated for d in datasets]
@@ -263,6 +268,7 @@ class Runner:
                     rec = read_record(record_path(self.cfg.results_dir, self.cfg.name, m, d))
                     mt = rec["metrics"]
                     tqdm.write(f"[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
+                               f"acc5={_fmt(mt.get('acc5'))} "
                                f"ece={_fmt(mt['ece'], 4)} auroc={_fmt(mt['auroc'], 4)} "
                                f"({time.time() - t0:.0f}s)")
         return paths

@@ -51,6 +51,15 @@ def write_cifar10(root: Path, n_test: int = 40, n_train: int = 10) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests (and the CLI they spawn) never write into the user's ~/.cache/robench: loaders
+    without an explicit cache_dir keep their content index in a session folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROBENCH_CACHE", str(tmp_path_factory.mktemp("robench-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from robench.models.backbone import load_backbone

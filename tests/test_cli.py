@@ -56,9 +56,12 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
     assert "mce" not in rec["metrics"]  # renamed: not ImageNet-C's mean Corruption Error
     with np.load(out / "tiny-file" / "cifar10.npz") as z:
         assert z["topk_class"].shape == (60, 5) and z["label"].shape == (60,)
-        assert z["log_norm"].dtype == np.float64 and z["sample_id"].shape == (60,)
+        assert z["log_norm"].dtype == np.float64
+        assert "sample_id" not in z.files  # a pickled CIFAR split: the row index is the id
         assert "probs" not in z.files  # no float16 probabilities any more
     assert "tiny-file" in r.stdout and "acc1" in r.stdout  # the printed table
+    header = next(line for line in r.stdout.splitlines() if line.startswith("metric"))
+    assert header.split()[1:] == ["acc1", "acc5", "ece", "auroc"] * 2 + ["ood_auroc"]
 
     mtimes = {p: p.stat().st_mtime_ns for p in recs}
     time.sleep(0.05)
@@ -78,6 +81,10 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
 
     res = run_cli("results", "--dir", str(out), "--format", "csv")
     assert res.returncode == 0 and res.stdout.count("\n") == 5
+    table = run_cli("results", "--dir", str(out))
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["model", "dataset", "n", "acc1", "acc5",
+                                                    "ece", "auroc", "ood_auroc"]
 
 
 def test_missing_dataset_root_fails_before_model_load(tmp_path, suite):
@@ -146,3 +153,47 @@ metrics: {{bootstrap: 0}}
     assert rec["data"]["bad_samples"] == ["dog/2.png"]
     assert rec["metrics"]["n"] == 7  # scored over the images that decode
     assert (out / "cifar10-subset-val.json").stat().st_mtime_ns == done  # not redone
+
+
+PAIRED = """
+models: [tiny-random]
+datasets: [cifar10-subset-probe, cifar10-subset-val]
+id_dataset: {id_dataset}
+model: {{batch_size: 250, num_workers: 0}}
+metrics: {{bootstrap: 0}}
+"""
+
+
+def test_subset_of_a_paired_suite_drops_the_pairing_with_a_note(tmp_path):
+    suite = tmp_path / "paired.yaml"
+    suite.write_text(PAIRED.format(id_dataset="cifar10-subset-probe"))
+    r = run_cli(*_args(tmp_path, suite, "datasets=[cifar10-subset-val]", "progress=false"))
+    assert r.returncode == 0, r.stderr
+    assert "ood_auroc is not computed" in r.stdout
+    assert "datasets=[cifar10-subset-val,cifar10-subset-probe]" in r.stdout  # how to keep it
+    rec = json.loads((tmp_path / "results" / "paired" / "tiny-random" /
+                      "cifar10-subset-val.json").read_text())
+    assert rec["protocol"]["id_dataset"] is None and rec["protocol"]["ood_auroc"] is None
+    assert rec["metrics"].get("ood_auroc") is None
+    assert not (tmp_path / "results" / "paired" / "tiny-random" / "cifar10-subset-probe.json"
+                ).exists()
+
+
+def test_id_dataset_outside_the_run_is_an_error_naming_the_fix(tmp_path):
+    suite = tmp_path / "paired.yaml"
+    suite.write_text(PAIRED.format(id_dataset="cifar10-subset-probe"))
+    # given explicitly on the command line: the user asked for a pairing that cannot be made
+    r = run_cli(*_args(tmp_path, suite, "datasets=[cifar10-subset-val]",
+                       "id_dataset=cifar10-subset-probe"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "given on the command line" in r.stderr
+    assert "datasets=[cifar10-subset-val,cifar10-subset-probe]" in r.stderr
+    assert "id_dataset=null" in r.stderr
+    # the suite file itself pairs with a dataset it does not list
+    bad = tmp_path / "inconsistent.yaml"
+    bad.write_text(PAIRED.format(id_dataset="cifar10-subset-tset"))
+    r = run_cli(*_args(tmp_path, bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "suite 'inconsistent' sets id_dataset: cifar10-subset-tset" in r.stderr
+    assert "Did you mean" in r.stderr and "id_dataset=null" in r.stderr
+    assert not (tmp_path / "results").exists()

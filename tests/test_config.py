@@ -88,3 +88,35 @@ def test_inline_model_declaration_and_bad_field():
 
 def test_closest_first_orders_by_similarity():
     assert closest_first("imagenet-r", ["imagenet-a", "imagenet-r2", "cifar10"])[0] == "imagenet-r2"
+
+
+def test_load_suite_records_which_keys_the_command_line_set(tmp_path):
+    cfg = load_suite("smoke", ["datasets=[cifar10]", "data.cifar10.root=/x"])
+    assert cfg.meta.overridden == ["data", "datasets"]
+    assert cfg.meta.path.endswith("smoke.yaml")
+    p = tmp_path / "meta.yaml"
+    p.write_text("models: [tiny-random]\ndatasets: [cifar10]\nmeta: {overridden: [datasets]}\n")
+    with pytest.raises(RobenchError, match="filled in by robench"):
+        load_suite(str(p))
+    with pytest.raises(RobenchError, match="filled in by robench"):
+        load_suite("smoke", ["meta.path=/x"])
+
+
+def test_id_dataset_pairing_kept_dropped_or_refused(tmp_path):
+    p = tmp_path / "paired.yaml"
+    p.write_text("models: [tiny-random]\ndatasets: [cifar10, cifar10-subset-val]\n"
+                 "id_dataset: cifar10\n")
+    assert Runner(load_suite(str(p))).cfg.id_dataset == "cifar10"
+    kept = Runner(load_suite(str(p), ["datasets=[cifar10-subset-val,cifar10]"]))
+    assert kept.cfg.id_dataset == "cifar10"
+    dropped = Runner(load_suite(str(p), ["datasets=[cifar10-subset-val]"]))
+    assert dropped.cfg.id_dataset is None
+    assert Runner(load_suite(str(p), ["datasets=[cifar10-subset-val]", "id_dataset=null"])
+                  ).cfg.id_dataset is None
+    with pytest.raises(RobenchError, match="given on the command line"):
+        Runner(load_suite(str(p), ["datasets=[cifar10-subset-val]", "id_dataset=cifar10"]))
+    with pytest.raises(RobenchError, match="given on the command line"):
+        Runner(load_suite(str(p), ["id_dataset=cifar100"]))
+    p.write_text("models: [tiny-random]\ndatasets: [cifar10]\nid_dataset: cifar100\n")
+    with pytest.raises(RobenchError, match="not one of its datasets"):
+        Runner(load_suite(str(p)))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from robench.data.content import FileStats, content_digests
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -39,28 +42,48 @@ class ImageSource:
         return self.loader(i)  # type: ignore[operator]
 
 
-def hash_manifest(entries: list[tuple]) -> str:
-    """sha256 of a sorted, JSON-encoded list of (relative path, size, label, ...) entries.
-
-    Path + size + label identifies a file set without decoding any image, so a second run can
-    find its cached features without touching the pixels.
-    """
+def hash_manifest(entries: list[tuple], chunk: int = 10_000) -> str:
+    """sha256 of the sorted entries, JSON-encoded ``chunk`` at a time (one ``json.dumps`` per
+    10,000 entries: ~1 s per million instead of ~3 s with one call per entry)."""
     h = hashlib.sha256()
-    for e in sorted(entries):
-        h.update(json.dumps(e).encode())
+    ordered = sorted(entries)
+    for s in range(0, len(ordered), chunk):
+        h.update(json.dumps(ordered[s:s + chunk]).encode())
         h.update(b"\n")
     return h.hexdigest()
 
 
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over file contents (for a handful of pickles / .npy files)."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def content_manifest(root: Path, files: FileStats, labels: Sequence[int],
+                     cache_dir: str | Path | None = None, progress: bool = False,
+                     desc: str = "") -> tuple[str, int]:
+    """(manifest hash, files hashed now) of a labelled file set: sha256 over the sorted
+    (relative path, size, label, content sha256) entries. The content digests come from the
+    side index of :mod:`robench.data.content`, so a warm run reads no file; a file regenerated in
+    place (same name and size, other pixels) changes the hash, a ``touch`` does not."""
+    d = content_digests(root, files, cache_dir, progress=progress, desc=desc)
+    entries = [(r, s, int(y), h) for r, s, y, h in
+               zip(files.rel, files.sizes, labels, d.hex(), strict=True)]
+    return hash_manifest(entries), d.n_hashed
+
+
+def file_digests(paths: Sequence[Path], cache_dir: str | Path | None = None,
+                 progress: bool = False) -> dict[Path, tuple[int, str]]:
+    """path -> (size, content sha256) for a handful of large files (CIFAR pickles, -C ``.npy``
+    files), through the side index of their folder: hashed in full once, then only stat-ed.
+    Callers pass every such file of the folder (not only the split they read) so that two
+    datasets sharing a folder (CIFAR test and train) keep one stable index."""
+    out: dict[Path, tuple[int, str]] = {}
+    by_folder: dict[Path, list[Path]] = {}
+    for p in paths:
+        by_folder.setdefault(p.parent, []).append(p)
+    for folder, members in by_folder.items():
+        files = FileStats()
+        for p in sorted(members):
+            files.add(p.name, p.stat())
+        d = content_digests(folder, files, cache_dir, progress=progress, desc=folder.name)
+        for p, size, h in zip(sorted(members), files.sizes, d.hex(), strict=True):
+            out[p] = (size, h)
+    return out
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from robench.data.base import ImageSource, hash_files
+from robench.data.base import ImageSource, file_digests, hash_manifest
 from robench.errors import RobenchError
 
 _CLASSES = {"cifar10": CIFAR10, "cifar100": CIFAR100}
@@ -38,7 +38,7 @@ def _pixel(data: np.ndarray, i: int) -> Image.Image:
 
 
 def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
-         **_: object) -> ImageSource:
+         cache_dir: str = "", progress: bool = False, **_: object) -> ImageSource:
     """Load the CIFAR test (or train) split; ``root`` holds ``cifar-10-batches-py`` (or is it)."""
     cls = _CLASSES[variant]
     if root.name == cls.base_folder:  # user pointed at the batches folder itself
@@ -55,12 +55,16 @@ def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
         )
     ds = _unverified(cls)(str(root), train=train, download=False)
     files = [folder / f for f, _ in (cls.train_list if train else cls.test_list)]
+    # every batch file is indexed (not only this split's) so that the test and train splits,
+    # which share the folder, share one stable content index
+    digests = file_digests([folder / f for f, _ in cls.train_list + cls.test_list], cache_dir,
+                           progress)
     return ImageSource(
         name=name,
         labels=np.asarray(ds.targets, dtype=np.int64),
         # CLIP's CIFAR class names are torchvision's with '_' replaced by spaces
         classnames=[c.replace("_", " ") for c in ds.classes],
-        manifest_hash=hash_files(files),
+        manifest_hash=hash_manifest([(p.name, *digests[p]) for p in files]),
         loader=partial(_pixel, ds.data),
         info={"root": str(root), "split": "train" if train else "test"},
     )

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robench.data.base import IMAGE_EXTENSIONS, ImageSource, hash_manifest, open_rgb
+from robench.data.base import IMAGE_EXTENSIONS, ImageSource, content_manifest, open_rgb
+from robench.data.content import FileStats
 from robench.errors import RobenchError
 
 
@@ -37,16 +38,22 @@ def _load(paths: list[Path], i: int):
     return open_rgb(paths[i])
 
 
-def load(root: Path, name: str, **_: object) -> ImageSource:
-    """Load an image folder; class names are folder names with ``_`` turned into spaces."""
+def load(root: Path, name: str, cache_dir: str = "", progress: bool = False,
+         **_: object) -> ImageSource:
+    """Load an image folder; class names are folder names with ``_`` turned into spaces.
+
+    The manifest hashes each file's relative path, size, label and content (see
+    :func:`robench.data.base.content_manifest`)."""
     classes, paths, labels = scan(root)
-    entries = [(str(p.relative_to(root)), p.stat().st_size, int(y))
-               for p, y in zip(paths, labels, strict=True)]
+    files = FileStats()
+    for p in paths:
+        files.add(p.relative_to(root).as_posix(), p.stat())
+    manifest, hashed = content_manifest(root, files, labels, cache_dir, progress, desc=name)
     return ImageSource(
         name=name,
         labels=labels,
         classnames=[c.replace("_", " ") for c in classes],
-        manifest_hash=hash_manifest(entries),
+        manifest_hash=manifest,
         loader=partial(_load, paths),
-        info={"root": str(root), "paths": [str(p.relative_to(root)) for p in paths]},
+        info={"root": str(root), "paths": files.rel, "files_hashed": hashed},
     )

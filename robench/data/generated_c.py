@@ -31,6 +31,7 @@ def load(root: Path, name: str, base: str = "", stride: int = 1, corruptions: st
     out = Path(cache_dir).expanduser() / "corrupted" / key.hexdigest()[:24]
     generate_c_set(src, out, rows=rows, corruptions=names, seed=seed, workers=workers,
                    progress=progress)
-    c = cifar_c.load(out, name=name, corruptions=corruptions, classnames=src.classnames)
+    c = cifar_c.load(out, name=name, corruptions=corruptions, classnames=src.classnames,
+                     cache_dir=cache_dir, progress=progress)
     c.info.update({"base": base, "stride": stride, "seed": seed, "generated": True})
     return c

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robench.data.base import IMAGE_EXTENSIONS, ImageSource, hash_manifest, open_rgb
+from robench.data.base import IMAGE_EXTENSIONS, ImageSource, content_manifest, open_rgb
+from robench.data.content import FileStats
 from robench.errors import RobenchError
 
 log = logging.getLogger(__name__)
@@ -137,18 +138,19 @@ def _child_dirs(root: Path) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
-def _images_in(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """(image file name, size) pairs sorted by name, and the names of skipped non-image entries."""
+def _images_in(folder: Path) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
+    """(image file name, stat) pairs sorted by name, and the names of skipped non-image entries.
+    The stat (size, mtime, ctime) keys the content index (``robench.data.content``)."""
     images, skipped = [], []
     with os.scandir(folder) as it:
         for e in it:
             if e.name.startswith("."):
                 continue
             if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
-                images.append((e.name, e.stat().st_size))
+                images.append((e.name, e.stat()))
             else:
                 skipped.append(e.name)
-    return sorted(images), sorted(skipped)
+    return sorted(images, key=lambda x: x[0]), sorted(skipped)
 
 
 def _locate(root: Path, nested: Sequence[str], looks_right: Callable[[list[str]], bool]) -> Path:
@@ -175,30 +177,31 @@ def _short(items: Sequence[object], k: int = 5) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > k else "")
 
 
-def _scan(root: Path, folders: list[tuple[str, int]]) -> tuple[list[Path], np.ndarray, list,
-                                                               list[str]]:
-    """Image paths, labels, manifest entries and skipped entries of ``(folder, label)`` pairs."""
+def _scan(root: Path, folders: list[tuple[str, int]]) -> tuple[list[Path], np.ndarray,
+                                                               FileStats, list[str]]:
+    """Image paths, labels, file stats and skipped entries of ``(folder, label)`` pairs."""
     paths: list[Path] = []
     labels: list[int] = []
-    entries: list[tuple[str, int, int]] = []
+    files = FileStats()
     skipped: list[str] = []
     for folder, label in folders:
         images, other = _images_in(root / folder)
         skipped += [f"{folder}/{s}" for s in other]
-        for fname, size in images:
+        for fname, st in images:
             paths.append(root / folder / fname)
             labels.append(label)
-            entries.append((f"{folder}/{fname}", size, label))
-    return paths, np.asarray(labels, dtype=np.int64), entries, skipped
+            files.add(f"{folder}/{fname}", st)
+    return paths, np.asarray(labels, dtype=np.int64), files, skipped
 
 
 def _open(paths: list[Path], i: int):
     return open_rgb(paths[i])
 
 
-def _source(name: str, root: Path, paths: list[Path], labels: np.ndarray, entries: list,
+def _source(name: str, root: Path, paths: list[Path], labels: np.ndarray, files: FileStats,
             skipped: list[str], missing: list[str], layout: str, rule: str,
-            class_subset: list[int] | None) -> ImageSource:
+            class_subset: list[int] | None, cache_dir: str = "",
+            progress: bool = False) -> ImageSource:
     if not paths:
         raise RobenchError(f"{name}: the class folders under {root} hold no images "
                            f"(extensions {', '.join(IMAGE_EXTENSIONS)})",
@@ -206,22 +209,23 @@ def _source(name: str, root: Path, paths: list[Path], labels: np.ndarray, entrie
     if missing:
         log.warning("%s: %d class folder(s) missing under %s: %s", name, len(missing), root,
                     _short(missing))
+    manifest, hashed = content_manifest(root, files, labels, cache_dir, progress, desc=name)
     return ImageSource(
         name=name,
         labels=labels,
         classnames=list(imagenet_classnames()),
-        manifest_hash=hash_manifest(entries),
+        manifest_hash=manifest,
         loader=partial(_open, paths),
         class_subset=class_subset,
         info={"root": str(root), "layout": layout, "label_rule": rule,
-              "paths": [e[0] for e in entries], "missing_classes": missing,
-              "skipped_files": skipped},
+              "paths": files.rel, "missing_classes": missing,
+              "skipped_files": skipped, "files_hashed": hashed},
     )
 
 
 # -- imagenet-folder ----------------------------------------------------------------------------
 def load_folder(root: Path, name: str, subset: str = "", nested: Sequence[str] = (),
-                **_: object) -> ImageSource:
+                cache_dir: str = "", progress: bool = False, **_: object) -> ImageSource:
     """``<root>/<wnid>/<image>``; label = 1k index of the wnid (= index in sorted wnids).
 
     ``subset`` (``imagenet-r`` / ``imagenet-a``): the folders must be that set's 200 classes and
@@ -272,9 +276,10 @@ def load_folder(root: Path, name: str, subset: str = "", nested: Sequence[str] =
         expected = list(imagenet_wnids())
         rule = "label = index of the wnid folder in the 1000 sorted ImageNet wnids"
     missing = sorted(set(expected) - set(wnids))
-    paths, labels, entries, skipped = _scan(root, [(w, index[w]) for w in wnids])
-    return _source(name, root, paths, labels, entries, skipped, missing,
-                   "imagenet-folder: <root>/<wnid>/<image>", rule, class_subset)
+    paths, labels, files, skipped = _scan(root, [(w, index[w]) for w in wnids])
+    return _source(name, root, paths, labels, files, skipped, missing,
+                   "imagenet-folder: <root>/<wnid>/<image>", rule, class_subset, cache_dir,
+                   progress)
 
 
 def _no_wnid_folders(root: Path, name: str, dirs: list[str]) -> None:
@@ -316,7 +321,8 @@ def _no_wnid_folders(root: Path, name: str, dirs: list[str]) -> None:
 
 
 # -- imagenet-v2 --------------------------------------------------------------------------------
-def load_v2(root: Path, name: str, nested: Sequence[str] = (), **_: object) -> ImageSource:
+def load_v2(root: Path, name: str, nested: Sequence[str] = (), cache_dir: str = "",
+            progress: bool = False, **_: object) -> ImageSource:
     """ImageNet-V2: ``<root>/<k>/*.jpeg`` for k in 0..999; label = ``int(k)`` (NOT the position
     of "k" among the folder names sorted as strings, which is what ImageFolder would use).
 
@@ -351,7 +357,8 @@ def load_v2(root: Path, name: str, nested: Sequence[str] = (), **_: object) -> I
             "out or re-extract the released tar")
     folders = sorted(((d, int(d)) for d in numeric), key=lambda f: f[1])  # numeric order
     missing = [str(k) for k in sorted(set(range(1000)) - {k for _, k in folders})]
-    paths, labels, entries, skipped = _scan(root, folders)
-    return _source(name, root, paths, labels, entries, skipped, missing,
+    paths, labels, files, skipped = _scan(root, folders)
+    return _source(name, root, paths, labels, files, skipped, missing,
                    "imagenet-v2: <root>/<0..999>/<image>",
-                   "label = int(folder name) (not the string-sorted folder position)", None)
+                   "label = int(folder name) (not the string-sorted folder position)", None,
+                   cache_dir, progress)

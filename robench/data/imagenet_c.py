@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robench.data.base import ImageSource, hash_manifest
+from robench.data.base import ImageSource, content_manifest
+from robench.data.content import FileStats
 from robench.data.corrupt_set import MANIFEST, read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.data.imagenet import (
@@ -38,7 +39,8 @@ def _label_table(root: Path) -> tuple[dict[str, int], list[str], list[str] | Non
     return wnid_index(), list(imagenet_classnames()), None
 
 
-def load(root: Path, name: str, corruptions: str = "standard", **_: object) -> ImageSource:
+def load(root: Path, name: str, corruptions: str = "standard", cache_dir: str = "",
+         progress: bool = False, **_: object) -> ImageSource:
     """Load a -C set in the ImageNet-C folder layout; ``corruptions`` = ``standard`` or ``all``."""
     if not root.is_dir():
         raise RobenchError(f"{name}: dataset folder {root} does not exist",
@@ -59,7 +61,7 @@ def load(root: Path, name: str, corruptions: str = "standard", **_: object) -> I
             "folder, or finish the generation with robench data corrupt (it resumes)")
     paths: list[Path] = []
     labels: list[int] = []
-    entries: list[tuple[str, int, int]] = []
+    files = FileStats()
     groups: dict[str, np.ndarray] = {}
     for c in present:
         for s in SEVERITIES:
@@ -75,25 +77,27 @@ def load(root: Path, name: str, corruptions: str = "standard", **_: object) -> I
                         f"{name}: class folder {c}/{s}/{cls} is not a known class (expected "
                         f"{known})", "check that the root is the -C set's folder")
                 images, _skipped = _images_in(folder / cls)
-                for fname, size in images:
+                for fname, st in images:
                     paths.append(folder / cls / fname)
                     labels.append(table[cls])
-                    entries.append((f"{c}/{s}/{cls}/{fname}", size, table[cls]))
+                    files.add(f"{c}/{s}/{cls}/{fname}", st)
             groups[f"{c}/{s}"] = np.arange(start, len(paths))
             if len(paths) == start:
                 raise RobenchError(f"{name}: {folder} holds no images",
                                    "re-extract or regenerate this corruption")
     standard = [c for c in present if c in STANDARD_CORRUPTIONS] or present
+    manifest, hashed = content_manifest(root, files, labels, cache_dir, progress, desc=name)
     return ImageSource(
         name=name,
         labels=np.asarray(labels, dtype=np.int64),
         classnames=classnames,
-        manifest_hash=hash_manifest(entries),
+        manifest_hash=manifest,
         loader=partial(_open, paths),
         groups=groups,
         summary_groups=[f"{c}/{s}" for c in standard for s in SEVERITIES],
         info={"root": str(root), "layout": "imagenet-c: <corruption>/<severity>/<class>/<image>",
               "label_rule": ("label = index of the wnid folder in the 1000 sorted ImageNet wnids"
                              if generated is None else f"label from the class table in {MANIFEST}"),
-              "corruptions": present, "generated": generated is not None},
+              "corruptions": present, "generated": generated is not None,
+              "files_hashed": hashed},
     )

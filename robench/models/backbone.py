@@ -17,6 +17,7 @@ import open_clip
 import torch
 
 from robench.errors import RobenchError, unknown
+from robench.models.arch_configs import HOW_TO_REGISTER, register_model_configs
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # robench's own tiny architectures become ordinary open_clip model names.
@@ -71,13 +72,45 @@ def _not_cached(what: str) -> RobenchError:
     )
 
 
+LOCAL_DIR_FIX = ("a local-dir: folder holds open_clip_config.json ({\"model_cfg\": <architecture "
+                 "dict as in open_clip's model_configs/*.json>, \"preprocess_cfg\": {mean, std, "
+                 "interpolation, resize_mode, ...}}) and the weights "
+                 "(open_clip_model.safetensors or open_clip_pytorch_model.bin); see the README")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir
+
+
+def check_local_dir(pretrained: str) -> None:
+    """A ``local-dir:`` folder must hold open_clip_config.json with ``model_cfg`` and a weights
+    file: open_clip itself would build a randomly initialised model when the weights are
+    missing (with only a log warning)."""
+    d = Path(pretrained.removeprefix("local-dir:")).expanduser()
+    config = d / "open_clip_config.json"
+    if not config.is_file():
+        raise RobenchError(f"{pretrained}: no open_clip_config.json in {d}", LOCAL_DIR_FIX)
+    try:
+        content = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise RobenchError(f"{pretrained}: cannot read {config}: {e}", LOCAL_DIR_FIX) from e
+    if not isinstance(content, dict) or not isinstance(content.get("model_cfg"), dict):
+        raise RobenchError(f"{pretrained}: {config} has no \"model_cfg\" dict", LOCAL_DIR_FIX)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in d.iterdir() if p.is_file()):
+        raise RobenchError(f"{pretrained}: no weights file (*.safetensors, *.bin, *.pth) in {d}",
+                           LOCAL_DIR_FIX)
+
+
+def check_architecture(arch: str) -> None:
+    """An ``arch`` must be an open_clip model name: built in, robench's own, or registered
+    (``model_configs`` / ``$ROBENCH_MODEL_CONFIGS``). The error lists the closest few names."""
+    register_model_configs()  # $ROBENCH_MODEL_CONFIGS, also for callers outside a suite run
+    if arch not in open_clip.list_models():
+        raise unknown("open_clip architecture", arch, open_clip.list_models(), limit=5,
+                      fix=f"use a name from open_clip.list_models(), or {HOW_TO_REGISTER}")
+
+
 def check_weights_available(arch: str, pretrained: str | None) -> None:
     """Fail fast (before any download attempt) when weights are neither cached nor a file."""
     if pretrained and pretrained.startswith("local-dir:"):
-        d = Path(pretrained.removeprefix("local-dir:")).expanduser()
-        if not (d / "open_clip_config.json").is_file():
-            raise RobenchError(f"{pretrained}: no open_clip_config.json in {d}",
-                               "a local-dir: folder needs open_clip_config.json and the weights")
+        check_local_dir(pretrained)
         return
     if pretrained and pretrained.startswith("hf-hub:"):
         model_id = pretrained.removeprefix("hf-hub:")
@@ -88,9 +121,7 @@ def check_weights_available(arch: str, pretrained: str | None) -> None:
         ):
             raise _not_cached(f"hf-hub model '{model_id}'")
         return
-    if arch not in open_clip.list_models():
-        raise unknown("open_clip architecture", arch, open_clip.list_models(),
-                      fix="use a name from open_clip.list_models() or pretrained=local-dir:...")
+    check_architecture(arch)
     if not pretrained or os.path.isfile(pretrained):
         return
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
@@ -177,6 +208,8 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
         from robench.registry import ASSETS
 
         pretrained = str(ASSETS / pretrained.removeprefix("assets:"))
+    if not (pretrained and pretrained.startswith(SCHEMAS)):
+        check_architecture(arch)  # also with allow_download: the error says how to register
     if not allow_download:
         check_weights_available(arch, pretrained)
     model_name, tag = arch, pretrained
