@@ -32,7 +32,7 @@ from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, describe, extract_features, sample_names
 from robench.models import METHODS
 from robench.models.arch_configs import register_model_configs
-from robench.models.backbone import Backbone, load_backbone
+from robench.models.backbone import Backbone, load_backbone, weights_identity
 from robench.models.heads import LinearHead
 from robench.registry import (
     DatasetSpec,
@@ -104,6 +104,7 @@ class Runner:
     _features: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
     _evaluated: set[str] = field(default_factory=set)  # the suite's models (not helpers)
     evaluated_datasets: list[str] = field(default_factory=list)  # the suite's datasets
+    _weight_ids: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         register_model_configs(self.cfg.get("model_configs") or [])  # the suite's own archs
@@ -179,8 +180,19 @@ class Runner:
             "seed": self.cfg.seed, "precision": self.cfg.model.precision,
             "features_dtype": self.cfg.model.features_dtype, "outputs": self.cfg.outputs,
             "id_dataset": self.cfg.id_dataset,
+            "id_manifest": self.source(self.cfg.id_dataset).manifest_hash
+            if self.cfg.id_dataset else None,
+            "weights": self._weights_identity(model),
         }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:32]
+
+    def _weights_identity(self, model: str) -> dict:
+        if model not in self._weight_ids:
+            spec = self.models[model]
+            self._weight_ids[model] = weights_identity(spec.arch, spec.pretrained,
+                                                       self.cfg.cache_dir)
+        return self._weight_ids[model]
 
     def is_done(self, model: str, dataset: str) -> bool:
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
