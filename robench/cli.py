@@ -33,16 +33,17 @@ SHELLS = ("bash", "zsh", "fish", "tcsh", "powershell")
 def cmd_run(args: argparse.Namespace) -> int:
     from robench.config import load_suite
     from robench.progress import set_verbosity
-    from robench.results import leaderboard_table, read_record, to_frame
-    from robench.runner import Runner
 
     suite, overrides = split_suite(args.overrides)
     if args.quiet or args.verbose:  # robench -q / -v, unless verbosity= is given too
         level = "quiet" if args.quiet else "verbose"
         if not any(o.startswith("verbosity=") for o in overrides):
             overrides.append(f"verbosity={level}")
-    cfg = load_suite(suite, overrides)
+    cfg = load_suite(suite, overrides)  # config errors come before torch is even imported
     set_verbosity(cfg.verbosity)
+    from robench.results import leaderboard_table, read_record, to_frame
+    from robench.runner import Runner
+
     paths = Runner(cfg).run()
     records = [read_record(p) for p in paths]
     frame = to_frame(records)
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
             "a YAML file; key=value overrides any config key below (values are YAML: lists "
             "[a,b], inline models {name: x, arch: ViT-B-32, pretrained: /w.pt}). Quote "
             "overrides that hold brackets or braces (zsh expands them): "
-            "'models=[tiny-clip-cifar10]'.", 100),
+            "'models=[tiny-clip-cifar10]'.", 100, break_on_hyphens=False),
         epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("overrides", nargs="*", metavar="key=value",
                    help="suite=NAME and key=value overrides")

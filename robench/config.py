@@ -137,7 +137,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         if "=" not in ov or ov.startswith("="):
             raise RobenchError(
                 f"bad override '{ov}': expected key=value",
-                "write overrides as key=value, e.g. model.batch_size=64 or datasets=[cifar10]",
+                "write overrides as key=value, e.g. model.batch_size=64 or 'datasets=[cifar10]'",
             )
     try:
         return OmegaConf.from_dotlist(list(overrides))

@@ -151,11 +151,11 @@ class LineProgress:
         if done <= 0 and not self.total:
             return  # nothing happened (e.g. everything was cached)
         elapsed = self.clock() - self.start
-        rate = f", {self._size(done / elapsed)} {self.unit}/s" if elapsed > 0 else ""
+        rate = f", {self._size(done / elapsed)}{self._unit}/s" if elapsed > 0 else ""
         count = self._size(self.n) + (f"/{self._size(self.total)}" if self.total and
                                       not self._finished() else "")
         stopped = "" if self._finished() or not self.total else " (stopped)"
-        self._print(f"{count} {self.unit} in {_duration(elapsed)}{rate}{stopped}")
+        self._print(f"{count}{self._unit} in {_duration(elapsed)}{rate}{stopped}")
 
     @staticmethod
     def write(message: str, file: IO | None = None) -> None:
@@ -177,7 +177,12 @@ class LineProgress:
         left = ""
         if self.total and rate > 0:
             left = f", ~{_duration((self.total - self.n) / rate)} left"
-        return f"{head} {self.unit}, {_duration(elapsed)}, {self._size(rate)} {self.unit}/s{left}"
+        return f"{head}{self._unit}, {_duration(elapsed)}, {self._size(rate)}{self._unit}/s{left}"
+
+    @property
+    def _unit(self) -> str:
+        """The unit as printed after a number: ``2000 img``, but ``1.00MB`` when scaled."""
+        return self.unit if self.unit_scale else f" {self.unit}"
 
     def _size(self, x: float | None) -> str:
         if x is None:

@@ -420,7 +420,7 @@ def downloadable(name: str, spec: DatasetSpec) -> Archive | Manual:
                            "(nothing to download)", f"just run a suite that uses {name}")
     if spec.root.startswith("assets:"):
         raise RobenchError(f"{name} ships with robench (nothing to download)",
-                           f"use it directly: datasets=[{name}]")
+                           f"use it directly: 'datasets=[{name}]'")
     raise unknown("downloadable dataset", name, SOURCES)
 
 

@@ -162,7 +162,9 @@ def _check_layout(report: VerifyReport, spec: DatasetSpec, source: ImageSource) 
         from robench.data.corruptions import CORRUPTIONS
 
         absent = [c for c in CORRUPTIONS if c not in info["corruptions"]]
-        if absent and spec.options.get("corruptions", "all") == "all":
+        asked = spec.options.get("corruptions", "standard" if spec.family == "generated-c"
+                                 else "all")  # each family's default
+        if absent and asked == "all":
             report.add("warn", "layout",
                        f"{len(absent)} of the {len(CORRUPTIONS)} corruption files are absent: "
                        f"{', '.join(absent)} (the 15 standard ones are present)",
