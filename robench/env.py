@@ -105,7 +105,12 @@ def model_report() -> list[dict[str, Any]]:
             try:
                 check_weights_available(spec.arch, pretrained)
             except RobenchError as e:
-                entry.update(present=False, how=e.fix or e.problem)
+                tag = os.path.sep not in pretrained and not pretrained.startswith(
+                    ("hf-hub:", "local-dir:"))
+                how = (f"once, on a machine with network: robench run 'models=[{name}]' "
+                       "allow_download=true (open_clip caches it); or declare the model with "
+                       "pretrained=/path/to/weights.pt" if tag else e.fix or e.problem)
+                entry.update(present=False, how=how)
         out.append(entry)
     return out
 

@@ -131,6 +131,7 @@ def test_env_reports_versions_device_cache_and_what_is_present(tmp_path):
     assert models["tiny-clip-cifar10"]["present"] and models["tiny-random"]["present"]
     assert not models["clip-vit-b32-openai"]["present"]
     assert "allow_download=true" in models["clip-vit-b32-openai"]["how"]
+    assert "models=[clip-vit-b32-openai]" in models["clip-vit-b32-openai"]["how"]
     text = run_cli("doctor", "--cache-dir", str(cache)).stdout
     assert "kernels cpu-" in text and "2.0 KiB" in text and "MISS clip-vit-b32-openai" in text
     assert "get it: robench data download imagenet-r" in text
