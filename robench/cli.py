@@ -1,11 +1,12 @@
-"""The ``robench`` command line.
+"""The robench command line:
 
     robench run [suite=NAME] [key=value ...]     models x datasets -> result records
     robench results [--dir runs/SUITE]             per-cell table with intervals
     robench check --baseline results/quickstart    regression check against committed records
     robench report                                 HTML leaderboard from records
     robench list models                            (or datasets, suites; --format json)
-    robench data verify|download|corrupt ...       explicit data management
+    robench data verify NAME                       explicit data management (also: data
+                                                   download NAME, data corrupt --from NAME)
     robench env                                    versions, device, cache, what is present
     robench completion bash                        shell completion script (or zsh, fish)
 """

@@ -1,6 +1,7 @@
 """Progress reporting that suits where the output goes.
 
-On a terminal, :func:`progress_bar` is an ordinary tqdm bar. In a pipe, a file or a CI log
+On a terminal, :func:`progress_bar` is an ordinary tqdm bar (in a Jupyter notebook tqdm's
+notebook bar). In a pipe, a file or a CI log
 (stderr is not a TTY) a bar's carriage-return frames would be kilobytes of noise, so it is a
 :class:`LineProgress` instead: one line when the step ends (count, time, rate), and, for a long
 step, a line every ~10% at most every :data:`LINE_INTERVAL` seconds (the first after that long,
@@ -41,13 +42,21 @@ def verbosity() -> str:
 
 @contextlib.contextmanager
 def verbosity_level(level: str) -> Iterator[None]:
-    """Set the verbosity for a block (the Python API's runs), restoring it afterwards."""
-    before = verbosity()
+    """Set the verbosity for a block (the Python API's runs), restoring it and the ``robench``
+    logger's level afterwards."""
+    before, log_level = verbosity(), logging.getLogger("robench").level
     set_verbosity(level)
     try:
         yield
     finally:
-        set_verbosity(before)
+        _state["verbosity"] = before
+        logging.getLogger("robench").setLevel(log_level)
+
+
+def in_notebook() -> bool:
+    """Running in a Jupyter kernel (which renders tqdm's notebook bars)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def is_tty(stream: IO | None = None) -> bool:
@@ -70,6 +79,10 @@ def progress_bar(iterable: Iterable | None = None, *, total: float | None = None
         total = len(iterable)  # type: ignore[arg-type]
     if disable or verbosity() == "quiet":
         return tqdm(iterable, total=total, disable=True)
+    if in_notebook():
+        from tqdm.auto import tqdm as auto  # a widget bar where ipywidgets is installed
+
+        return auto(iterable, total=total, desc=desc, unit=unit, **kwargs)
     if is_tty():
         kwargs.setdefault("dynamic_ncols", True)
         return tqdm(iterable, total=total, desc=desc, unit=unit, **kwargs)

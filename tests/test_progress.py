@@ -116,3 +116,27 @@ def test_piped_run_log_is_lines_and_quiet_drops_them(tmp_path):
     assert "[1/1]" not in r.stdout and "tiny-random" in r.stdout  # the final table stays
     r = run_cli("-q", *common, f"results_dir={tmp_path / 'r3'}", "force=true")
     assert r.returncode == 0 and r.stderr == "" and "[1/1]" not in r.stdout
+
+
+def test_a_notebook_gets_tqdm_bars_not_lines(monkeypatch):
+    import sys
+    import types
+    import warnings
+
+    from tqdm import tqdm
+
+    class ZMQInteractiveShell:  # what IPython's get_ipython() returns in a Jupyter kernel
+        pass
+
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = ZMQInteractiveShell
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    monkeypatch.setattr(P, "is_tty", lambda stream=None: False)
+    assert P.in_notebook()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tqdm.auto warns when ipywidgets is absent
+        bar = P.progress_bar(total=3, desc="d")
+    assert isinstance(bar, tqdm) and not isinstance(bar, P.LineProgress)
+    bar.close()
+    monkeypatch.delitem(sys.modules, "IPython")
+    assert not P.in_notebook()
