@@ -258,7 +258,7 @@ def test_verify_a_generated_c_set_before_and_after_a_run_made_it(tmp_path, capsy
     monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "cache"))
     suite = tmp_path / "gen.yaml"
     suite.write_text("models: [tiny-random]\n"
-                     "datasets: [cifar10-subset-val, {name: val-c, family: generated-c, root: '', "
+                     "datasets: [{name: val-c, family: generated-c, root: '', "
                      "options: {base: cifar10-subset-val, stride: 50}}]\n")
     args = ["data", "verify", "--suite", str(suite), "--sample", "20", "--no-progress"]
     assert main(args) == 0
