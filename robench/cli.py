@@ -1,40 +1,51 @@
-"""The ``robench`` command line.
+"""The robench command line:
 
     robench run [suite=NAME] [key=value ...]     models x datasets -> result records
-    robench results [--dir results/SUITE]          aggregated table (pandas)
+    robench results [--dir runs/SUITE]             per-cell table with intervals
     robench check --baseline results/quickstart    regression check against committed records
     robench rescore --dir runs/quickstart [--n-bins 20]  metrics again, from per-sample outputs
-    robench list models|datasets|suites
+    robench report                                 HTML leaderboard from records
+    robench list models                            (or datasets, suites; --format json)
+    robench data verify NAME                       explicit data management (also: data
+                                                   download NAME, data corrupt --from NAME)
+    robench env                                    versions, device, cache, what is present
+    robench completion bash                        shell completion script (or zsh, fish)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import Any
 
+import robench
 from robench.data.commands import add_data_commands
 from robench.errors import RobenchError
 from robench.report import add_report_command
 
 DEFAULT_SUITE = "quickstart"
+SHELLS = ("bash", "zsh", "fish", "tcsh", "powershell")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from robench.config import load_suite
+    from robench.progress import set_verbosity
+
+    suite, overrides = split_suite(args.overrides)
+    if args.quiet or args.verbose:  # robench -q / -v, unless verbosity= is given too
+        level = "quiet" if args.quiet else "verbose"
+        if not any(o.startswith("verbosity=") for o in overrides):
+            overrides.append(f"verbosity={level}")
+    cfg = load_suite(suite, overrides)  # config errors come before torch is even imported
+    set_verbosity(cfg.verbosity)
     from robench.results import leaderboard_table, read_record, to_frame
     from robench.runner import Runner
 
-    suite = DEFAULT_SUITE
-    overrides = []
-    for ov in args.overrides:
-        if ov.startswith("suite="):
-            suite = ov.split("=", 1)[1]
-        else:
-            overrides.append(ov)
-    cfg = load_suite(suite, overrides)
     paths = Runner(cfg).run()
     records = [read_record(p) for p in paths]
     frame = to_frame(records)
@@ -52,13 +63,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_suite(items: Sequence[str]) -> tuple[str, list[str]]:
+    """``suite=NAME`` (default: quickstart) and the remaining ``key=value`` overrides."""
+    suite, overrides = DEFAULT_SUITE, []
+    for ov in items:
+        if ov.startswith("suite="):
+            suite = ov.split("=", 1)[1]
+        else:
+            overrides.append(ov)
+    return suite, overrides
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from robench.check import render, run_check
 
-    fresh = args.results or str(Path("runs") / Path(args.baseline).name)
-    result = run_check(args.baseline, fresh, mode=args.mode, band=args.band,
+    baseline = Path(args.baseline)
+    if not baseline.is_dir():
+        raise RobenchError(f"baseline folder {baseline} does not exist",
+                           "give --baseline the folder of committed records, e.g. "
+                           "--baseline results/quickstart")
+    fresh = Path(args.results) if args.results else Path("runs") / baseline.name
+    if not fresh.is_dir():
+        how = "" if args.results else " (the default: runs/<baseline folder name>)"
+        raise RobenchError(f"fresh results folder {fresh}{how} does not exist",
+                           f"run the suite first (robench run suite={baseline.name}), or "
+                           "point --results at the folder of fresh records")
+    result = run_check(baseline, fresh, mode=args.mode, band=args.band,
                        rel_tol=args.rel_tol, allow_improvement=args.allow_improvement)
     text = render(result, args.format)
     print(text, end="")
@@ -69,15 +101,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from robench.results import load_frame, summary_table
+    from robench.results import interval_table, load_frame
 
-    frame = load_frame(args.dir)
-    if args.format == "csv":
-        print(frame.to_csv(index=False), end="")
-    elif args.format == "md":
-        print(summary_table(frame).to_markdown(index=False))
+    frame = load_frame(args.dir, fix="run a suite first (robench run suite=...) or pass "
+                       "--dir FOLDER (e.g. --dir results/quickstart for the committed records)")
+    if args.format == "csv":  # every metric and interval bound, one column each
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(frame.to_json(orient="records", indent=1))
     else:
-        print(summary_table(frame).to_string(index=False))
+        table = interval_table(frame)
+        if args.format == "md":
+            print(table.to_markdown(index=False))
+        elif args.format == "latex":
+            print(table.to_latex(index=False, escape=True))
+        else:
+            print(table.to_string(index=False))
     return 0
 
 
@@ -100,22 +139,60 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def list_entries(what: str) -> list[dict[str, Any]]:
+    """The rows of ``robench list WHAT`` as plain data (also ``--format json``)."""
+    from omegaconf import OmegaConf
+
     from robench import registry
     from robench.config import available_suites
 
-    if args.what == "suites":
+    if what == "suites":
+        rows = []
         for name, path in available_suites().items():
-            print(f"{name:28s} {path}")
-    elif args.what == "datasets":
-        width = max(len(s.family) for s in registry.DATASETS.values())
-        for name, spec in registry.DATASETS.items():
-            print(f"{name:30s} {spec.family:{width}s} {spec.description}")
-    else:
-        for name, spec in registry.MODELS.items():
-            print(f"{name:28s} {spec.method:12s} {spec.arch}/{spec.pretrained}  {spec.description}")
-        for name, (spec, suite) in _suite_models().items():
-            print(f"{name:28s} {spec.method:12s} {spec.arch}/{spec.pretrained}  (suite {suite})")
+            try:
+                raw = OmegaConf.to_container(OmegaConf.load(path))
+            except Exception:  # an unparsable user file is listed, `run` explains the error
+                raw = {}
+            raw = raw if isinstance(raw, dict) else {}
+            rows.append({"name": name, "path": str(path),
+                         "description": raw.get("description", ""),
+                         "models": [m if isinstance(m, str) else m.get("name")
+                                    for m in raw.get("models", [])],
+                         "datasets": [d if isinstance(d, str) else d.get("name")
+                                      for d in raw.get("datasets", [])]})
+        return rows
+    if what == "datasets":
+        return [{"name": name, "family": s.family, "root": s.root, "templates": s.templates,
+                 "n_expected": s.n_expected, "description": s.description}
+                for name, s in registry.DATASETS.items()]
+    rows = [{"name": name, "method": s.method, "arch": s.arch, "pretrained": s.pretrained,
+             "description": s.description, "declared_in": "registry"}
+            for name, s in registry.MODELS.items()]
+    rows += [{"name": name, "method": s.method, "arch": s.arch, "pretrained": s.pretrained,
+              "description": "", "declared_in": f"suite {suite}"}
+             for name, (s, suite) in _suite_models().items()]
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = list_entries(args.what)
+    if args.what == "suites" and not rows:
+        from robench.config import suite_dirs
+
+        raise RobenchError("no suite found", "the suites ship inside the package "
+                           f"(searched: {', '.join(map(str, suite_dirs())) or 'nothing'}); "
+                           "reinstall robench, or set $ROBENCH_SUITES to a folder of suites")
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        if args.what == "suites":
+            print(f"{r['name']:16s} {r['description']}  ({r['path']})")
+        elif args.what == "datasets":
+            print(f"{r['name']:30s} {r['family']:15s} {r['description']}")
+        else:
+            what = r["description"] or f"({r['declared_in']})"
+            print(f"{r['name']:28s} {r['method']:20s} {r['arch']}/{r['pretrained']}  {what}")
     return 0
 
 
@@ -128,21 +205,130 @@ def _suite_models() -> dict:
 
     found = {}
     for suite, path in available_suites().items():
-        for item in OmegaConf.to_container(OmegaConf.load(path)).get("models", []):
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(path))
+            items = raw.get("models", []) if isinstance(raw, dict) else []
+        except Exception:  # an unparsable user file: `robench run` explains the error
+            continue
+        for item in items:
             if isinstance(item, dict):
-                name, spec = resolve_model(item)
+                try:
+                    name, spec = resolve_model(item)
+                except RobenchError:
+                    continue
                 if name not in MODELS:
                     found.setdefault(name, (spec, suite))
     return found
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from robench.env import collect, render
+
+    report = collect(data_root=args.data_root, cache_dir=args.cache_dir)
+    print(json.dumps(report, indent=1) if args.format == "json" else render(report))
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    try:
+        import argcomplete
+    except ImportError as e:
+        raise RobenchError("shell completion needs the argcomplete package",
+                           "pip install argcomplete (it is a dependency of robench: "
+                           "reinstall robench)") from e
+    print(argcomplete.shellcode(["robench"], shell=args.shell), end="")
+    return 0
+
+
+# -- completion (argcomplete) -------------------------------------------------------------------
+def _names(kind: str) -> list[str]:
+    """Registry names for completion (lazily imported: completion must stay fast)."""
+    from robench import registry
+    from robench.config import available_suites
+
+    if kind == "suites":
+        return list(available_suites())
+    if kind == "datasets":
+        return list(registry.DATASETS)
+    return list(registry.MODELS)  # models=[...] takes registry names (or inline declarations)
+
+
+def complete_override(prefix: str, **_: Any) -> list[str]:
+    """``suite=<suite>``, ``models=[<model>,...]``, ``datasets=[...]``, ``id_dataset=<dataset>``,
+    enumerated values, else the config keys (``key=``)."""
+    from robench.config import VERBOSITY, config_keys
+
+    if "=" not in prefix:
+        keys = ["suite="] + [f"{k}=" for k, _, _ in config_keys()]
+        return [k for k in keys if k.startswith(prefix)]
+    key, value = prefix.split("=", 1)
+    choices: dict[str, list[str]] = {
+        "suite": _names("suites") if key == "suite" else [],
+        "id_dataset": _names("datasets") if key == "id_dataset" else [],
+        "device": ["auto", "cpu", "cuda", "mps"], "verbosity": list(VERBOSITY),
+        "model.precision": ["fp32", "fp16", "bf16"],
+    }
+    booleans = ("allow_download", "force", "strict", "progress")
+    if key in booleans:
+        choices[key] = ["true", "false"]
+    if key in ("models", "datasets"):
+        head, _, last = value.rpartition(",") if "," in value else ("", "", value.lstrip("["))
+        start = f"{key}={head}," if head else f"{key}=["
+        return [f"{start}{n}" for n in _names(key) if n.startswith(last)]
+    return [f"{key}={c}" for c in choices.get(key, []) if c.startswith(value)]
+
+
+def _completer(kind: str) -> Any:
+    def complete(prefix: str, **_: Any) -> list[str]:
+        return [n for n in _names(kind) if n.startswith(prefix)]
+
+    return complete
+
+
+def attach_completers(parser: argparse.ArgumentParser) -> None:
+    """Completers for overrides, registry names and folders, found by destination name (only
+    when the shell asks for completions, so a normal call never imports argcomplete)."""
+    from argcomplete.completers import DirectoriesCompleter
+
+    folders = DirectoriesCompleter()
+    by_dest = {"overrides": complete_override, "names": _completer("datasets"),
+               "name": _completer("datasets"), "source": _completer("datasets"),
+               "baseline": folders, "results": folders, "dir": folders, "out": folders,
+               "root": folders, "data_root": folders, "cache_dir": folders}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                attach_completers(sub)
+        elif action.dest in by_dest:
+            action.completer = by_dest[action.dest]  # type: ignore[attr-defined]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from robench.config import config_help
+
     p = argparse.ArgumentParser(prog="robench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a suite: suite=NAME key=value ...")
-    r.add_argument("overrides", nargs="*", help="suite=NAME and key=value overrides")
+    p.add_argument("--version", action="version", version=f"robench {robench.__version__}")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="info logs (a run: verbosity=verbose)")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="no progress or per-cell lines, only results, warnings and errors "
+                      "(a run: verbosity=quiet)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser(
+        "run", help="run a suite: suite=NAME key=value ...",
+        usage="robench run [suite=NAME] [key=value ...]",
+        description=textwrap.fill(
+            "Run a suite (default: quickstart): every model x dataset cell that is not done "
+            "yet, one record each. suite=NAME is a suite of `robench list suites` or a path to "
+            "a YAML file; key=value overrides any config key below (values are YAML: lists "
+            "[a,b], inline models {name: x, arch: ViT-B-32, pretrained: /w.pt}). Quote "
+            "overrides that hold brackets or braces (zsh expands them): "
+            "'models=[tiny-clip-cifar10]'.", 100, break_on_hyphens=False),
+        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="suite=NAME and key=value overrides")
     r.set_defaults(func=cmd_run)
     chk = sub.add_parser("check", help="compare fresh records with a committed baseline")
     chk.add_argument("--baseline", required=True, help="baseline folder, e.g. results/quickstart")
@@ -156,9 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--summary", help="also append the Markdown diff to this file "
                      "(e.g. $GITHUB_STEP_SUMMARY)")
     chk.set_defaults(func=cmd_check)
-    res = sub.add_parser("results", help="print aggregated results")
+    res = sub.add_parser("results", help="per-cell table of records, with intervals",
+                         description="One row per (model, dataset) cell: acc1, ECE, AUROC "
+                         "(and ood_auroc) with their 95%% intervals as [low, high]; csv and "
+                         "json give every metric and interval bound as its own column.")
     res.add_argument("--dir", default="runs", help="results folder (default: runs)")
-    res.add_argument("--format", choices=["table", "csv", "md"], default="table")
+    res.add_argument("--format", choices=["table", "csv", "md", "json", "latex"],
+                     default="table")
     res.set_defaults(func=cmd_results)
     rs = sub.add_parser("rescore", help="recompute metrics from stored per-sample outputs")
     rs.add_argument("--dir", required=True, help="results folder, e.g. runs/quickstart")
@@ -169,24 +359,64 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--verify", action="store_true",
                     help="exit 1 if a record changes (use without new settings)")
     rs.set_defaults(func=cmd_rescore)
-    ls = sub.add_parser("list", help="list models, datasets or suites")
+    ls = sub.add_parser("list", help="list models, datasets or suites",
+                        usage="robench list {models,datasets,suites} [--format json]")
     ls.add_argument("what", choices=["models", "datasets", "suites"])
+    ls.add_argument("--format", choices=["table", "json"], default="table")
     ls.set_defaults(func=cmd_list)
+    for name in ("env", "doctor"):
+        e = sub.add_parser(name, help="versions, device, cache, which datasets and weights are "
+                           "present and how to get the missing ones" if name == "env" else
+                           "same as env",
+                           description="What this installation has: versions, device and "
+                           "kernel family, cache location and size, suite folders, registered "
+                           "datasets under data_root and models' weights (present or how to "
+                           "get them). Reads nothing but folder listings.")
+        e.add_argument("--data-root", help="folder holding the datasets (default: "
+                       "$ROBENCH_DATA or ./data)")
+        e.add_argument("--cache-dir", help="default: $ROBENCH_CACHE or ~/.cache/robench")
+        e.add_argument("--format", choices=["text", "json"], default="text")
+        e.set_defaults(func=cmd_env)
+    c = sub.add_parser("completion", help="print the shell completion script",
+                       description="Print the completion script for SHELL (argcomplete). "
+                       "bash: eval \"$(robench completion bash)\" in ~/.bashrc; zsh: "
+                       "eval \"$(robench completion zsh)\" in ~/.zshrc (after compinit).")
+    c.add_argument("shell", choices=SHELLS)
+    c.set_defaults(func=cmd_completion)
     add_data_commands(sub)
     add_report_command(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (robench completion)
+        try:
+            import argcomplete
+        except ImportError:
+            return 1
+        attach_completers(parser)
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="robench: %(levelname)s: %(message)s")
+    if args.quiet or args.verbose:
+        from robench.progress import set_verbosity
+
+        set_verbosity("quiet" if args.quiet else "verbose")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
+        return code
     except RobenchError as e:
         print(f"robench: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`robench results | head`): stop quietly, like a coreutils tool
+        # killed by SIGPIPE; stdout goes to /dev/null so the final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("robench: interrupted; finished cells are saved, re-run to resume", file=sys.stderr)
         return 130

@@ -7,35 +7,44 @@ with the list of valid keys (closest first) instead of being silently ignored.
 from __future__ import annotations
 
 import os
+import re
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from robench.errors import RobenchError, closest_first, unknown
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_SUITES = Path(__file__).resolve().parent / "suites"  # shipped in the wheel
+VERBOSITY = ("quiet", "normal", "verbose")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def _f(default: Any = MISSING, help: str = "", factory: Any = MISSING) -> Any:  # noqa: A002
+    """A schema field with its one-line meaning (``robench run --help`` prints it)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclass
 class ModelDefaults:
     """Defaults applied to every model of a suite (a model entry may override them)."""
 
-    batch_size: int = 256
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
-    num_workers: int = 2
-    # cached features: auto = the precision's (float32 for fp32, float16 otherwise) | float16
-    features_dtype: str = "auto"
+    batch_size: int = _f(256, "images per forward pass")
+    precision: str = _f("fp32", "fp32 | fp16 | bf16 (autocast)")
+    num_workers: int = _f(2, "DataLoader processes decoding images (0: in the main process)")
+    features_dtype: str = _f("auto", "cached features: auto (float32 for fp32 runs, float16 "
+                             "otherwise) | float16 | float32")
 
 
 @dataclass
 class MetricsConfig:
-    n_bins: int = 15
-    bootstrap: int = 200  # resamples for ECE / AUROC intervals; 0 disables them
-    alpha: float = 0.05  # interval level is 1 - alpha
+    n_bins: int = _f(15, "equal-width confidence bins of ECE / MCE")
+    bootstrap: int = _f(200, "bootstrap resamples for the ECE / AUROC intervals (0: none)")
+    alpha: float = _f(0.05, "interval level is 1 - alpha (0.05: 95% intervals)")
 
 
 @dataclass
@@ -52,44 +61,85 @@ class SuiteMeta:
 class RunConfig:
     """Everything one ``robench run`` needs; every field can be overridden with ``key=value``."""
 
-    name: str = ""
-    description: str = ""
-    models: list[Any] = field(default_factory=list)
-    datasets: list[Any] = field(default_factory=list)
-    # open_clip architecture configs (<arch>.json files or folders of them) to register, relative
-    # to the suite file's folder (command-line entries: to the working directory); see also
-    # $ROBENCH_MODEL_CONFIGS and robench/models/arch_configs.py
-    model_configs: list[str] = field(default_factory=list)
-    model: ModelDefaults = field(default_factory=ModelDefaults)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    # Per-dataset overrides, e.g. ``data.imagenet.root=/mnt/imagenet/val``.
-    data: dict[str, Any] = field(default_factory=dict)
-    device: str = "auto"  # auto = cuda > mps > cpu
-    seed: int = 0
-    id_dataset: str | None = None  # pair every other dataset with this one for ood_auroc
-    data_root: str = "data"
-    cache_dir: str = ""
-    results_dir: str = "runs"  # committed reference results live in results/
-    check: str = ""  # baseline folder to check this run against (e.g. results/quickstart)
-    allow_download: bool = False  # weights only; datasets are never downloaded implicitly
-    force: bool = False
-    strict: bool = False  # a corrupt image fails the run instead of being counted and skipped
-    progress: bool = True
-    # per-sample outputs beside each record: "exact" (top-5, log-normaliser, true-class logit,
-    # ...: every metric recomputable) or "logits" (also the full N x C float32 logits)
-    outputs: str = "exact"
-    # methods may not train, select or calibrate on an evaluated dataset (or one with the same
-    # files); true overrides the refusal, e.g. to reproduce a paper that did
-    allow_train_on_eval: bool = False
-    meta: SuiteMeta = field(default_factory=SuiteMeta)  # filled in by load_suite
+    name: str = _f("", "suite name (default: the YAML file's name); records go to "
+                   "results_dir/name")
+    description: str = _f("", "one line shown by `robench list suites`")
+    models: list[Any] = _f(help="registry names or inline declarations "
+                           "{name: x, arch: ViT-B-32, pretrained: /w.pt, method: zeroshot}",
+                           factory=list)
+    datasets: list[Any] = _f(help="registry names or inline declarations "
+                             "{name: x, family: folder, root: /dir}", factory=list)
+    model_configs: list[str] = _f(help="open_clip architecture configs (<arch>.json files or "
+                                  "folders of them) to register, relative to the suite file "
+                                  "(also $ROBENCH_MODEL_CONFIGS)", factory=list)
+    model: ModelDefaults = _f(factory=ModelDefaults)
+    metrics: MetricsConfig = _f(factory=MetricsConfig)
+    data: dict[str, Any] = _f(help="per-dataset settings, e.g. data.imagenet.root=/mnt/val",
+                              factory=dict)
+    device: str = _f("auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
+    seed: int = _f(0, "seed of everything random (bootstrap, training, random init)")
+    id_dataset: str | None = _f(None, "pair every other dataset with this one for ood_auroc "
+                                "(null: none)")
+    data_root: str = _f("data", "folder holding the datasets (or $ROBENCH_DATA)")
+    cache_dir: str = _f("", "features, text heads, trained heads, checkpoints (default: "
+                        "$ROBENCH_CACHE, else ~/.cache/robench)")
+    results_dir: str = _f("runs", "records go to results_dir/<suite>/<model>/<dataset>.json "
+                          "(committed reference records: results/)")
+    check: str = _f("", "after the run, check against this baseline folder "
+                    "(e.g. results/quickstart)")
+    allow_download: bool = _f(False, "let open_clip download missing weights (datasets are "
+                              "never downloaded implicitly)")
+    force: bool = _f(False, "recompute cells whose record already exists")
+    strict: bool = _f(False, "fail on a corrupt image instead of counting and skipping it")
+    progress: bool = _f(True, "progress bars on a terminal; in a pipe one line per step (and "
+                        "per ~10% of a long one); false: none")
+    verbosity: str = _f("normal", "quiet (only the final table, warnings and errors) | normal "
+                        "| verbose (+ info logs)")
+
+    outputs: str = _f("exact", "per-sample outputs beside each record: exact (top-5 logits, "
+                      "log-normaliser, true-class logit, ...: every metric recomputable) | "
+                      "logits (also the full N x C float32 logits)")
+    allow_train_on_eval: bool = _f(False, "let a method train, select or calibrate on an "
+                                   "evaluated dataset (or one with the same files)")
+    meta: SuiteMeta = field(default_factory=SuiteMeta)  # filled in by load_suite, not a key
+
+
+def config_keys(schema: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every config field, nested sections flattened (``model.
+    batch_size``), in schema order: the one source of ``robench run --help``."""
+    types = get_type_hints(schema)
+    out = []
+    for f in fields(schema):
+        if f.name == "meta":  # where the config came from, not a setting
+            continue
+        if is_dataclass(types[f.name]):
+            out += config_keys(types[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = OmegaConf.to_yaml(OmegaConf.create({"v": default})).strip()[3:]
+        out.append((f"{prefix}{f.name}", shown, f.metadata.get("help", "")))
+    return out
+
+
+def config_help() -> str:
+    """The table of config keys printed by ``robench run --help``."""
+    keys = config_keys()
+    width = max(len(f"{k}={d}") for k, d, _ in keys)
+    lines = ["config keys (key=default  meaning); a suite sets them, key=value overrides them:"]
+    for k, d, h in keys:
+        lines += textwrap.wrap(h, 100, initial_indent=f"  {f'{k}={d}':{width}s}  ",
+                               subsequent_indent=" " * (width + 4))
+    return "\n".join(lines)
 
 
 def suite_dirs() -> list[Path]:
-    """Suite folders: ``$ROBENCH_SUITES``, ``./suites``, then the repo's ``suites/``."""
+    """Suite folders, earlier ones winning: ``$ROBENCH_SUITES``, ``./suites``, then the suites
+    shipped inside the package (``robench/suites``, which in a checkout is the top-level
+    ``suites/``)."""
     dirs = []
     if os.environ.get("ROBENCH_SUITES"):
-        dirs.append(Path(os.environ["ROBENCH_SUITES"]))
-    dirs += [Path.cwd() / "suites", REPO_ROOT / "suites"]
+        dirs += [Path(p) for p in os.environ["ROBENCH_SUITES"].split(os.pathsep) if p]
+    dirs += [Path.cwd() / "suites", PACKAGE_SUITES]
     seen: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
@@ -112,7 +162,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         if "=" not in ov or ov.startswith("="):
             raise RobenchError(
                 f"bad override '{ov}': expected key=value",
-                "write overrides as key=value, e.g. model.batch_size=64 or datasets=[cifar10]",
+                "write overrides as key=value, e.g. model.batch_size=64 or 'datasets=[cifar10]'",
             )
     try:
         return OmegaConf.from_dotlist(list(overrides))
@@ -136,18 +186,31 @@ def _check_keys(cfg: Any, schema: Any, prefix: str = "") -> None:
 
 def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictConfig:
     """Load a suite by name (or YAML path), apply overrides, validate, and resolve paths."""
-    overrides = list(overrides or [])
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         suites = available_suites()
         if name_or_path not in suites:
+            where = ", ".join(str(d) for d in suite_dirs()) or "no suite folder found"
             raise unknown("suite", name_or_path, suites,
-                          fix="pass suite=<name> of a file in suites/, or suite=path/to/file.yaml")
+                          fix=f"pass suite=<name> of a file in the suite folders ({where}; "
+                          "$ROBENCH_SUITES adds one), or suite=path/to/file.yaml")
         path = suites[name_or_path]
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml errors come in several types
         raise RobenchError(f"cannot parse suite file {path}: {e}", "fix the YAML syntax") from e
+    if not isinstance(raw, DictConfig):
+        raise RobenchError(f"suite file {path} is not a mapping of config keys",
+                           "write it as `models: [...]`, `datasets: [...]`, ... (see suites/)")
+    return build_config(raw, overrides, default_name=path.stem, suite_path=path)
+
+
+def build_config(raw: DictConfig | dict, overrides: list[str] | None = None,
+                 default_name: str = "", suite_path: Path | None = None) -> DictConfig:
+    """Validate a suite's content (a YAML mapping or a dict) against :class:`RunConfig`, apply
+    ``key=value`` overrides and fill the environment defaults."""
+    overrides = list(overrides or [])
+    raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
     schema = OmegaConf.structured(RunConfig)
     over = parse_overrides(overrides)
     _check_keys(raw, schema)
@@ -157,20 +220,29 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
             raise RobenchError("'meta' is filled in by robench (where the suite came from), not "
                                "a setting", "remove meta from the suite file / the overrides")
     if not raw.get("name"):
-        raw.name = path.stem
+        raw.name = default_name
     try:
         cfg = OmegaConf.merge(schema, raw, over)
     except OmegaConfBaseException as e:
-        raise RobenchError(f"invalid value in suite '{path.stem}': {getattr(e, 'msg', e)}",
+        raise RobenchError(f"invalid value in suite '{raw.name}': {getattr(e, 'msg', e)}",
                            "check the type of the value (e.g. model.batch_size=64)") from e
     if os.environ.get("ROBENCH_DATA") and "data_root" not in raw and not any(
         o.startswith("data_root=") for o in overrides
     ):
         cfg.data_root = os.environ["ROBENCH_DATA"]
-    base = Path.cwd() if "model_configs" in over else path.resolve().parent
+    base = Path.cwd() if "model_configs" in over or suite_path is None \
+        else Path(suite_path).resolve().parent
     cfg.model_configs = [str(base / Path(p).expanduser()) for p in cfg.model_configs]
     if not cfg.cache_dir:
         cfg.cache_dir = os.environ.get("ROBENCH_CACHE", str(Path.home() / ".cache" / "robench"))
+    validate(cfg)
+    cfg.meta.path = str(Path(suite_path).resolve()) if suite_path else ""
+    cfg.meta.overridden = sorted(str(k) for k in over.keys())
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Values the schema's types cannot check, caught before any data or model is touched."""
     if cfg.model.precision not in ("fp32", "fp16", "bf16"):
         raise RobenchError(f"unknown precision '{cfg.model.precision}'",
                            "use model.precision=fp32, fp16 or bf16")
@@ -180,12 +252,16 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> DictCon
     from robench.features import features_dtype
 
     features_dtype(cfg.model.precision, cfg.model.features_dtype)
+    if not DEVICE_PATTERN.match(str(cfg.device)):
+        raise RobenchError(f"unknown device '{cfg.device}'",
+                           "use device=cuda (an NVIDIA GPU; cuda:1 for the second), device=mps "
+                           "(Apple silicon), device=cpu, or device=auto (cuda > mps > cpu)")
+    if cfg.verbosity not in VERBOSITY:
+        raise unknown("verbosity", cfg.verbosity, VERBOSITY,
+                      fix="use verbosity=quiet, normal or verbose")
     if not cfg.models or not cfg.datasets:
         raise RobenchError(f"suite '{cfg.name}' names no models or no datasets",
                            "list at least one model and one dataset in the suite")
-    cfg.meta.path = str(path.resolve())
-    cfg.meta.overridden = sorted(str(k) for k in over.keys())
-    return cfg
 
 
 def pair_id_dataset(cfg: DictConfig, datasets: Sequence[str]) -> str | None:

@@ -18,6 +18,8 @@ class RobenchError(Exception):
 def closest_first(name: str, valid: Iterable[str]) -> list[str]:
     """Valid names ordered by similarity to ``name`` (closest first), then alphabetically."""
     valid = sorted(set(valid))
+    if not valid:  # difflib refuses n=0
+        return []
     close = difflib.get_close_matches(name, valid, n=len(valid), cutoff=0.0)
     return close or valid
 

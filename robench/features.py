@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from robench.data.base import ImageSource
 from robench.errors import RobenchError
 from robench.io import write_json
 from robench.models.backbone import Backbone
+from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a log
 
 log = logging.getLogger(__name__)
 # Decoding errors PIL raises for corrupt or truncated files.

@@ -51,11 +51,14 @@ def read_record(path: Path) -> dict:
                            "delete it and re-run the cell (robench run ... force=true)") from e
 
 
-def find_records(results_dir: str | Path) -> list[Path]:
+def find_records(results_dir: str | Path, fix: str | None = None) -> list[Path]:
+    """Record files under ``results_dir``; ``fix`` is the advice when the folder is missing (the
+    caller knows its own option names)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise RobenchError(f"results folder {root} does not exist",
-                           "run a suite first (robench run suite=...) or pass --dir")
+                           fix or "run a suite first (robench run suite=...), which writes "
+                           "runs/<suite>/, or point at the folder that holds the records")
     return sorted(p for p in root.rglob("*.json") if not p.name.startswith("."))
 
 
@@ -88,12 +91,38 @@ def check_protocols(records: list[dict], where: str | Path) -> None:
             "the old records in another folder")
 
 
-def load_frame(results_dir: str | Path) -> pd.DataFrame:
-    records = [read_record(p) for p in find_records(results_dir)]
+def load_frame(results_dir: str | Path, fix: str | None = None) -> pd.DataFrame:
+    records = [read_record(p) for p in find_records(results_dir, fix)]
     if not records:
-        raise RobenchError(f"no result records under {results_dir}", "run a suite first")
+        raise RobenchError(f"no result records under {results_dir}",
+                           fix or "run a suite first (robench run suite=...)")
     check_protocols(records, results_dir)
     return to_frame(records)
+
+
+def interval_table(frame: pd.DataFrame,
+                   metrics: tuple[str, ...] = ("acc1", "ece", "auroc", "ood_auroc"),
+                   ) -> pd.DataFrame:
+    """Per-cell table with each metric as ``value [ci_low, ci_high]`` where the record has an
+    interval (acc1: Clopper-Pearson; ECE, AUROC: bootstrap; a -C headline, a mean over groups,
+    has none); a metric empty in every cell is left out."""
+    out = frame[["model", "dataset", "n"]].copy()
+    for m in metrics:
+        if m not in frame or not frame[m].notna().any():
+            continue
+        digits = 2 if m in ("acc1", "acc5") else 4
+        lo, hi = frame.get(f"{m}_ci_low"), frame.get(f"{m}_ci_high")
+        cells = []
+        for i, v in enumerate(frame[m]):
+            if v is None or pd.isna(v):
+                cells.append("-")
+                continue
+            text = f"{v:.{digits}f}"
+            if lo is not None and hi is not None and pd.notna(lo.iloc[i]) and pd.notna(hi.iloc[i]):
+                text += f" [{lo.iloc[i]:.{digits}f}, {hi.iloc[i]:.{digits}f}]"
+            cells.append(text)
+        out[m] = cells
+    return out
 
 
 def leaderboard(frame: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 import robench
 from robench.config import pair_id_dataset
@@ -32,8 +31,10 @@ from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, describe, extract_features, sample_names
 from robench.models import METHODS
 from robench.models.arch_configs import register_model_configs
-from robench.models.backbone import Backbone, load_backbone, weights_identity
+from robench.models.backbone import Backbone, load_backbone, resolve_device, weights_identity
+from robench.models.backbone import kernel_family as device_kernel_family
 from robench.models.heads import LinearHead
+from robench.progress import echo
 from robench.registry import (
     DatasetSpec,
     ModelSpec,
@@ -105,6 +106,8 @@ class Runner:
     _evaluated: set[str] = field(default_factory=set)  # the suite's models (not helpers)
     evaluated_datasets: list[str] = field(default_factory=list)  # the suite's datasets
     _weight_ids: dict[str, dict] = field(default_factory=dict)
+    # in-memory backbones by (arch, pretrained), used instead of loading one (robench.CustomModel)
+    backbones: dict[tuple[str, str | None], Backbone] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         register_model_configs(self.cfg.get("model_configs") or [])  # the suite's own archs
@@ -123,7 +126,7 @@ class Runner:
         self._evaluated = set(self.models)
         self.evaluated_datasets = list(self.dataset_specs)  # not helpers loaded later
         if note := pair_id_dataset(self.cfg, list(self.dataset_specs)):
-            tqdm.write(note)  # a subset of the suite leaves its ID set out: no ood_auroc
+            echo(note)  # a subset of the suite leaves its ID set out: no ood_auroc
 
     # -- data ---------------------------------------------------------------------------------
     def source(self, name: str) -> ImageSource:
@@ -242,6 +245,7 @@ class Runner:
 
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
+        resolve_device(self.cfg.device)  # an unknown or absent device fails before any data
         for name in self.evaluated_datasets:  # a wrong root fails before any model is loaded
             self.source(name)
         self.check_training_data([m for m in self.models if m in self._evaluated])
@@ -252,7 +256,7 @@ class Runner:
         pending = {(m, d) for m in evaluated for d in datasets if not self.is_done(m, d)}
         total, done = len(paths), len(paths) - len(pending)
         if done:
-            tqdm.write(f"{done} of {total} cell(s) already done (force=true redoes them)")
+            echo(f"{done} of {total} cell(s) already done (force=true redoes them)")
         groups: dict[tuple, list[str]] = {}
         for name in evaluated:
             if any((name, d) in pending for d in datasets):
@@ -260,9 +264,9 @@ class Runner:
                 groups.setdefault((spec.arch, spec.pretrained), []).append(name)
         t0 = time.time()
         for (arch, pretrained), names in groups.items():
-            backbone = load_backbone(arch, pretrained, self.cfg.device, self.cfg.model.precision,
-                                     allow_download=self.cfg.allow_download,
-                                     seed=self.cfg.seed)
+            backbone = self.backbones.get((arch, pretrained)) or load_backbone(
+                arch, pretrained, self.cfg.device, self.cfg.model.precision,
+                allow_download=self.cfg.allow_download, seed=self.cfg.seed)
             heads: dict[tuple[str, tuple], LinearHead] = {}
             for d in datasets:
                 todo = [m for m in names if (m, d) in pending]
@@ -279,10 +283,10 @@ class Runner:
                     done += 1
                     rec = read_record(record_path(self.cfg.results_dir, self.cfg.name, m, d))
                     mt = rec["metrics"]
-                    tqdm.write(f"[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
-                               f"acc5={_fmt(mt.get('acc5'))} "
-                               f"ece={_fmt(mt['ece'], 4)} auroc={_fmt(mt['auroc'], 4)} "
-                               f"({time.time() - t0:.0f}s)")
+                    echo(f"[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
+                         f"acc5={_fmt(mt.get('acc5'))} "
+                         f"ece={_fmt(mt['ece'], 4)} auroc={_fmt(mt['auroc'], 4)} "
+                         f"({time.time() - t0:.0f}s)")
         return paths
 
     def score_cell(self, model: str, dataset: str, backbone: Backbone, head: LinearHead,
@@ -368,16 +372,8 @@ def provenance(backbone: Backbone, cfg: DictConfig, spec: ModelSpec) -> dict:
 
 
 def kernel_family(backbone: Backbone) -> str:
-    """Which compute kernels ran: the CPU's vector ISA as torch dispatches it (AVX2, AVX512, ...)
-    or the GPU's name. Floating-point results are bit-identical only within one family, so
-    ``robench check`` compares exactly only when this matches."""
-    import torch
-
-    if str(backbone.device).startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(backbone.device))
-    if str(backbone.device).startswith("cpu"):
-        return f"cpu-{torch.backends.cpu.get_cpu_capability()}"
-    return str(backbone.device)
+    """The backbone's device's kernel family (see :func:`robench.models.backbone.kernel_family`)."""
+    return device_kernel_family(backbone.device)
 
 
 def git_sha() -> str | None:

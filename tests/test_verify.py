@@ -240,12 +240,44 @@ def test_cli_verify(tmp_path, samples, capsys, monkeypatch):
     for args, needle in [
         (["imagenet-aa"], "Did you mean 'imagenet-a'"),
         (["imagenet", "imagenet-a", "--root", str(root)], "--root applies to exactly one"),
-        (["cifar10-subset-test-c"], "verify its base instead"),
         (["imagenet", "data.x=1"], "need --suite"),
         ([], "no dataset named"),
     ]:
         assert main(["data", "verify", *args]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_verify_a_generated_c_set_before_and_after_a_run_made_it(tmp_path, capsys, monkeypatch):
+    """`robench data verify --suite S` over a suite with a -C set generated on demand: before the
+    first run it says the set is not made yet (not an error); once made, it is verified in the
+    cache like a released -C set."""
+    from robench.cli import main
+    from robench.data import family_loader
+    from robench.registry import DATASETS, dataset_root
+
+    monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "cache"))
+    suite = tmp_path / "gen.yaml"
+    suite.write_text("models: [tiny-random]\n"
+                     "datasets: [{name: val-c, family: generated-c, root: '', "
+                     "options: {base: cifar10-subset-val, stride: 50}}]\n")
+    args = ["data", "verify", "--suite", str(suite), "--sample", "20", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "generated not generated yet" in out and "=> val-c: OK" in out
+
+    def source_of(name):  # as the runner reads datasets
+        spec = DATASETS[name]
+        return family_loader(spec.family)(dataset_root(name, spec, "data", {}), name=name)
+
+    family_loader("generated-c")(Path(""), name="val-c", base="cifar10-subset-val", stride=50,
+                                 cache_dir=str(tmp_path / "cache"), source_of=source_of,
+                                 progress=False, workers=1)
+    assert main(args) == 0
+    out = capsys.readouterr().out.split("val-c  (root ")[1]
+    assert "every 50th of the 500 images of cifar10-subset-val" in out
+    assert "count     750 samples" in out and "10 of 10 classes present" in out
+    assert "warn" not in out  # the 15 standard corruptions are all it was asked for
+    assert "20 of 20 images decoded" in out and "=> val-c: OK" in out
 
 
 def test_cli_verify_stays_light(tmp_path, samples):

@@ -57,3 +57,21 @@ def test_logit_scale_is_the_models_own(tiny_backbone, tmp_path):
     finally:
         with torch.no_grad():
             tiny_backbone.model.logit_scale.copy_(old)
+
+
+def test_text_head_in_blocks_is_bit_identical_to_one_open_clip_call(tiny_backbone, tmp_path,
+                                                                    capsys):
+    """robench calls open_clip on whole multiples of 10 classes (to report progress); the batches
+    are the same, so the embeddings are bit-identical to a single call."""
+    from open_clip import build_zero_shot_classifier
+
+    names = [f"class {i}" for i in range(230)]  # 230 classes: blocks of 30 (23 batches of 10)
+    templates = ["a photo of a {}.", "a {}."]
+    w = class_embeddings(tiny_backbone, names, templates, tmp_path, progress=True)
+    with torch.no_grad():
+        ref = build_zero_shot_classifier(tiny_backbone.model, tokenizer=tiny_backbone.tokenizer,
+                                         classnames=names, templates=templates,
+                                         num_classes_per_batch=10, device="cpu")
+    assert np.array_equal(w, ref.float().numpy())
+    err = capsys.readouterr().err  # not a TTY here: one line, no bar frames
+    assert err.count("\n") == 1 and err.startswith("text head (2 templates): 230 class in ")

@@ -117,7 +117,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
 
 
 def _targets(args: argparse.Namespace) -> list[tuple[str, object, Path]]:
-    """(name, spec, root) of each dataset to act on."""
+    """(name, spec, root) of each dataset to act on; sets ``args.source_of`` (reads a dataset
+    by name with the same roots, for -C sets generated from a base)."""
     from robench.errors import RobenchError
     from robench.registry import dataset_root, get_dataset, resolve_dataset
 
@@ -143,6 +144,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, object, Path]]:
             declared[name] = spec
         names = args.names or list(declared)
         roots = OmegaConf.to_container(cfg.data)
+        args.source_of = _source_reader(cfg.data_root, roots, declared, args)
         out = []
         for n in names:
             spec = declared.get(n) or get_dataset(n)
@@ -152,11 +154,29 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, object, Path]]:
         raise RobenchError("no dataset named", "give NAME(s) (see `robench list datasets`) or "
                            "--suite SUITE")
     data_root = args.data_root or default_data_root()
+    args.source_of = _source_reader(data_root, {}, {}, args)
     out = []
     for n in args.names:
         spec = get_dataset(n)
         out.append((n, spec, args.root or dataset_root(n, spec, data_root, {})))
     return out
+
+
+def _source_reader(data_root: str, roots: dict, declared: dict, args: argparse.Namespace):
+    """name -> ImageSource, read as a run reads it (the suite's declarations and roots)."""
+    from robench.data import family_loader
+    from robench.registry import dataset_root, get_dataset
+
+    cache_dir = str(args.cache_dir or default_cache_dir())
+
+    def source_of(name: str):
+        spec = declared.get(name) or get_dataset(name)
+        return family_loader(spec.family)(
+            dataset_root(name, spec, data_root, roots), name=name, cache_dir=cache_dir,
+            source_of=source_of, progress=not args.no_progress, workers=args.workers or 1,
+            **spec.options)
+
+    return source_of
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -171,7 +191,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify_dataset(name, spec, Path(root), sample=args.sample,  # type: ignore[arg-type]
                                 cache_dir=args.cache_dir or default_cache_dir(),
                                 workers=args.workers, progress=not args.no_progress,
-                                accept=args.accept, seed=args.seed)
+                                accept=args.accept, seed=args.seed, source_of=args.source_of)
         print(report.render(), flush=True)
         failed += not report.ok
     return 1 if failed else 0

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from robench.data.base import ImageSource
 from robench.data.corruptions import (
@@ -30,6 +29,7 @@ from robench.data.corruptions import (
 )
 from robench.errors import RobenchError
 from robench.io import write_json, write_npy
+from robench.progress import progress_bar
 
 MANIFEST = "robench_c.json"
 _SOURCE: ImageSource | None = None  # set in each worker by _init (fork: shared, not pickled)
@@ -120,8 +120,9 @@ def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str
              for a in range(0, n, chunk)]
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(max(1, workers), initializer=_init, initargs=(source,)) as pool:
-        for _ in tqdm(pool.imap_unordered(_folder_task, tasks), total=len(tasks), unit="chunk",
-                      desc=f"corrupting {source.name}", disable=not progress):
+        for _ in progress_bar(pool.imap_unordered(_folder_task, tasks), total=len(tasks),
+                              unit="chunk", desc=f"corrupting {source.name}",
+                              disable=not progress):
             pass
     return out
 
@@ -153,8 +154,8 @@ def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = 
     remaining = {c: sum(1 for t in tasks if t[0] == c) for c in todo}
     position = {int(r): k for k, r in enumerate(rows)}
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    bar = tqdm(total=len(tasks), unit="chunk", desc=f"corrupting {source.name}",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(tasks), unit="chunk", desc=f"corrupting {source.name}",
+                       disable=not progress, dynamic_ncols=True)
     with ctx.Pool(max(1, workers), initializer=_init, initargs=(source,)) as pool:
         for name, s, idx, imgs in pool.imap_unordered(_task, tasks):
             base = list(severities).index(s) * n

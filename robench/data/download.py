@@ -211,7 +211,7 @@ def fetch(urls: tuple[str, ...], dest: Path, size: int | None = None, progress: 
 
 
 def _fetch_once(url: str, part: Path, size: int | None, progress: bool, timeout: float) -> None:
-    from tqdm import tqdm
+    from robench.progress import progress_bar
 
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
@@ -248,7 +248,7 @@ def _fetch_once(url: str, part: Path, size: int | None, progress: bool, timeout:
             _need_space(part.parent, total - have, f"downloading {part.name[:-5]}")
         got = have
         try:
-            with open(part, mode) as f, tqdm(
+            with open(part, mode) as f, progress_bar(
                     total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=part.name[:-5], disable=not progress, dynamic_ncols=True) as bar:
                 while True:
@@ -420,7 +420,7 @@ def downloadable(name: str, spec: DatasetSpec) -> Archive | Manual:
                            "(nothing to download)", f"just run a suite that uses {name}")
     if spec.root.startswith("assets:"):
         raise RobenchError(f"{name} ships with robench (nothing to download)",
-                           f"use it directly: datasets=[{name}]")
+                           f"use it directly: 'datasets=[{name}]'")
     raise unknown("downloadable dataset", name, SOURCES)
 
 

@@ -21,16 +21,44 @@ from robench.errors import RobenchError
 def load(root: Path, name: str, base: str = "", stride: int = 1, corruptions: str = "standard",
          seed: int = 0, cache_dir: str = "", source_of: Callable | None = None,
          progress: bool = True, workers: int = 2, **_: object) -> ImageSource:
+    """Generate the set into the cache if it is not there yet, then read it."""
+    src = base_source(name, base, source_of)
+    out = output_dir(src, stride, corruptions, seed, cache_dir)
+    generate_c_set(src, out, rows=list(range(0, len(src), stride)),
+                   corruptions=corruption_names(corruptions), seed=seed, workers=workers,
+                   progress=progress)
+    return read_generated(out, name, src, base, stride, corruptions, seed, cache_dir, progress)
+
+
+def base_source(name: str, base: str, source_of: Callable | None) -> ImageSource:
     if not base or source_of is None:
         raise RobenchError(f"{name}: a generated -C dataset needs options.base",
                            "declare options: {base: <dataset name>}")
-    src = source_of(base)
-    rows = list(range(0, len(src), stride))
-    names = STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
+    return source_of(base)
+
+
+def corruption_names(corruptions: str) -> tuple[str, ...]:
+    return STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
+
+
+def output_dir(src: ImageSource, stride: int, corruptions: str, seed: int,
+               cache_dir: str | Path) -> Path:
+    """Where the set of ``src`` with these options lives in the cache (content-addressed by the
+    base's manifest, so changed base images make a new set)."""
+    names = corruption_names(corruptions)
     key = hashlib.sha256(repr((src.manifest_hash, stride, tuple(names), seed)).encode())
-    out = Path(cache_dir).expanduser() / "corrupted" / key.hexdigest()[:24]
-    generate_c_set(src, out, rows=rows, corruptions=names, seed=seed, workers=workers,
-                   progress=progress)
+    return Path(cache_dir).expanduser() / "corrupted" / key.hexdigest()[:24]
+
+
+def is_generated(out: Path, corruptions: str) -> bool:
+    """All corruption files and the labels are in place (generation finished)."""
+    files = ["labels.npy", *(f"{c}.npy" for c in corruption_names(corruptions))]
+    return all((out / f).is_file() for f in files)
+
+
+def read_generated(out: Path, name: str, src: ImageSource, base: str, stride: int,
+                   corruptions: str, seed: int, cache_dir: str | Path = "",
+                   progress: bool = False) -> ImageSource:
     c = cifar_c.load(out, name=name, corruptions=corruptions, classnames=src.classnames,
                      cache_dir=cache_dir, progress=progress)
     c.info.update({"base": base, "stride": stride, "seed": seed, "generated": True})

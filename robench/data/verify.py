@@ -83,22 +83,26 @@ class VerifyReport:
 
 def verify_dataset(name: str, spec: DatasetSpec, root: Path, sample: int | None = None,
                    cache_dir: Path | None = None, workers: int | None = None,
-                   progress: bool = True, accept: bool = False, seed: int = 0) -> VerifyReport:
+                   progress: bool = True, accept: bool = False, seed: int = 0,
+                   source_of: Callable[[str], ImageSource] | None = None) -> VerifyReport:
     """Verify the dataset ``name`` (declared by ``spec``) at ``root``; never raises for a problem
-    in the data itself (that is a FAIL line), only for a problem of the call."""
+    in the data itself (that is a FAIL line), only for a problem of the call.
+
+    A -C set generated on demand (family ``generated-c``) is verified in the cache once a run
+    has made it; before that the report says so (``source_of`` reads its base dataset)."""
     report = VerifyReport(name, root)
-    if spec.family == "generated-c":
-        base = spec.options.get("base", "?")
-        raise RobenchError(
-            f"{name} is generated on demand from {base} (and checked by its generator's manifest)",
-            f"verify its base instead: robench data verify {base}")
     try:
-        source = family_loader(spec.family)(root, name=name, cache_dir=str(cache_dir or ""),
-                                            progress=progress, workers=workers or 1,
-                                            **spec.options)
+        if spec.family == "generated-c":
+            source = _generated(report, spec, cache_dir, source_of)
+            if source is None:
+                return report
+        else:
+            source = family_loader(spec.family)(root, name=name, cache_dir=str(cache_dir or ""),
+                                                progress=progress, workers=workers or 1,
+                                                **spec.options)
     except RobenchError as e:
         report.add("FAIL", "layout", e.problem, e.fix)
-        _compare_only(report, root, cache_dir)
+        _compare_only(report, report.root, cache_dir)
         return report
     report.source = source
     data_root = Path(source.info.get("root") or root)
@@ -111,6 +115,30 @@ def verify_dataset(name: str, spec: DatasetSpec, root: Path, sample: int | None 
     _check_readable(report, source, sample, workers, progress, seed)
     _check_manifest(report, spec, source, data_root, cache_dir, sample, accept)
     return report
+
+
+def _generated(report: VerifyReport, spec: DatasetSpec, cache_dir: Path | None,
+               source_of: Callable[[str], ImageSource] | None) -> ImageSource | None:
+    """The generated -C set in the cache, or ``None`` (and a report line) if not made yet."""
+    from robench.data import generated_c
+
+    opts = {"stride": 1, "corruptions": "standard", "seed": 0, **spec.options}
+    base = opts.get("base", "")
+    if source_of is None:
+        raise RobenchError(f"{report.name}: a generated -C set needs its base dataset",
+                           "verify it with --suite SUITE, or verify the base dataset")
+    src = generated_c.base_source(report.name, base, source_of)
+    out = generated_c.output_dir(src, opts["stride"], opts["corruptions"], opts["seed"],
+                                 cache_dir or "")
+    report.root = out
+    if not generated_c.is_generated(out, opts["corruptions"]):
+        report.add("ok", "generated", f"not generated yet: `robench run` makes it on first use "
+                   f"from {_rows(len(src), opts['stride'])} of {base}, into the cache")
+        return None
+    report.add("ok", "generated", f"from {_rows(len(src), opts['stride'])} of {base} (seed "
+               f"{opts['seed']}), in the cache")
+    return generated_c.read_generated(out, report.name, src, base, opts["stride"],
+                                      opts["corruptions"], opts["seed"])
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -134,7 +162,9 @@ def _check_layout(report: VerifyReport, spec: DatasetSpec, source: ImageSource) 
         from robench.data.corruptions import CORRUPTIONS
 
         absent = [c for c in CORRUPTIONS if c not in info["corruptions"]]
-        if absent and spec.options.get("corruptions", "all") == "all":
+        asked = spec.options.get("corruptions", "standard" if spec.family == "generated-c"
+                                 else "all")  # each family's default
+        if absent and asked == "all":
             report.add("warn", "layout",
                        f"{len(absent)} of the {len(CORRUPTIONS)} corruption files are absent: "
                        f"{', '.join(absent)} (the 15 standard ones are present)",
@@ -249,7 +279,7 @@ def decode_all(source: ImageSource, rows: np.ndarray, workers: int | None = None
                progress: bool = True) -> list[tuple[int, str]]:
     """Decode rows of ``source`` (threads: PIL releases the GIL while decoding); return the
     (row, error) pairs that failed."""
-    from tqdm import tqdm
+    from robench.progress import progress_bar
 
     def one(i: int) -> tuple[int, str] | None:
         try:
@@ -263,8 +293,8 @@ def decode_all(source: ImageSource, rows: np.ndarray, workers: int | None = None
     workers = workers or min(8, os.cpu_count() or 1)
     bad = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for r in tqdm(pool.map(one, rows, chunksize=64), total=len(rows), unit="img",
-                      desc=f"decoding {source.name}", disable=not progress, dynamic_ncols=True):
+        for r in progress_bar(pool.map(one, rows, chunksize=64), total=len(rows), unit="img",
+                              desc=f"decoding {source.name}", disable=not progress):
             if r is not None:
                 bad.append(r)
     return bad
@@ -413,6 +443,10 @@ def _reinstall(name: str) -> str:
     if name in SOURCES:
         return f"redo the manual install (`robench data download {name}` lists the steps)"
     return "copy the dataset again from its source"
+
+
+def _rows(n: int, stride: int) -> str:
+    return f"all {n} images" if stride == 1 else f"every {stride}th of the {n} images"
 
 
 def _now() -> str:

@@ -12,4 +12,5 @@ METHODS: dict[str, str] = {
     "linear-probe": "robench.models.linear_probe",
     "lp-clip": "robench.models.lp_clip",
     "temperature-scaling": "robench.models.temperature",
+    "classifier": "robench.models.classifier",  # robench.CustomModel(classifier=...)
 }

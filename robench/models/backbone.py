@@ -27,18 +27,54 @@ SCHEMAS = ("hf-hub:", "local-dir:")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+DEVICE_FIX = ("use device=cuda (an NVIDIA GPU; cuda:1 for the second), device=mps (Apple "
+              "silicon), device=cpu, or device=auto (cuda > mps > cpu)")
+
+
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` picks cuda > mps > cpu; an explicit device that is unavailable is an error."""
+    """``auto`` picks cuda > mps > cpu; an explicit device that is unknown or unavailable is an
+    error naming what this machine has."""
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return "mps"
         return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RobenchError(f"device '{device}' requested but CUDA is not available",
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise RobenchError(f"unknown device '{device}'", DEVICE_FIX) from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RobenchError(f"device '{device}' requested but CUDA is not available "
+                               f"(this torch: {torch.__version__}, built for CUDA "
+                               f"{torch.version.cuda or 'none'})",
+                               "use device=auto or device=cpu, or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise RobenchError(f"device '{device}' requested but this machine has {count} CUDA "
+                               "device(s)", f"use cuda:0 .. cuda:{count - 1}")
+    elif dev.type == "mps" and not _mps_available():
+        raise RobenchError("device 'mps' requested but MPS (Apple silicon) is not available",
                            "use device=auto or device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise RobenchError(f"device '{device}' is not one robench supports", DEVICE_FIX)
     return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def kernel_family(device: str) -> str:
+    """Which compute kernels run on ``device``: the CPU's vector ISA as torch dispatches it
+    (AVX2, AVX512, ...) or the GPU's name. Floating-point results are bit-identical only within
+    one family, so ``robench check`` compares exactly only when this matches."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    if str(device).startswith("cpu"):
+        return f"cpu-{torch.backends.cpu.get_cpu_capability()}"
+    return str(device)
 
 
 def state_dict_hash(model: torch.nn.Module) -> str:

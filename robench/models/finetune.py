@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from robench.artifacts import artifact_dir
 from robench.errors import RobenchError
@@ -44,6 +43,7 @@ from robench.io import atomic_write, write_npz
 from robench.models.backbone import Backbone, load_backbone, save_derived
 from robench.models.heads import LinearHead
 from robench.models.zeroshot import class_embeddings
+from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a log
 from robench.registry import ModelSpec
 
 DEFAULTS = {"epochs": 5, "lr": 3e-5, "weight_decay": 0.1, "batch_size": 128, "warmup": 50,

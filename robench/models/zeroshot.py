@@ -20,6 +20,9 @@ from open_clip import build_zero_shot_classifier
 from robench.io import write_npy
 from robench.models.backbone import Backbone
 from robench.models.heads import LinearHead
+from robench.progress import progress_bar
+
+CLASSES_PER_BATCH = 10  # classes per text-encoder forward (x templates prompts)
 
 
 def text_key(backbone: Backbone, classnames: list[str], templates: list[str]) -> str:
@@ -34,13 +37,23 @@ def class_embeddings(backbone: Backbone, classnames: list[str], templates: list[
     path = Path(cache_dir).expanduser() / "text" / f"{key}.npy"
     if path.is_file():
         return np.load(path)
+    # open_clip encodes classes in batches of 10; calling it on whole multiples of 10 classes
+    # (~10 calls) runs exactly the same batches, so the result is bit-identical to one call,
+    # and the progress shows as robench's own bar or log lines
+    per_call = CLASSES_PER_BATCH * max(1, -(-len(classnames) // (10 * CLASSES_PER_BATCH)))
+    bar = progress_bar(total=len(classnames), unit="class", disable=not progress, leave=False,
+                       desc=f"text head ({len(templates)} templates)")
+    blocks = []
     with torch.no_grad(), backbone.autocast():
-        w = build_zero_shot_classifier(
-            backbone.model, tokenizer=backbone.tokenizer, classnames=classnames,
-            templates=templates, num_classes_per_batch=10, device=backbone.device,
-            use_tqdm=progress,
-        )
-    w = w.float().cpu().numpy()
+        for s in range(0, len(classnames), per_call):
+            blocks.append(build_zero_shot_classifier(
+                backbone.model, tokenizer=backbone.tokenizer,
+                classnames=classnames[s:s + per_call], templates=templates,
+                num_classes_per_batch=CLASSES_PER_BATCH, device=backbone.device, use_tqdm=False,
+            ).float().cpu())
+            bar.update(len(blocks[-1].T))
+    bar.close()
+    w = torch.cat(blocks, dim=1).numpy()
     write_npy(path, w)
     return w
 
