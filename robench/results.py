@@ -101,7 +101,7 @@ def load_frame(results_dir: str | Path, fix: str | None = None) -> pd.DataFrame:
 
 
 def interval_table(frame: pd.DataFrame,
-                   metrics: tuple[str, ...] = ("acc1", "ece", "auroc", "ood_auroc"),
+                   metrics: tuple[str, ...] = ("acc1", "acc5", "ece", "auroc", "ood_auroc"),
                    ) -> pd.DataFrame:
     """Per-cell table with each metric as ``value [ci_low, ci_high]`` where the record has an
     interval (acc1: Clopper-Pearson; ECE, AUROC: bootstrap; a -C headline, a mean over groups,

@@ -31,7 +31,13 @@ from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, describe, extract_features, sample_names
 from robench.models import METHODS
 from robench.models.arch_configs import register_model_configs
-from robench.models.backbone import Backbone, load_backbone, resolve_device, weights_identity
+from robench.models.backbone import (
+    Backbone,
+    check_loadable,
+    load_backbone,
+    resolve_device,
+    weights_identity,
+)
 from robench.models.backbone import kernel_family as device_kernel_family
 from robench.models.heads import LinearHead
 from robench.progress import echo
@@ -246,6 +252,10 @@ class Runner:
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
         resolve_device(self.cfg.device)  # an unknown or absent device fails before any data
+        for m in self._evaluated:  # so do missing weights (before hashing 1.28M files)
+            spec = self.declared(m)
+            if (spec.arch, spec.pretrained) not in self.backbones:
+                check_loadable(spec.arch, spec.pretrained, self.cfg.allow_download)
         for name in self.evaluated_datasets:  # a wrong root fails before any model is loaded
             self.source(name)
         self.check_training_data([m for m in self.models if m in self._evaluated])

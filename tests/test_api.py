@@ -102,11 +102,12 @@ def test_custom_classifier_scores_its_own_logits_and_caches_by_weights(where, tm
     df = robench.evaluate(model=mine, datasets=[VAL], device="cpu", metrics={"bootstrap": 0})
     record = where / "runs" / "evaluate" / "my-cnn" / f"{VAL}.json"
     rec = json.loads(record.read_text())
-    assert rec["protocol"]["method"] == "classifier" and rec["protocol"]["head"] == "classifier"
+    assert rec["protocol"]["method"] == "classifier"
+    assert rec["method"]["head"]["head"] == "classifier"
     assert rec["provenance"]["arch"] == "custom:Sequential"
     assert rec["provenance"]["weights_hash"] == state_dict_hash(mine.network())
 
-    # the scored probabilities are the softmax of the network's own logits
+    # the scored outputs are the network's own logits
     from robench.data import family_loader
     from robench.registry import DATASETS, dataset_root
 
@@ -114,10 +115,12 @@ def test_custom_classifier_scores_its_own_logits_and_caches_by_weights(where, tm
     src = family_loader(spec.family)(dataset_root(VAL, spec, "data", {}), name=VAL)
     with torch.no_grad():
         x = torch.stack([TF(src.load_image(i)) for i in range(len(src))])
-        want = torch.softmax(net(x), dim=1).numpy()
+        want = net(x).numpy()
     with np.load(record.with_suffix(".npz")) as z:
-        np.testing.assert_allclose(z["probs"].astype(np.float32), want, atol=1e-3)
-        assert (z["probs"].argmax(1) == want.argmax(1)).mean() > 0.99
+        np.testing.assert_allclose(z["true_logit"], want[np.arange(len(want)), z["target"]],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(z["topk_logit"][:, 0], want.max(1), rtol=1e-5, atol=1e-5)
+        assert (z["topk_index"][:, 0] == want.argmax(1)).mean() > 0.99
     assert df.iloc[0]["acc1"] == pytest.approx(100 * (want.argmax(1) == src.labels).mean())
 
     # the same weights, saved and loaded into a new module: the same model, nothing recomputed
@@ -156,14 +159,16 @@ def test_custom_encoder_with_linear_probe_and_temperature_scaling(where):
     probe = {"train_on": "cifar10-subset-probe", "val_on": VAL}
     df = robench.evaluate(model=robench.CustomModel(name="my-enc", image_encoder=enc,
                                                     preprocess=TF, options=probe),
-                          datasets=[VAL], device="cpu", metrics={"bootstrap": 0})
+                          datasets=["cifar10-subset-test"], device="cpu",
+                          metrics={"bootstrap": 0})  # not VAL: the probe selects C on it
     assert df.iloc[0]["method"] == "linear-probe" and df.iloc[0]["acc1"] > 20  # chance: 10
     ts = robench.CustomModel(name="my-cnn-ts", classifier=small_cnn(), preprocess=TF,
                              method="temperature-scaling",
                              options={"calibrate_on": "cifar10-subset-probe"})
     df = robench.evaluate(model=ts, datasets=[VAL], device="cpu", metrics={"bootstrap": 0})
     rec = json.loads((where / "runs" / "evaluate" / "my-cnn-ts" / f"{VAL}.json").read_text())
-    assert rec["protocol"]["base_method"] == "classifier" and rec["protocol"]["temperature"] > 0
+    head = rec["method"]["head"]
+    assert head["base_method"] == "classifier" and head["temperature"] > 0
 
 
 class TextEncoder(torch.nn.Module):
@@ -187,7 +192,7 @@ def test_custom_image_and_text_encoders_give_a_zero_shot_head(where):
     df = robench.evaluate(model=mine, datasets=[VAL], device="cpu", metrics={"bootstrap": 0})
     rec = json.loads((where / "runs" / "evaluate" / "my-clip" / f"{VAL}.json").read_text())
     assert df.iloc[0]["method"] == "zeroshot" and rec["protocol"]["n_templates"] == 18
-    assert rec["protocol"]["logit_scale"] == 20.0
+    assert rec["method"]["head"]["logit_scale"] == 20.0
 
 
 def test_evaluate_accepts_names_declarations_and_specs(where):

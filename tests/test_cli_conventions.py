@@ -198,7 +198,7 @@ ERRORS = [
     (["run", "suite=smoke", "model.precision=fp8"], "unknown precision 'fp8'"),
     (["run", "suite=smoke", "device=gpu"], "use device=cuda"),
     (["run", "suite=smoke", "verbosity=silent"], "unknown verbosity 'silent'"),
-    (["run", "suite=smoke", "id_dataset=imagenet"], "unknown id_dataset"),
+    (["run", "suite=smoke", "id_dataset=imagenet"], "is not one of this run's datasets"),
     (["run", "suite=smoke", "models=[clip-vit-b32-openai]", "datasets=[cifar10-subset-test]"],
      "not in the local cache"),
     (["run", "suite=smoke", "datasets=[cifar10]", "id_dataset=null",

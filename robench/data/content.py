@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from robench.io import write_npz
+from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a log
 
 log = logging.getLogger(__name__)
 

@@ -262,13 +262,10 @@ class Backbone:
         ).hexdigest()[:16]
 
 
-def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
-                  precision: str = "fp32", allow_download: bool = False,
-                  seed: int = 0) -> Backbone:
-    """Load any open_clip ``model_name`` + ``pretrained`` with the tag's preprocessing."""
-    if precision not in PRECISIONS:
-        raise RobenchError(f"unknown precision '{precision}'", "use fp32, fp16 or bf16")
-    device = resolve_device(device)
+def check_loadable(arch: str, pretrained: str | None, allow_download: bool = False) -> str | None:
+    """The architecture exists and the weights are at hand (unless downloads are allowed);
+    returns ``pretrained`` with ``assets:`` resolved. Cheap: the runner calls it for every
+    model before touching any data."""
     if pretrained and pretrained.startswith("assets:"):  # weights shipped inside robench
         from robench.registry import ASSETS
 
@@ -277,6 +274,17 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
         check_architecture(arch)  # also with allow_download: the error says how to register
     if not allow_download:
         check_weights_available(arch, pretrained)
+    return pretrained
+
+
+def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
+                  precision: str = "fp32", allow_download: bool = False,
+                  seed: int = 0) -> Backbone:
+    """Load any open_clip ``model_name`` + ``pretrained`` with the tag's preprocessing."""
+    if precision not in PRECISIONS:
+        raise RobenchError(f"unknown precision '{precision}'", "use fp32, fp16 or bf16")
+    device = resolve_device(device)
+    pretrained = check_loadable(arch, pretrained, allow_download)
     model_name, tag = arch, pretrained
     if pretrained and pretrained.startswith(SCHEMAS):
         model_name, tag = pretrained, None  # open_clip reads schemas from the model name
