@@ -128,3 +128,23 @@ def derived_state(pretrained: str) -> dict:
 
     return load_file(str(Path(pretrained.removeprefix("local-dir:")) /
                          "open_clip_model.safetensors"))
+
+
+def run_cifar_suite(tmp: Path, suite: str):
+    """Write ``suite`` to ``tmp/s.yaml`` and run it in-process on a CIFAR-10 fixture (30 test,
+    5 x 12 train images) under ``tmp``; returns (runner, the suite's results folder)."""
+    from robench.config import load_suite
+    from robench.runner import Runner
+
+    write_cifar10(tmp / "data" / "cifar10", n_test=30, n_train=12)
+    (tmp / "s.yaml").write_text(suite)
+    cfg = load_suite(str(tmp / "s.yaml"), [f"data_root={tmp / 'data'}", f"cache_dir={tmp / 'c'}",
+                                           f"results_dir={tmp / 'r'}", "device=cpu"])
+    runner = Runner(cfg)
+    runner.run()
+    return runner, tmp / "r" / "s"
+
+
+def cifar_cell(out: Path, model: str) -> Path:
+    """The record of ``model`` on the CIFAR-10 fixture."""
+    return out / model / "cifar10.json"

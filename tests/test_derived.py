@@ -8,11 +8,9 @@ import json
 import open_clip
 import pytest
 import torch
-from conftest import TINY, same_outputs, write_cifar10
+from conftest import TINY, cifar_cell, run_cifar_suite, same_outputs
 
-from robench.config import load_suite
 from robench.models.backbone import CONFIG_DIR, load_backbone, save_derived
-from robench.runner import Runner
 
 PREPROCESS = {"mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear",
               "resize_mode": "squash"}
@@ -42,9 +40,8 @@ def parent(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, parent):
     tmp = tmp_path_factory.mktemp("derived")
-    write_cifar10(tmp / "data" / "cifar10", n_test=30, n_train=12)
     opts = "train_on: cifar10-train, epochs: 1, batch_size: 16, warmup: 1, workers: 0"
-    (tmp / "s.yaml").write_text(f"""
+    return run_cifar_suite(tmp, f"""
 models:
   - {{name: zs, arch: {TINY}, pretrained: "{parent}"}}
   - {{name: ft0, arch: {TINY}, pretrained: "{parent}", method: finetune,
@@ -60,15 +57,9 @@ model: {{num_workers: 0, batch_size: 64}}
 metrics: {{bootstrap: 0}}
 progress: false
 """)
-    cfg = load_suite(str(tmp / "s.yaml"), [f"data_root={tmp / 'data'}", f"cache_dir={tmp / 'c'}",
-                                           f"results_dir={tmp / 'r'}", "device=cpu"])
-    runner = Runner(cfg)
-    runner.run()
-    return runner, tmp / "r" / "s"
 
 
-def _cell(out, model):
-    return out / model / "cifar10.json"
+_cell = cifar_cell
 
 
 def test_lr0_finetune_and_car_ft_reproduce_the_parent_exactly(run):

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import derived_state, same_outputs, write_cifar10
+from conftest import cifar_cell, derived_state, run_cifar_suite, same_outputs, write_cifar10
 
-from robench.config import load_suite
 from robench.errors import RobenchError
 from robench.models import finetune as FT
 from robench.models.wise_ft import expand, interpolate
 from robench.registry import ModelSpec
-from robench.runner import Runner
 
 OPTS = "{train_on: cifar10-train, epochs: 2, lr: 1.0e-3, batch_size: 16, warmup: 2, workers: 0}"
 SUITE = f"""
@@ -32,17 +30,10 @@ progress: false
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
-    write_cifar10(tmp / "data" / "cifar10", n_test=30, n_train=12)
-    (tmp / "s.yaml").write_text(SUITE)
-    cfg = load_suite(str(tmp / "s.yaml"), [f"data_root={tmp / 'data'}", f"cache_dir={tmp / 'c'}",
-                                           f"results_dir={tmp / 'r'}", "device=cpu"])
-    runner = Runner(cfg)
-    runner.run()
-    return runner, tmp / "r" / "s"
+    return run_cifar_suite(tmp, SUITE)
 
 
-def _cell(out, model):
-    return out / model / "cifar10.json"
+_cell = cifar_cell
 
 
 def test_wise_ft_endpoints_reproduce_zeroshot_and_finetuned_exactly(run):
