@@ -221,6 +221,9 @@ def build_config(raw: DictConfig | dict, overrides: list[str] | None = None,
                                "a setting", "remove meta from the suite file / the overrides")
     if not raw.get("name"):
         raw.name = default_name
+    from robench.registry import check_name
+
+    check_name("suite", over.get("name") or raw.name)
     try:
         cfg = OmegaConf.merge(schema, raw, over)
     except OmegaConfBaseException as e:

@@ -6,6 +6,7 @@ up through :func:`get_model` / :func:`get_dataset`, which fail with the valid na
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,23 @@ def template_set(name: str) -> list[str]:
     raise unknown("template set", name, ["cifar", "imagenet"])
 
 
+# A name becomes a folder or file name of the results (results_dir/suite/model/dataset.json):
+# letters, digits and . _ + - only, starting with a letter or digit (no separators, no "..").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_name(kind: str, name: Any) -> str:
+    """``name`` if it is safe as a path component, else a RobenchError naming the rule."""
+    text = str(name)
+    if not _NAME.fullmatch(text) or ".." in text:
+        example = re.sub(r"[^A-Za-z0-9._+-]+|\.\.+", "-", text).strip(".-") or f"my-{kind}"
+        raise RobenchError(
+            f"{kind} name {text!r} cannot be used: names become folders and files of the "
+            "results, so they may hold only letters, digits and . _ + - (no '/', no '..', not "
+            "absolute)", f"rename the {kind}, e.g. {example!r}")
+    return text
+
+
 def _from_dict(cls: type, name: str, entry: dict[str, Any]) -> Any:
     valid = {f.name for f in fields(cls)}
     for key in entry:
@@ -160,11 +178,12 @@ def _from_dict(cls: type, name: str, entry: dict[str, Any]) -> Any:
 def resolve_model(item: Any) -> tuple[str, ModelSpec]:
     """A suite's model entry (a registered name, or an inline dict with ``name``) -> spec."""
     if isinstance(item, str):
-        return item, get_model(item)
+        return check_name("model", item), get_model(item)
     entry = dict(item)
     name = entry.pop("name", None)
     if not name:
         raise RobenchError(f"inline model {entry} has no name", "add name: <model-name>")
+    check_name("model", name)
     base = entry.pop("base", None)
     if base is not None:  # inline entry that tweaks a registered model
         spec = get_model(base)
@@ -176,11 +195,12 @@ def resolve_model(item: Any) -> tuple[str, ModelSpec]:
 def resolve_dataset(item: Any) -> tuple[str, DatasetSpec]:
     """A suite's dataset entry (a registered name or an inline dict with ``name``) -> spec."""
     if isinstance(item, str):
-        return item, get_dataset(item)
+        return check_name("dataset", item), get_dataset(item)
     entry = dict(item)
     name = entry.pop("name", None)
     if not name:
         raise RobenchError(f"inline dataset {entry} has no name", "add name: <dataset-name>")
+    check_name("dataset", name)
     return name, _from_dict(DatasetSpec, name, entry)
 
 

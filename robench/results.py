@@ -20,7 +20,11 @@ HEADLINE = ["acc1", "acc5", "ece", "auroc", "nll", "brier", "aupr_err", "fpr95",
 
 
 def record_path(results_dir: str | Path, suite: str, model: str, dataset: str) -> Path:
-    return Path(results_dir) / suite / model / f"{dataset}.json"
+    """``results_dir/suite/model/dataset.json``; each name is checked to stay inside."""
+    from robench.registry import check_name
+
+    return (Path(results_dir) / check_name("suite", suite) / check_name("model", model)
+            / f"{check_name('dataset', dataset)}.json")
 
 
 def clean(value: Any) -> Any:

@@ -53,3 +53,17 @@ def test_imagenet_train_is_registered_with_the_val_label_rule():
     spec = DATASETS["imagenet-train"]
     assert spec.family == DATASETS["imagenet"].family == "imagenet-folder"
     assert spec.n_expected == 1_281_167 and spec.root == "imagenet/train"
+
+
+@pytest.mark.parametrize("override", [
+    "models=[{name: ../../../x, arch: robench-tiny-vit}]",
+    "models=[{name: /tmp/abs, arch: robench-tiny-vit}]",
+    "datasets=[{name: a/b, family: folder, root: /nowhere}]",
+    "name=../escape",
+])
+def test_names_that_would_leave_results_dir_are_refused(tmp_path, override):
+    r = run_cli("run", "suite=smoke", override, "id_dataset=null",
+                f"cache_dir={tmp_path / 'c'}", f"results_dir={tmp_path / 'r'}", "device=cpu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot be used" in r.stderr and "rename the" in r.stderr
+    assert not list(tmp_path.rglob("*.json"))  # refused before any record was written
