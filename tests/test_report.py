@@ -9,8 +9,10 @@ clicking a header, charts with a size, a screenshot.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from robench.io import write_json
 from robench.metrics import METRIC_INFO, compute_all
 from robench.report import render_report
 from robench.report.render import DASH
-from robench.results import clean, record_path
+from robench.results import clean
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -84,7 +86,12 @@ def make_record(suite: str, model: str, dataset: str, mets: dict, *, arch: str =
 
 def write(root: Path, rec: dict) -> None:
     # the record alone: the report reads no per-sample outputs
-    write_json(record_path(root, rec["suite"], rec["model"], rec["dataset"]), clean(rec))
+    # hostile names (markup, slashes) live in the record; the file sits at a safe path, as a
+    # record written elsewhere and copied into a results folder would
+    safe = [str(rec[k]) if re.fullmatch(r"[\w.+-]+", str(rec[k])) and ".." not in str(rec[k])
+            else hashlib.sha256(str(rec[k]).encode()).hexdigest()[:12]
+            for k in ("suite", "model", "dataset")]
+    write_json(root / safe[0] / safe[1] / f"{safe[2]}.json", clean(rec))
 
 
 def c_groups(offset: float, ece: float) -> tuple[dict, list[str]]:
