@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from robench.io import human_size
+
 VERSIONED = ("torch", "torchvision", "open_clip_torch", "numpy", "scipy", "pandas", "omegaconf",
              "imagecorruptions", "scikit-image", "pillow", "argcomplete")
 
@@ -37,14 +39,6 @@ def folder_size(root: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def device_report() -> dict[str, Any]:

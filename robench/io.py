@@ -52,6 +52,17 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, _w)
 
 
+def human_size(n: float, base: int = 1024) -> str:
+    """``n`` bytes for people: binary units (KiB, MiB, ...) for base 1024, decimal (KB, MB, ...)
+    for base 1000, one decimal above bytes."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB") if base == 1024 else ("B", "KB", "MB", "GB", "TB")
+    for unit in units:
+        if n < base or unit == units[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= base
+    raise AssertionError("unreachable")
+
+
 def _jsonable(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robench.errors import RobenchError, unknown
+from robench.io import human_size
 from robench.registry import DatasetSpec, dataset_root, get_dataset
 
 USER_AGENT = "robench-data-download/1 (+https://github.com; python-urllib)"
@@ -155,18 +156,11 @@ def file_digest(path: Path, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _need_space(folder: Path, nbytes: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if nbytes > free:
-        raise RobenchError(f"{what} needs {_human(nbytes)} but {folder} has {_human(free)} free",
+        raise RobenchError(f"{what} needs {human_size(nbytes, 1000)} but {folder} has "
+                           f"{human_size(free, 1000)} free",
                            "free some space or download to another data_root (--data-root)")
 
 
@@ -192,7 +186,9 @@ def fetch(urls: tuple[str, ...], dest: Path, size: int | None = None, progress: 
                 os.replace(part, dest)
                 return dest
             except _Interrupted as e:
-                have = f"{_human(e.have)} of {_human(e.total)}" if e.total else _human(e.have)
+                have = human_size(e.have, 1000)
+                if e.total:
+                    have += f" of {human_size(e.total, 1000)}"
                 failures.append(f"{url}: interrupted after {have} ({e.why})")
                 continue  # resume from the .part
             except urllib.error.HTTPError as e:
@@ -203,7 +199,7 @@ def fetch(urls: tuple[str, ...], dest: Path, size: int | None = None, progress: 
                 failures.append(f"{url}: {reason}")
                 break
     have = part.stat().st_size if part.exists() else 0
-    kept = f"; {_human(have)} kept in {part}" if have else ""
+    kept = f"; {human_size(have, 1000)} kept in {part}" if have else ""
     raise RobenchError(
         f"download of {dest.name} failed{kept}: " + " | ".join(failures[-4:]),
         "re-run the same command: it resumes the partial file (check the network or proxy "
