@@ -24,7 +24,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from robench.data.base import ImageSource
 from robench.errors import RobenchError
-from robench.io import write_json
+from robench.io import (
+    CorruptEntry,
+    discard,
+    entry_lock,
+    load_npy,
+    read_json,
+    reserve,
+    seal_file,
+    umask,
+    write_error,
+    write_json,
+)
 from robench.models.backbone import Backbone
 from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a log
 
@@ -110,12 +121,44 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
         raise ValueError("a custom transform needs a view name for the cache key")
     cache = Path(cache_dir).expanduser() / "features"
     key = feature_key(backbone, source, view, dtype)
-    stored = features_dtype(backbone.precision, dtype)
     npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
-    if npy.is_file() and meta.is_file():
-        info = json.loads(meta.read_text())
-        return FeatureSet(np.load(npy, mmap_mode="r"), info["bad"], key, cached=True)
+    if (found := _cached(npy, meta, source)) is not None:
+        return found
+    with entry_lock(npy, f"the features of {source.name}"):
+        if (found := _cached(npy, meta, source)) is not None:  # built while we waited
+            return found
+        for stale in cache.glob(f"{key}.*.partial.npy"):  # left by a killed run; we hold the lock
+            stale.unlink(missing_ok=True)
+        bad = _extract(backbone, source, npy, batch_size, num_workers, progress, strict,
+                       transform, seed, features_dtype(backbone.precision, dtype))
+        write_json(meta, {"bad": bad, "dataset": source.name, "n": len(source),
+                          "manifest": source.manifest_hash, "backbone": backbone.id()})
+    if bad:
+        log.warning("%s: %d image(s) could not be decoded and are excluded: %s",
+                    source.name, len(bad), describe(source, bad))
+    return FeatureSet(load_npy(npy, mmap_mode="r"), bad, key, cached=False)
 
+
+def _cached(npy: Path, meta: Path, source: ImageSource) -> FeatureSet | None:
+    """The cache entry if it is complete and intact; a damaged one is removed (and None)."""
+    if not meta.is_file():
+        return None
+    try:
+        info = read_json(meta)
+        feats = load_npy(npy, mmap_mode="r")
+        if feats.ndim != 2 or feats.shape[0] != len(source) or info.get("n") != len(source):
+            raise CorruptEntry(npy, f"holds {feats.shape[0]} rows for {len(source)} samples")
+    except CorruptEntry as e:
+        discard(npy, meta, reason=f"features of {source.name}: {e.problem}")
+        return None
+    return FeatureSet(feats, [int(i) for i in info["bad"]], npy.stem, cached=True)
+
+
+def _extract(backbone: Backbone, source: ImageSource, npy: Path, batch_size: int,
+             num_workers: int, progress: bool, strict: bool, transform: object,
+             seed: int | None, stored: np.dtype) -> list[int]:
+    """Encode every image into ``npy`` (written through a reserved, memory-mapped partial file,
+    renamed when complete, then sealed); returns the rows that could not be decoded."""
     loader = DataLoader(
         _Preprocessed(source, transform or backbone.preprocess, seed), batch_size=batch_size,
         num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
@@ -124,8 +167,8 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
     )
     bad: list[int] = []
     out: np.ndarray | None = None
+    shape = (0, 0)
     tmp = npy.with_suffix(f".{os.getpid()}.partial.npy")
-    cache.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(source), unit="img", desc=f"features {source.name}", disable=not progress,
                dynamic_ncols=True, leave=False)
     try:
@@ -138,8 +181,8 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
                         "replace the files, or run with strict=false to count and skip them")
             f = backbone.encode_images(xs).cpu().numpy().astype(stored)
             if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=stored,
-                                                shape=(len(source), f.shape[1]))
+                shape = (len(source), f.shape[1])
+                out = _open_partial(tmp, stored, shape)
             f[~ok.numpy()] = 0
             out[idx.numpy()] = f
             bar.update(len(idx))
@@ -148,15 +191,22 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
             raise RobenchError(f"{source.name} is empty", "check the dataset root")
         out.flush()
         del out
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, npy)
+    except OSError as e:
+        raise write_error(tmp, e) from e
     finally:
         tmp.unlink(missing_ok=True)
-    if bad:
-        log.warning("%s: %d image(s) could not be decoded and are excluded: %s",
-                    source.name, len(bad), describe(source, bad))
-    write_json(meta, {"bad": sorted(bad), "dataset": source.name, "n": len(source),
-                      "manifest": source.manifest_hash, "backbone": backbone.id()})
-    return FeatureSet(np.load(npy, mmap_mode="r"), sorted(bad), key, cached=False)
+    seal_file(npy, shape=list(shape), dtype=stored.str)
+    return sorted(bad)
+
+
+def _open_partial(tmp: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.memmap:
+    """A memory-mapped ``.npy`` whose blocks are allocated up front (see :func:`reserve`)."""
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    with open(tmp, "r+b") as f:
+        reserve(f.fileno(), out.offset + out.nbytes, tmp)
+    return out
 
 
 def iter_row_blocks(features: np.ndarray, block: int, rows: np.ndarray | None = None

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robench.errors import RobenchError
-from robench.io import write_json
-from robench.results import clean, find_records, read_record
-from robench.scoring import CellOutputs, cell_metrics
+from robench.results import clean, find_records, load_outputs, read_record, write_record
+from robench.scoring import cell_metrics
 
 # the protocol fields a rescore may change, and the metrics-config names they come from
 SETTINGS = {"n_bins": "ece_bins", "bootstrap": "bootstrap", "alpha": None}
@@ -61,9 +60,12 @@ def _deltas(old: dict | None, new: dict | None, prefix: str = "") -> dict[str, f
 def rescore_record(path: Path, overrides: dict, out_dir: Path | None = None,
                    results_root: Path | None = None) -> Rescored:
     """Re-score one record; writes it (in place, or under ``out_dir``) unless nothing changed."""
-    record = read_record(path)
+    record = read_record(path, verify=False)
+    legacy = "integrity" not in record  # an older robench's record: re-scoring seals it
+    if not legacy:
+        read_record(path)  # verified
     settings = {**settings_of(record), **{k: v for k, v in overrides.items() if v is not None}}
-    outputs = CellOutputs.load(path.with_suffix(".npz"))
+    outputs = load_outputs(path, record)
     headline, groups = cell_metrics(
         outputs, (record.get("protocol") or {}).get("summary_groups"), n_bins=settings["n_bins"],
         n_bootstrap=settings["bootstrap"], seed=settings["seed"], alpha=settings["alpha"])
@@ -72,7 +74,7 @@ def rescore_record(path: Path, overrides: dict, out_dir: Path | None = None,
     changed = sorted(k for k, d in deltas.items() if d > 1e-9)
     result = Rescored(path, record["model"], record["dataset"],
                       max(deltas.values(), default=0.0), changed)
-    if changed or out_dir is not None:
+    if changed or legacy or out_dir is not None:
         record.update(new)
         record["protocol"].update({"ece_bins": settings["n_bins"],
                                    "bootstrap": settings["bootstrap"],
@@ -80,10 +82,8 @@ def rescore_record(path: Path, overrides: dict, out_dir: Path | None = None,
         record["rescored"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         root = results_root or path.parent
         target = path if out_dir is None else out_dir / path.relative_to(root)
-        if target != path:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            outputs.save(target.with_suffix(".npz"))
-        write_json(target, record)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_record(target, {k: v for k, v in record.items() if k != "integrity"}, outputs)
     return result
 
 

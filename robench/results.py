@@ -3,6 +3,7 @@ outputs beside it (``robench.scoring.CellOutputs``); and their aggregation into 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from robench.errors import RobenchError
-from robench.io import write_json
+from robench.io import file_sha256, jsonable, write_json
 
 SCHEMA_VERSION = 2  # 2: exact per-sample outputs, method section, max_cal_err
 # The headline columns of the leaderboard, in order.
@@ -42,17 +43,83 @@ def clean(value: Any) -> Any:
 
 def write_record(path: Path, record: dict, outputs: Any) -> None:
     """Per-sample outputs first, record last: a record on disk implies its outputs are there
-    too. ``outputs`` is a :class:`robench.scoring.CellOutputs`."""
-    outputs.save(path.with_suffix(".npz"))
-    write_json(path, clean({"schema": SCHEMA_VERSION, **record}))
+    too. ``outputs`` is a :class:`robench.scoring.CellOutputs`. The record carries the sha256 of
+    its outputs file and of itself (``integrity``), checked by :func:`read_record`."""
+    npz = path.with_suffix(".npz")
+    outputs.save(npz)
+    write_record_json(path, {**record, "outputs": {**record.get("outputs", {}),
+                                                   "sha256": file_sha256(npz)}})
 
 
-def read_record(path: Path) -> dict:
+def write_record_json(path: Path, record: dict) -> None:
+    """The record alone (strict JSON, schema version, its own checksum), atomically."""
+    write_json(path, seal_record(clean({"schema": SCHEMA_VERSION, **record})), seal=False)
+
+
+def record_digest(record: dict) -> str:
+    """sha256 of a record's canonical JSON (sorted keys, compact), ``integrity`` left out."""
+    body = {k: v for k, v in record.items() if k != "integrity"}
+    text = json.dumps(json.loads(json.dumps(body, default=jsonable)), sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal_record(record: dict) -> dict:
+    """The record with its own checksum (a record is a result a person may copy around on its
+    own, so it carries the checksum inside rather than in a sidecar file)."""
+    return {**record, "integrity": {"sha256": record_digest(record)}}
+
+
+def read_record(path: Path, verify: bool = True) -> dict:
+    """A result record, checked to be one and (``verify``) to match its checksum."""
+    fix = "re-run its cell (robench run suite=...: a damaged record's cell is pending) or " \
+          "remove the file"
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RobenchError(f"cannot read result record {path}: {e}",
-                           "delete it and re-run the cell (robench run ... force=true)") from e
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RobenchError(f"cannot read result record {path}: {e}", fix) from e
+    missing = [k for k in ("model", "dataset", "metrics") if not isinstance(record, dict)
+               or k not in record]
+    if missing:
+        raise RobenchError(f"{path} is not a robench result record (no {', '.join(missing)})",
+                           "keep only robench records (and their .npz outputs) in a results "
+                           "folder, or point at the folder that holds them")
+    if verify:
+        stored = (record.get("integrity") or {}).get("sha256")
+        if stored is None:
+            raise RobenchError(f"result record {path} has no checksum (written by an older "
+                               "robench)", "robench rescore --dir <folder> rewrites records "
+                               "with checksums; or " + fix)
+        if stored != record_digest(record):
+            raise RobenchError(f"result record {path} fails its checksum: it was edited or "
+                               "damaged after it was written", fix)
+    return record
+
+
+def verify_outputs(path: Path, record: dict) -> Path:
+    """The per-sample outputs file beside the record at ``path``, checked against the digest the
+    record holds (records of older robench versions hold none)."""
+    npz = Path(path).with_suffix(".npz")
+    want = (record.get("outputs") or {}).get("sha256")
+    if want is None:
+        return npz
+    try:
+        have = file_sha256(npz)
+    except OSError as e:
+        raise RobenchError(f"per-sample outputs {npz} cannot be read: {e.strerror}",
+                           "re-run its cell (robench run suite=...)") from e
+    if have != want:
+        raise RobenchError(f"per-sample outputs {npz} fail the checksum in {Path(path).name} "
+                           "(damaged or replaced)", "re-run its cell (robench run suite=...)")
+    return npz
+
+
+def load_outputs(path: Path, record: dict | None = None) -> Any:
+    """The verified per-sample outputs (:class:`robench.scoring.CellOutputs`) of a record."""
+    from robench.scoring import CellOutputs
+
+    record = record if record is not None else read_record(path)
+    return CellOutputs.load(verify_outputs(path, record))
 
 
 def find_records(results_dir: str | Path, fix: str | None = None) -> list[Path]:

@@ -49,7 +49,7 @@ from robench.registry import (
     resolve_model,
     template_set,
 )
-from robench.results import read_record, record_path, write_record
+from robench.results import read_record, record_path, verify_outputs, write_record
 from robench.scoring import OUTPUTS_VERSION, cell_metrics, cell_outputs, id_confidence
 
 log = logging.getLogger(__name__)
@@ -191,14 +191,28 @@ class Runner:
             "id_dataset": self.cfg.id_dataset,
             "id_manifest": self.source(self.cfg.id_dataset).manifest_hash
             if self.cfg.id_dataset else None,
-            "weights": self._weights_identity(model),
+            "weights": self._weights_identity(model), "strict": bool(self.cfg.strict),
+            # what a trained head or checkpoint was computed from, known before it is loaded:
+            # the files of each dataset it learns from, and the models it is built from
+            "training_data": {role: self.source(d).manifest_hash
+                              for role, d in self.data_roles(model)},
+            "depends_on": {m: {"spec": asdict(self.declared(m)),
+                               "weights": self._weights_identity(m)}
+                           for m in self.model_dependencies(model)},
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()
                               ).hexdigest()[:32]
 
+    def model_dependencies(self, name: str) -> list[str]:
+        """The models ``name`` is built from (the fine-tuned model of a WiSE-FT mix), deepest
+        last."""
+        spec = self.declared(name)
+        ft = spec.options.get("finetuned") if spec.method == "wise-ft" else None
+        return [] if not ft else [str(ft), *self.model_dependencies(str(ft))]
+
     def _weights_identity(self, model: str) -> dict:
         if model not in self._weight_ids:
-            spec = self.models[model]
+            spec = self.declared(model)
             self._weight_ids[model] = weights_identity(spec.arch, spec.pretrained,
                                                        self.cfg.cache_dir)
         return self._weight_ids[model]
@@ -209,7 +223,9 @@ class Runner:
             return False
         try:
             rec = read_record(path)
-        except RobenchError:
+            verify_outputs(path, rec)
+        except RobenchError as e:
+            log.warning("%s; its cell is recomputed", e.problem)
             return False
         if self.cfg.strict and rec.get("data", {}).get("n_bad"):
             return False  # scored without its corrupt images: strict=true must fail on them

@@ -9,6 +9,8 @@ so ``robench rescore`` recomputes every metric of a record from them, exactly, w
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,7 @@ class CellOutputs:
             arrays["logits"] = self.logits
         if self.ood_id_conf is not None:
             arrays["ood_id_conf"] = self.ood_id_conf
-        write_npz(path, **arrays)
+        write_npz(path, seal=False, **arrays)  # its record holds its sha256
 
     @classmethod
     def load(cls, path: Path) -> CellOutputs:
@@ -104,7 +106,7 @@ class CellOutputs:
                            sample_ids=z["sample_id"] if "sample_id" in z.files else None,
                            logits=z["logits"] if "logits" in z.files else None,
                            ood_id_conf=z["ood_id_conf"] if "ood_id_conf" in z.files else None)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise RobenchError(f"cannot read per-sample outputs {path}: {e}",
                                "re-run the cell (robench run ... force=true)") from e
 

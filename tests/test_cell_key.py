@@ -40,3 +40,50 @@ def test_a_checkpoint_replaced_at_the_same_path_recomputes_its_cells(tmp_path):
     assert second["cell_key"] != first["cell_key"]
     assert second["provenance"]["weights_hash"] != first["provenance"]["weights_hash"]
     assert not same_outputs(rec, tmp_path / "keep.json")
+
+
+def _runner(tmp_path, models: str, train_root, **extra):
+    from robench.config import build_config
+    from robench.runner import Runner
+
+    raw = {"name": "k", "models": models, "id_dataset": None,
+           "datasets": ["cifar10-subset-val"], "cache_dir": str(tmp_path / "c"),
+           "results_dir": str(tmp_path / "r"), "device": "cpu", "progress": False, **extra}
+    over = [f"datasets=[cifar10-subset-val, {{name: tr, family: folder, root: {train_root}}}]"]
+    return Runner(build_config(raw, over))
+
+
+def test_the_key_holds_training_data_strictness_and_the_models_built_from(tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from robench.registry import ASSETS
+
+    train = tmp_path / "train"
+    shutil.copytree(ASSETS / "cifar10-subset" / "probe", train)
+    models = [{"name": "lp", "arch": TINY, "method": "linear-probe",
+               "options": {"train_on": "tr", "val_on": "tr"}},
+              {"name": "ft", "arch": TINY, "method": "finetune", "options": {"train_on": "tr"}},
+              {"name": "w", "arch": TINY, "method": "wise-ft",
+               "options": {"finetuned": "ft", "alpha": 0.5}}]
+    keys = {m: _runner(tmp_path, models, train).cell_key(m, "cifar10-subset-val")
+            for m in ("lp", "ft", "w")}
+    assert keys == {m: _runner(tmp_path, models, train).cell_key(m, "cifar10-subset-val")
+                    for m in ("lp", "ft", "w")}  # deterministic
+    strict = _runner(tmp_path, models, train, strict=True)
+    assert all(strict.cell_key(m, "cifar10-subset-val") != k for m, k in keys.items())
+
+    # one training image changed: every model trained on it (and WiSE-FT through its fine-tuned
+    # model) is a new cell; the evaluated dataset did not change
+    img = sorted(train.rglob("*.jpg"))[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(img)
+    changed = _runner(tmp_path, models, train)
+    assert all(changed.cell_key(m, "cifar10-subset-val") != k for m, k in keys.items())
+
+    # the fine-tuned model's options change WiSE-FT's cell, not the linear probe's
+    models[1]["options"]["lr"] = 1e-3
+    other = _runner(tmp_path, models, train)
+    assert other.cell_key("w", "cifar10-subset-val") != changed.cell_key("w", "cifar10-subset-val")
+    assert other.cell_key("lp", "cifar10-subset-val") == \
+        changed.cell_key("lp", "cifar10-subset-val")

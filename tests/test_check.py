@@ -10,8 +10,7 @@ import pytest
 from conftest import run_cli
 
 from robench.check import render, run_check
-from robench.io import write_json
-from robench.results import clean
+from robench.results import write_record_json
 
 
 def _record(model="m", dataset="d", acc1=80.0, ece=0.05, auroc=0.8, groups=None, **prov):
@@ -32,7 +31,7 @@ def _record(model="m", dataset="d", acc1=80.0, ece=0.05, auroc=0.8, groups=None,
 
 def _write(folder, *records):
     for r in records:  # the record alone: check reads no per-sample outputs
-        write_json(folder / r["model"] / f"{r['dataset']}.json", clean(r))
+        write_record_json(folder / r["model"] / f"{r['dataset']}.json", r)
     return folder
 
 
@@ -127,7 +126,11 @@ def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
     rec = tmp_path / "b" / "m" / "d.json"
     data = json.loads(rec.read_text())
     data["metrics"]["auroc"] -= 0.001  # perturb one committed number
-    rec.write_text(json.dumps(data))
+    rec.write_text(json.dumps(data))  # by hand: the record no longer matches its checksum
+    edited = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
+    assert edited.returncode == 2 and "fails its checksum" in edited.stderr
+    assert "Traceback" not in edited.stderr
+    write_record_json(rec, {k: v for k, v in data.items() if k != "integrity"})  # a real result
     bad = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"),
                   "--format", "md", "--summary", str(tmp_path / "summary.md"))
     assert bad.returncode == 1

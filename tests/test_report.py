@@ -21,11 +21,10 @@ import pandas as pd
 import pytest
 
 from robench.errors import RobenchError
-from robench.io import write_json
 from robench.metrics import METRIC_INFO, compute_all
 from robench.report import render_report
 from robench.report.render import DASH
-from robench.results import clean
+from robench.results import write_record_json
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -91,7 +90,7 @@ def write(root: Path, rec: dict) -> None:
     safe = [str(rec[k]) if re.fullmatch(r"[\w.+-]+", str(rec[k])) and ".." not in str(rec[k])
             else hashlib.sha256(str(rec[k]).encode()).hexdigest()[:12]
             for k in ("suite", "model", "dataset")]
-    write_json(root / safe[0] / safe[1] / f"{safe[2]}.json", clean(rec))
+    write_record_json(root / safe[0] / safe[1] / f"{safe[2]}.json", rec)
 
 
 def c_groups(offset: float, ece: float) -> tuple[dict, list[str]]:
@@ -450,8 +449,8 @@ def test_errors_say_what_to_fix(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"hello": "world"}))
     with pytest.raises(RobenchError, match=r"broken\.json is not a robench result record"):
         render_report(root, tmp_path / "out")
-    bad.write_text(json.dumps(make_record("s", "m", "d2", metrics(1.0, 0.1, 0.5)) |
-                              {"groups": ["fog/1"]}))
+    write_record_json(bad, make_record("s", "m", "d2", metrics(1.0, 0.1, 0.5)) |
+                      {"groups": ["fog/1"]})
     with pytest.raises(RobenchError, match=r"broken\.json .*groups"):
         render_report(root, tmp_path / "out")
     assert not (tmp_path / "out" / "index.html").exists()

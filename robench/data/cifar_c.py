@@ -69,14 +69,18 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
     if missing:
         raise RobenchError(f"{name}: {root} lacks {', '.join(f'{c}.npy' for c in missing)}",
                            "re-extract the archive (or regenerate with robench data corrupt)")
-    labels5 = np.load(labels_path)
+    labels5 = _load(labels_path, name)
+    if labels5.ndim != 1 or labels5.dtype.kind not in "iu":
+        raise RobenchError(f"{name}: labels.npy is {labels5.dtype}{tuple(labels5.shape)}, "
+                           "expected integer class indices of shape (N,)",
+                           "re-extract the archive (or regenerate with robench data corrupt)")
     if len(labels5) % len(SEVERITIES):
         raise RobenchError(f"{name}: labels.npy has {len(labels5)} rows, not a multiple of 5",
                            "the file is truncated; re-extract it")
     rows = len(labels5)
     groups, files = {}, []
     for f_idx, c in enumerate(present):
-        arr = np.load(root / f"{c}.npy", mmap_mode="r")
+        arr = _load(root / f"{c}.npy", name, mmap_mode="r")
         if arr.shape[0] != rows or arr.shape[1:] != (32, 32, 3) or arr.dtype != np.uint8:
             raise RobenchError(
                 f"{name}: {c}.npy is {arr.dtype}{tuple(arr.shape)}, expected uint8 "
@@ -103,3 +107,13 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
                         for s in SEVERITIES],
         info={"root": str(root), "corruptions": present, "rows_per_file": rows},
     )
+
+
+def _load(path: Path, name: str, mmap_mode: str | None = None) -> np.ndarray:
+    """An array of the set; a truncated, pickled (object) or foreign file is named, not raised."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise RobenchError(f"{name}: {path} is not a readable uint8 array ({e})",
+                           "re-extract the archive (or regenerate with robench data corrupt)"
+                           ) from e

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robench.io import write_npz
+from robench.io import CorruptEntry, discard, load_npz, write_npz
 from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a log
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,18 @@ class Digests:
 
 
 def _load_index(path: Path) -> tuple[bytes, np.ndarray, np.ndarray] | None:
+    if not path.is_file():
+        return None
     try:
-        with np.load(path) as z:
-            if int(z["format"]) != INDEX_FORMAT:
-                return None
-            return z["paths"].tobytes(), z["stat"], z["digest"]
-    except (OSError, ValueError, KeyError):
-        return None  # absent, unreadable or from another version: hash afresh
+        z = load_npz(path)
+        if int(z["format"]) != INDEX_FORMAT:
+            return None
+        return z["paths"].tobytes(), z["stat"], z["digest"]
+    except CorruptEntry as e:  # a damaged index would hand out wrong digests: hash afresh
+        discard(path, reason=f"content index: {e.problem}")
+        return None
+    except (ValueError, KeyError):
+        return None  # from another version: hash afresh
 
 
 def content_digests(root: Path, files: FileStats, cache_dir: str | Path | None = None,

@@ -357,9 +357,9 @@ def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: P
     if backbone.model_cfg is None:
         raise RobenchError(f"cannot save a derived checkpoint of {backbone.arch}: its open_clip "
                            "model config is unknown", "load the parent through open_clip")
+    from robench.io import seal_file
+
     out = Path(out)
-    if (out / "open_clip_config.json").is_file() and (out / DERIVED_WEIGHTS).is_file():
-        return f"local-dir:{out}"
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     import shutil
 
@@ -373,6 +373,8 @@ def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: P
               "robench": {"parent_arch": backbone.arch, "parent_pretrained": backbone.pretrained,
                           "parent_weights_hash": backbone.weights_hash}}
     (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    for f in (DERIVED_WEIGHTS, "open_clip_config.json"):
+        seal_file(tmp / f)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return f"local-dir:{out}"

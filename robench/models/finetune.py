@@ -37,9 +37,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from robench.artifacts import artifact_dir
+from robench.artifacts import artifact_dir, intact
 from robench.errors import RobenchError
-from robench.io import atomic_write, write_npz
+from robench.io import (
+    CorruptEntry,
+    atomic_write,
+    discard,
+    entry_lock,
+    load_npz,
+    seal_file,
+    verify_file,
+    write_npz,
+)
 from robench.models.backbone import Backbone, load_backbone, save_derived
 from robench.models.heads import LinearHead
 from robench.models.zeroshot import class_embeddings
@@ -112,7 +121,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
     (``robench_head.npz``: weight (D, C) and the class names of its label space).
     """
     final = out / "model"
-    if (final / HEAD_FILE).is_file():
+    if intact(final, HEAD_FILE):
         return f"local-dir:{final}"
     torch.manual_seed(seed)
     random.seed(seed)
@@ -143,8 +152,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start = 0
     resume = out / "last_epoch.pt"
-    if resume.is_file():  # an interrupted training resumes from its last finished epoch
-        state = torch.load(resume, map_location=device, weights_only=True)
+    if (state := load_resume(resume, device)) is not None:  # from its last finished epoch
         model.load_state_dict(state["model"])
         head.data.copy_(state["head"])
         opt.load_state_dict(state["opt"])
@@ -179,12 +187,26 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
         state = {"model": model.state_dict(), "head": head.detach(), "opt": opt.state_dict(),
                  "sched": sched.state_dict(), "epoch": epoch}
         atomic_write(resume, lambda tmp, s=state: torch.save(s, tmp))
+        seal_file(resume)
     bar.close()
     model.eval()
     spec = save_derived(backbone, model.state_dict(), final)
     save_head(final, head.detach().cpu().numpy(), list(source.classnames))
-    resume.unlink(missing_ok=True)
+    discard(resume)
     return spec
+
+
+def load_resume(path: Path, device: str) -> dict | None:
+    """The state saved after the last finished epoch, if it is intact (checksum verified, tensors
+    only: ``weights_only=True`` never runs code from the cache); a damaged one is removed."""
+    if not path.is_file():
+        return None
+    try:
+        verify_file(path)
+        return torch.load(path, map_location=device, weights_only=True)
+    except (CorruptEntry, RuntimeError, EOFError, ValueError) as e:
+        discard(path, reason=f"fine-tuning resume state {path}: {e}")
+        return None
 
 
 def save_head(folder: Path, weight: np.ndarray, classnames: list[str]) -> None:
@@ -196,8 +218,8 @@ def save_head(folder: Path, weight: np.ndarray, classnames: list[str]) -> None:
 def load_head(pretrained: str) -> tuple[np.ndarray, list[str]]:
     """(weight, class names) of the head saved with a derived ``local-dir:`` checkpoint."""
     folder = Path(pretrained.removeprefix("local-dir:"))
-    with np.load(folder / HEAD_FILE) as z:
-        return z["weight"], [str(c) for c in z["classnames"]]
+    z = load_npz(folder / HEAD_FILE)
+    return z["weight"], [str(c) for c in z["classnames"]]
 
 
 def options(spec: ModelSpec, lam_default: float) -> dict:
@@ -225,8 +247,9 @@ def prepare_finetuned(runner, name: str, spec: ModelSpec, lam_default: float) ->
              "seed": cfg.seed, "templates": templates, "method": spec.method,
              "arch": base.model_cfg, "format": 2}
     out = artifact_dir(cfg.cache_dir, "finetune", ident)
-    ckpt = finetune(base, source, templates, opts, out, cfg.cache_dir, seed=cfg.seed,
-                    progress=cfg.progress)
+    with entry_lock(out / "model", f"fine-tuning {name}"):  # concurrent runs train it once
+        ckpt = finetune(base, source, templates, opts, out, cfg.cache_dir, seed=cfg.seed,
+                        progress=cfg.progress)
     return replace(spec, pretrained=ckpt)
 
 

@@ -33,7 +33,6 @@ train / val feature keys, the options and the seed, and reused while none of the
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from robench.artifacts import artifact_dir
+from robench.artifacts import artifact_dir, ensure
 from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet
-from robench.io import write_json, write_npz
+from robench.io import load_npz, read_json, write_json, write_npz
 from robench.models.heads import LinearHead
 
 # 8 log-spaced values of C. Features are L2-normalised (|x| = 1), so useful weights are large and
@@ -259,7 +258,8 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
              "opts": opts, "seed": int(ctx.cfg.seed)}
     out = artifact_dir(ctx.cache_dir, "linear-probe", ident)
     path = out / "head.npz"
-    if not path.is_file():
+
+    def fit() -> None:
         x_tr, y_tr = good_rows(train_src, train_feats)
         x_va, y_va = good_rows(val_src, val_feats)
         t0 = time.time()
@@ -273,18 +273,14 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
         # written last: its presence marks a complete artifact
         write_npz(path, weight=res.fit.weight.astype(np.float32),
                   bias=res.fit.bias.astype(np.float32), C=np.float64(res.fit.C))
-    with np.load(path) as z:
-        weight, bias, c = z["weight"], z["bias"], float(z["C"])
-    summary = _read_json(out / "summary.json")
+
+    ensure(out, path.name, fit, f"the linear probe on {opts['train_on']}")
+    z = load_npz(path)
+    weight, bias, c = z["weight"], z["bias"], float(z["C"])
+    summary = read_json(out / "summary.json")
     return LinearHead(weight=weight, scale=1.0, classnames=classnames, bias=bias,
                       info={"head": "linear-probe", "train_on": opts["train_on"],
                             "val_on": opts["val_on"], "C": c, "refit": opts["refit"],
                             "grid": summary.get("grid"), "val_acc": summary.get("val_acc"),
                             "artifact": str(out)})
 
-
-def _read_json(path: Any) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

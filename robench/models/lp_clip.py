@@ -63,11 +63,11 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from robench.artifacts import artifact_dir
+from robench.artifacts import artifact_dir, ensure
 from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, extract_features, feature_key
-from robench.io import write_json, write_npz
+from robench.io import load_npz, write_json, write_npz
 from robench.models.backbone import Backbone
 from robench.models.heads import LinearHead
 from robench.models.linear_probe import check_label_space, few_threads
@@ -381,7 +381,8 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
              "seed": seed}
     out = artifact_dir(ctx.cache_dir, "lp-clip", ident)
     path = out / "head.npz"
-    if not path.is_file():
+
+    def fit() -> None:
         mc = ctx.cfg.model
         weak, strong = training_features(backbone, train, ctx.cache_dir, opts, seed,
                                          mc.batch_size, mc.num_workers, ctx.progress,
@@ -401,9 +402,11 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
         if res.bias is not None:
             arrays["bias"] = res.bias
         write_npz(path, **arrays)  # last: its presence marks a complete artifact
-    with np.load(path) as z:
-        weight, scale = z["weight"], float(z["scale"])
-        bias = z["bias"] if "bias" in z.files else None
+
+    ensure(out, path.name, fit, f"LP-CLIP on {opts['train_on']}")
+    z = load_npz(path)
+    weight, scale = z["weight"], float(z["scale"])
+    bias = z.get("bias")
     return LinearHead(weight=weight, scale=scale, classnames=list(train.classnames), bias=bias,
                       info={"head": "lp-clip", "train_on": opts["train_on"],
                             "logit_scale": scale, "teacher": "zeroshot (weak view)",

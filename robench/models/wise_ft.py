@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from robench.artifacts import artifact_dir
+from robench.artifacts import artifact_dir, ensure
 from robench.errors import RobenchError
 from robench.models.backbone import load_backbone, save_derived
 from robench.models.finetune import HEAD_FILE, finetuned_head, load_head, save_head
@@ -72,10 +72,12 @@ def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
                             progress=False)
     ident = {"zs": zs.weights_hash, "ft": ft.weights_hash, "alpha": alpha, "format": 2}
     out = artifact_dir(cfg.cache_dir, "wise-ft", ident) / "model"
-    if not (out / HEAD_FILE).is_file():
-        mixed = interpolate(zs.model.state_dict(), ft.model.state_dict(), alpha)
-        save_derived(zs, mixed, out)
+
+    def mix() -> None:
+        save_derived(zs, interpolate(zs.model.state_dict(), ft.model.state_dict(), alpha), out)
         save_head(out, ((1 - alpha) * w_zs + alpha * w_ft).astype(np.float32), classnames)
+
+    ensure(out, HEAD_FILE, mix, f"WiSE-FT alpha={alpha:g} of {ft_name}")
     return replace(spec, arch=declared.arch, pretrained=f"local-dir:{out}")
 
 

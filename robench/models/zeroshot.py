@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from open_clip import build_zero_shot_classifier
 
-from robench.io import write_npy
+from robench.io import CorruptEntry, discard, load_npy, write_npy
 from robench.models.backbone import Backbone
 from robench.models.heads import LinearHead
 from robench.progress import progress_bar
@@ -36,7 +36,10 @@ def class_embeddings(backbone: Backbone, classnames: list[str], templates: list[
     key = text_key(backbone, classnames, templates)
     path = Path(cache_dir).expanduser() / "text" / f"{key}.npy"
     if path.is_file():
-        return np.load(path)
+        try:
+            return load_npy(path)
+        except CorruptEntry as e:
+            discard(path, reason=f"text head: {e.problem}")
     # open_clip encodes classes in batches of 10; calling it on whole multiples of 10 classes
     # (~10 calls) runs exactly the same batches, so the result is bit-identical to one call,
     # and the progress shows as robench's own bar or log lines

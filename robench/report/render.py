@@ -802,8 +802,6 @@ def _environment() -> jinja2.Environment:
 def _write_text(path: Path, text: str) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
-        # atomic_write's temporary file is private (0600); a report is meant to be read and served.
-        tmp.chmod(0o644)
 
     atomic_write(path, write)
 
