@@ -30,7 +30,9 @@ def artifact_dir(cache_dir: str | Path, kind: str, ident: dict[str, Any]) -> Pat
     d = Path(cache_dir).expanduser() / "artifacts" / kind / artifact_key(ident)
     d.mkdir(parents=True, exist_ok=True)
     ident_file = d / IDENT
-    if not ident_file.is_file():
+    try:
+        verify_file(ident_file)
+    except CorruptEntry:  # absent or damaged: it only describes the key, so write it (again)
         from robench.io import write_json
 
         write_json(ident_file, ident)
@@ -43,15 +45,20 @@ def intact(folder: Path, marker: str) -> bool:
     folder = Path(folder)
     if not (folder / marker).is_file():
         return False
-    try:
-        verify_file(folder / marker)
-        for side in folder.rglob(f"*{SUM_SUFFIX}"):
-            verify_file(side.with_name(side.name.removesuffix(SUM_SUFFIX)))
-    except CorruptEntry as e:
+    sealed = {folder / marker} | {side.with_name(side.name.removesuffix(SUM_SUFFIX))
+                                  for side in folder.rglob(f"*{SUM_SUFFIX}")}
+    problems = []
+    for f in sorted(sealed):
+        if f.name != IDENT:  # rewritten by artifact_dir when damaged
+            try:
+                verify_file(f)
+            except CorruptEntry as e:
+                problems.append(e.problem)
+    if problems:
         keep = {IDENT, IDENT + SUM_SUFFIX}
         discard(*(p for p in folder.iterdir() if p.name not in keep
                   and not p.name.endswith(LOCK_SUFFIX) and not p.name.endswith(SUM_SUFFIX)),
-                reason=f"artifact {folder}: {e.problem}")
+                reason=f"artifact {folder}: {'; '.join(problems)}")
         return False
     return True
 
