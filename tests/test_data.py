@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CIFAR10_NAMES, cifar_pixels, write_cifar10
+from conftest import CIFAR10_NAMES, cifar_pixels, run_cli, write_cifar10
 from PIL import Image
 
 from robench.data import cifar, folder
@@ -64,3 +64,50 @@ def test_shipped_subset_is_real_cifar():
     src = folder.load(ASSETS / "cifar10-subset" / "test", name="t")
     assert len(src) == 2000 and src.classnames == CIFAR10_NAMES
     assert np.bincount(src.labels).tolist() == [200] * 10
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: what a crafted CIFAR batch could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    from robench.data import verify
+    from robench.registry import DATASETS
+
+    root = write_cifar10(tmp_path / "c10", n_test=10)
+    marker = tmp_path / "pwned"
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": _Payload(marker), "labels": [0]}, f)
+    with pytest.raises(RobenchError, match="test_batch is not a CIFAR batch file, refused: "
+                       "it names posix.system"):
+        cifar.load(root, name="cifar10")
+    report = verify.verify_dataset("cifar10", DATASETS["cifar10"], root,
+                                   cache_dir=tmp_path / "cache", progress=False)
+    assert [c.status for c in report.checks if c.what == "checksum"] == ["FAIL"]
+    assert any(c.what == "layout" and "refused" in c.detail for c in report.checks)
+    assert not marker.exists()  # neither the run's reader nor `data verify` executed it
+    r = run_cli("data", "verify", "cifar10", f"data.cifar10.root={root}",
+                f"cache_dir={tmp_path / 'cache'}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and not marker.exists()
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 1, 10], r"labels \[10\] are outside 0..9"),
+    ([0, -1], r"labels \[-1\] are outside"),
+    ([0.0, 1.5], "not integer class indices"),
+])
+def test_labels_are_validated(labels, message):
+    from robench.data.base import ImageSource
+
+    with pytest.raises(RobenchError, match=message):
+        ImageSource("d", np.asarray(labels), [str(i) for i in range(10)], "h", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 from PIL import Image
 
 from robench.data.content import FileStats, content_digests
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -35,11 +38,38 @@ class ImageSource:
     class_subset: list[int] | None = None
     info: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.labels = check_labels(self.name, self.labels, len(self.classnames))
+        if len(self.classnames) == 1:
+            log.warning("%s has a single class (%s): every prediction is right by "
+                        "construction; check the dataset root", self.name, self.classnames[0])
+
     def __len__(self) -> int:
         return len(self.labels)
 
     def load_image(self, i: int) -> Image.Image:
         return self.loader(i)  # type: ignore[operator]
+
+
+def check_labels(name: str, labels: Sequence[int] | np.ndarray, n_classes: int) -> np.ndarray:
+    """``labels`` as int64 class indices in ``[0, n_classes)``, or a named error: a float, a
+    negative or an out-of-range label would index the wrong class (or crash) far downstream."""
+    from robench.errors import RobenchError
+
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise RobenchError(f"{name}: labels are {arr.dtype}{tuple(arr.shape)}, not integer class "
+                           "indices of shape (N,)", "store labels as integers (e.g. int64)")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        bad = sorted(set(arr[(arr < 0) | (arr >= n_classes)].tolist()))[:5]
+        hint = " (is this CIFAR-100-C under a CIFAR-10-C name?)" if n_classes == 10 and \
+            arr.min() >= 0 and arr.max() < 100 else ""
+        raise RobenchError(f"{name}: labels {bad} are outside 0..{n_classes - 1} (it has "
+                           f"{n_classes} classes){hint}",
+                           "point the root at the right dataset, or check the labels against "
+                           "the class list")
+    return arr
 
 
 def hash_manifest(entries: list[tuple], chunk: int = 10_000) -> str:
