@@ -439,3 +439,60 @@ def test_cli_download(tmp_path, server, monkeypatch, capsys):
     assert main(["data", "download"]) == 0
     listing = capsys.readouterr().out
     assert "imagenet-r" in listing and "manual" in listing
+
+
+def _tar(tmp_path, entries) -> Path:
+    """A tar of (name, kind, payload): kind 'file' (payload bytes) or 'link' (payload target)."""
+    archive = tmp_path / "chain.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "link":
+                info.type, info.linkname = tarfile.SYMTYPE, payload
+                tf.addfile(info)
+            else:
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    return archive
+
+
+@pytest.mark.parametrize(("entries", "needle"), [
+    # each link looks harmless on its own; through the first, the second climbs three levels
+    ([("sketch/a", "link", "."), ("sketch/a/a/b", "link", "../../.."),
+      ("sketch/a/a/b/pwned", "file", b"evil")], "lies beneath the symbolic link 'sketch/a'"),
+    # a link to a link that points out
+    ([("sketch/x", "link", "y"), ("sketch/y", "link", "../.."), ("sketch/ok", "file", b"ok")],
+     "'sketch/x' is a link pointing outside (y)"),
+    ([("sketch/loop", "link", "loop"), ("sketch/ok", "file", b"ok")], "pointing outside"),
+])
+def test_link_chains_are_resolved_against_the_archive_tree(tmp_path, entries, needle):
+    archive = _tar(tmp_path, entries)
+    dest = tmp_path / "deep" / "stage"
+    dest.mkdir(parents=True)
+    with pytest.raises(RobenchError, match=re.escape(needle)):
+        D.extract_safely(archive, dest)
+    assert list(dest.iterdir()) == [] and not (tmp_path / "pwned").exists()
+    assert not any(p.name == "pwned" for p in tmp_path.rglob("*"))
+
+
+def test_a_link_inside_the_archive_is_still_extracted(tmp_path):
+    archive = _tar(tmp_path, [("sketch/real/f.txt", "file", b"ok"),
+                              ("sketch/alias", "link", "real")])
+    dest = tmp_path / "stage"
+    dest.mkdir()
+    D.extract_safely(archive, dest)
+    assert (dest / "sketch" / "alias" / "f.txt").read_bytes() == b"ok"
+
+
+def test_truncated_archives_and_a_python_without_the_filter_are_named(tmp_path, monkeypatch):
+    archive = _tar(tmp_path, [(f"sketch/f{i}.bin", "file", bytes(4096)) for i in range(8)])
+    dest = tmp_path / "stage"
+    dest.mkdir()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[:4096 * 3 + 700])
+    with pytest.raises(RobenchError, match="cut.tar is truncated or damaged"):
+        D.extract_safely(cut, dest)
+    monkeypatch.delattr(tarfile, "data_filter")
+    with pytest.raises(RobenchError, match="has no tarfile.data_filter") as e:
+        D.extract_safely(archive, dest)
+    assert "3.11.4+" in e.value.fix and list(dest.iterdir()) == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import platform
 import posixpath
 import re
 import shutil
@@ -32,6 +33,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,22 +314,67 @@ def _check_name(archive: Path, name: str) -> str:
 
 
 def _check_tar(archive: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    members = tf.getmembers()
+    """Every member checked against the tree the archive itself builds: a path may not pass
+    through a symbolic link of the archive, and a link's target is resolved through the links
+    extracted before it (``a -> .`` then ``a/a/b -> ../../..`` climbs out: refused)."""
+    try:
+        members = tf.getmembers()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise _damaged(archive, e) from e
+    links = {_check_name(archive, m.name): m.linkname for m in members if m.issym()}
     for m in members:
         norm = _check_name(archive, m.name)
+        parents = norm.split("/")[:-1]
+        for i in range(1, len(parents) + 1):
+            if "/".join(parents[:i]) in links:
+                raise _bad(archive, m.name, f"lies beneath the symbolic link "
+                           f"'{'/'.join(parents[:i])}' of the archive")
         if m.ischr() or m.isblk() or m.isfifo():
             raise _bad(archive, m.name, "is a device file or FIFO")
         if m.issym():
             if m.linkname.startswith("/") or re.match(r"^[A-Za-z]:", m.linkname):
                 raise _bad(archive, m.name, f"is a link to the absolute path {m.linkname}")
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(norm), m.linkname))
-            if target == ".." or target.startswith("../"):
+            if _resolve(parents + m.linkname.replace("\\", "/").split("/"), links) is None:
                 raise _bad(archive, m.name, f"is a link pointing outside ({m.linkname})")
         elif m.islnk():
             _check_name(archive, m.linkname)
         elif not (m.isreg() or m.isdir()):
             raise _bad(archive, m.name, "has an unsupported type")
     return members
+
+
+def _resolve(parts: list[str], links: dict[str, str], depth: int = 0) -> list[str] | None:
+    """``parts`` resolved inside the archive's own tree (following its symbolic links ``links``,
+    member path -> target); None when it leaves the destination or loops."""
+    if depth > 40:  # as the kernel's ELOOP limit
+        return None
+    out: list[str] = []
+    for part in parts:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                return None
+            out.pop()
+            continue
+        here = "/".join([*out, part])
+        if here in links:
+            target = links[here]
+            if target.startswith("/"):
+                return None
+            resolved = _resolve([*out, *target.split("/")], links, depth + 1)
+            if resolved is None:
+                return None
+            out = resolved
+        else:
+            out.append(part)
+    return out
+
+
+def _damaged(archive: Path, e: BaseException) -> RobenchError:
+    return RobenchError(f"{archive.name} is truncated or damaged ({type(e).__name__}: {e})",
+                        "delete it and download it again (robench data download ... resumes or "
+                        "restarts it and checks its checksum)")
 
 
 def _check_zip(archive: Path, zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
@@ -344,18 +391,30 @@ def extract_safely(archive: Path, dest: Path) -> None:
     """Extract a tar (any compression) or zip into the empty folder ``dest`` after checking
     every member; nothing is written when one member is unsafe."""
     if tarfile.is_tarfile(archive):
-        with tarfile.open(archive, "r:*") as tf:
-            members = _check_tar(archive, tf)
-            _need_space(dest, sum(m.size for m in members if m.isreg()), f"extracting {archive}")
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+        if not hasattr(tarfile, "data_filter"):
+            raise RobenchError(
+                f"this Python ({platform.python_version()}) has no tarfile.data_filter, without "
+                f"which extracting {archive.name} is not safe",
+                "use Python 3.10.12+, 3.11.4+ or 3.12+, or extract the archive yourself and set "
+                "data.<dataset>.root to it")
+        try:
+            with tarfile.open(archive, "r:*") as tf:
+                members = _check_tar(archive, tf)
+                _need_space(dest, sum(m.size for m in members if m.isreg()),
+                            f"extracting {archive}")
                 tf.extractall(dest, members=members, filter="data")
-            else:  # the checks above already refused what the filter would
-                tf.extractall(dest, members=members)
+        except tarfile.FilterError as e:  # what the checks above let through, the filter stops
+            raise _bad(archive, getattr(getattr(e, "tarinfo", None), "name", "?"), str(e)) from e
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise _damaged(archive, e) from e
     elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            infos = _check_zip(archive, zf)
-            _need_space(dest, sum(i.file_size for i in infos), f"extracting {archive}")
-            zf.extractall(dest, members=infos)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                infos = _check_zip(archive, zf)
+                _need_space(dest, sum(i.file_size for i in infos), f"extracting {archive}")
+                zf.extractall(dest, members=infos)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+            raise _damaged(archive, e) from e
     else:
         raise RobenchError(f"{archive} is neither a tar nor a zip archive",
                            "it is damaged or an HTML error page: delete it and download again")
