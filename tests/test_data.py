@@ -111,3 +111,29 @@ def test_labels_are_validated(labels, message):
 
     with pytest.raises(RobenchError, match=message):
         ImageSource("d", np.asarray(labels), [str(i) for i in range(10)], "h", None)
+
+
+def test_folder_family_skips_what_is_not_a_class_and_says_so(tmp_path, caplog):
+    import os
+
+    root = tmp_path / "d"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(root / c / f"{i}.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "x.png")
+    (root / "empty").mkdir()
+    os.symlink(".", root / "selfdir")
+    os.symlink("..", root / "updir")
+    Image.new("RGB", (8, 8)).save(root / "cat" / "._0.png")  # macOS metadata, not an image
+    src = folder.load(root, name="d")
+    assert src.classnames == ["cat", "dog"] and len(src) == 4
+    for name in (".ipynb_checkpoints (hidden)", "empty (no images)", "selfdir (a link",
+                 "updir (a link"):
+        assert name in caplog.text
+    os.symlink("loop", root / "loop")
+    assert folder.load(root, name="d").classnames == ["cat", "dog"]
+    assert "loop (a broken or looping link)" in caplog.text
+    with pytest.raises(RobenchError, match="has no class folders with images"):
+        folder.load(root / "empty", name="d")

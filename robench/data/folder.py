@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -11,27 +12,76 @@ from robench.data.base import IMAGE_EXTENSIONS, ImageSource, content_manifest, o
 from robench.data.content import FileStats
 from robench.errors import RobenchError
 
+log = logging.getLogger(__name__)
+
 
 def scan(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
-    """Class folders (sorted), image paths and integer labels under ``root``."""
+    """Class folders (sorted), image paths and integer labels under ``root``.
+
+    Not classes, and said so: hidden folders (``.ipynb_checkpoints``, ``.git``), folders without
+    images, and folders that are links back to ``root`` or above it (``selfdir -> .``); hidden
+    files (``._x.jpg`` of macOS) are not images.
+    """
     if not root.is_dir():
         raise RobenchError(
             f"dataset folder {root} does not exist",
             "set data_root=/path/to/data or data.<dataset>.root=/path (or ROBENCH_DATA)",
         )
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    skipped: dict[str, str] = {}
+    found: dict[str, list[Path]] = {}
+    real_root = root.resolve()
+    for p in sorted(_entries(root)):
+        if p.is_symlink() and not p.exists():
+            skipped[p.name] = "a broken or looping link"
+            continue
+        if not _is_dir(p):
+            continue
+        if p.name.startswith("."):
+            skipped[p.name] = "hidden"
+        elif p.is_symlink() and (real_root == _real(p) or real_root.is_relative_to(_real(p))):
+            skipped[p.name] = "a link to the dataset folder itself or above it"
+        elif not (files := sorted(f for f in _entries(p) if f.suffix.lower() in IMAGE_EXTENSIONS
+                                  and not f.name.startswith(".") and f.is_file())):
+            skipped[p.name] = "no images"
+        else:
+            found[p.name] = files
+    if skipped:
+        log.warning("%s: not class folders, skipped: %s", root,
+                    "; ".join(f"{k} ({why})" for k, why in skipped.items()))
+    classes = sorted(found)
     if not classes:
-        raise RobenchError(f"{root} has no class folders; expected <root>/<class>/<image>",
+        raise RobenchError(f"{root} has no class folders with images; expected "
+                           "<root>/<class>/<image>"
+                           + (f" (skipped: {', '.join(skipped)})" if skipped else ""),
                            "point the root at the folder that contains one folder per class")
     paths: list[Path] = []
     labels: list[int] = []
     for idx, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        paths += files
-        labels += [idx] * len(files)
-    if not paths:
-        raise RobenchError(f"no images under {root}/<class>/", "check the dataset root")
+        paths += found[c]
+        labels += [idx] * len(found[c])
     return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:  # a symlink loop (ELOOP), a folder we may not read (EACCES)
+        raise RobenchError(f"cannot list {folder}: {e.strerror}",
+                           "fix or remove the link / the folder's permissions") from e
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:
+        return False
+
+
+def _real(p: Path) -> Path:
+    try:
+        return p.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on Python < 3.13
+        raise RobenchError(f"{p} is a broken or looping link", "fix or remove the link") from e
 
 
 def _load(paths: list[Path], i: int):
