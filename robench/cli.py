@@ -344,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=cmd_check)
     res = sub.add_parser("results", help="per-cell table of records, with intervals",
                          description="One row per (model, dataset) cell: acc1, ECE, AUROC "
-                         "(and ood_auroc) with their 95%% intervals as [low, high]; csv and "
-                         "json give every metric and interval bound as its own column.")
+                         "(and ood_auroc) with their intervals (95% by default) as [low, "
+                         "high]; csv and json give every metric and interval bound as its own "
+                         "column.")
     res.add_argument("--dir", default="runs", help="results folder (default: runs)")
     res.add_argument("--format", choices=["table", "csv", "md", "json", "latex"],
                      default="table")

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -166,7 +167,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
             )
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise RobenchError(f"bad override: {e}", "check the override's syntax (key=value)") from e
 
 
@@ -262,6 +263,21 @@ def validate(cfg: DictConfig) -> None:
     if cfg.verbosity not in VERBOSITY:
         raise unknown("verbosity", cfg.verbosity, VERBOSITY,
                       fix="use verbosity=quiet, normal or verbose")
+    ranges = [("metrics.n_bins", cfg.metrics.n_bins, 1, "15"),
+              ("metrics.bootstrap", cfg.metrics.bootstrap, 0, "200 (0: no intervals)"),
+              ("model.batch_size", cfg.model.batch_size, 1, "256"),
+              ("model.num_workers", cfg.model.num_workers, 0, "2 (0: decode in the main "
+               "process)"),
+              ("seed", cfg.seed, 0, "0")]
+    for key, value, low, example in ranges:
+        if value < low:
+            raise RobenchError(f"{key}={value} must be >= {low}", f"e.g. {key}={example}")
+    if cfg.seed >= 2**32:
+        raise RobenchError(f"seed={cfg.seed} must be below 2**32 (numpy's seed range)",
+                           "e.g. seed=0")
+    if not 0 < cfg.metrics.alpha < 1:
+        raise RobenchError(f"metrics.alpha={cfg.metrics.alpha} must lie in (0, 1)",
+                           "e.g. metrics.alpha=0.05 for 95% intervals")
     if not cfg.models or not cfg.datasets:
         raise RobenchError(f"suite '{cfg.name}' names no models or no datasets",
                            "list at least one model and one dataset in the suite")

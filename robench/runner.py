@@ -40,6 +40,7 @@ from robench.models.backbone import (
 )
 from robench.models.backbone import kernel_family as device_kernel_family
 from robench.models.heads import LinearHead
+from robench.models.options import check_options
 from robench.progress import echo
 from robench.registry import (
     DatasetSpec,
@@ -122,6 +123,7 @@ class Runner:
             if spec.method not in METHODS:
                 raise unknown("method", spec.method, METHODS)
             method = import_module(METHODS[spec.method])
+            check_options(name, spec.method, dict(spec.options), method)
             # a declaration may stand for several models (e.g. one WiSE-FT model per alpha)
             expanded = method.expand(name, spec) if hasattr(method, "expand") else [(name, spec)]
             for n, s in expanded:

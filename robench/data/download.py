@@ -321,6 +321,7 @@ def _check_tar(archive: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
         members = tf.getmembers()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise _damaged(archive, e) from e
+    _check_end_marker(archive, tf)
     links = {_check_name(archive, m.name): m.linkname for m in members if m.issym()}
     for m in members:
         norm = _check_name(archive, m.name)
@@ -341,6 +342,19 @@ def _check_tar(archive: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
         elif not (m.isreg() or m.isdir()):
             raise _bad(archive, m.name, "has an unsupported type")
     return members
+
+
+def _check_end_marker(archive: Path, tf: tarfile.TarFile) -> None:
+    """A plain tar cut at a header boundary reads as a shorter valid archive (tarfile stops at
+    the first incomplete header); the two zero blocks that end every tar tell the difference.
+    (A compressed tar cut anywhere fails in the decompressor instead.)"""
+    with open(archive, "rb") as f:
+        if f.read(6)[:3] in (b"\x1f\x8b\x08", b"BZh", b"\xfd7z"):
+            return
+        f.seek(tf.offset)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise _damaged(archive, EOFError(f"no end-of-archive marker after byte {tf.offset}"))
 
 
 def _resolve(parts: list[str], links: dict[str, str], depth: int = 0) -> list[str] | None:

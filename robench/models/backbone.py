@@ -300,8 +300,10 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=tag, device=device, **kwargs)
-    except (RuntimeError, FileNotFoundError, ValueError, KeyError) as e:
-        raise RobenchError(f"open_clip could not load {model_name} / {tag}: {e}",
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint fails anyhow inside
+        # torch.load (weights_only: UnpicklingError, IndexError, EOFError, ...); say which file
+        raise RobenchError(f"open_clip could not load {model_name} / {tag}: "
+                           f"{type(e).__name__}: {e}",
                            "check the architecture name and the checkpoint's format") from e
     finally:
         root.setLevel(level)

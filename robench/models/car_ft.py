@@ -6,9 +6,12 @@ only sets lambda (default 1, as in the paper) so the method is one registry entr
 
 from __future__ import annotations
 
+from robench.models.finetune import DEFAULTS as FINETUNE_DEFAULTS
 from robench.models.finetune import finetuned_head, prepare_finetuned
 from robench.models.heads import LinearHead
 from robench.registry import ModelSpec
+
+DEFAULTS = {**FINETUNE_DEFAULTS, "lam": 1.0}
 
 
 def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:

@@ -46,6 +46,7 @@ from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet
 from robench.io import load_npz, read_json, write_json, write_npz
 from robench.models.heads import LinearHead
+from robench.models.options import list_of
 
 # 8 log-spaced values of C. Features are L2-normalised (|x| = 1), so useful weights are large and
 # useful C values sit well above scikit-learn's default of 1.
@@ -54,6 +55,7 @@ DEFAULT_GRID: list[float] = [10.0 ** k for k in range(-2, 6)]
 # the same scale is 1e-4); max_iter 1000 as in CLIP's published linear-probe example.
 DEFAULTS: dict[str, Any] = {"train_on": "", "val_on": "", "grid": None, "max_iter": 1000,
                             "tol": 1e-6, "refit": "train+val"}
+OPTION_TYPES = {"grid": list_of(float)}  # None: the default sweep
 REFITS = ("train+val", "train")
 # bump when the training procedure changes, so stale cached heads are not reused
 VERSION = 1

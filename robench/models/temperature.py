@@ -36,6 +36,7 @@ from robench.models.heads import LinearHead
 from robench.registry import ModelSpec
 
 DEFAULTS: dict[str, Any] = {"base": "zeroshot", "base_options": {}, "calibrate_on": ""}
+BASE = ("base", "base_options")  # the wrapped method and its options, checked like the model's
 T_MIN, T_MAX = 1e-3, 1e3
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,12 @@ from robench.errors import RobenchError
 from robench.models.backbone import load_backbone, save_derived
 from robench.models.finetune import HEAD_FILE, finetuned_head, load_head, save_head
 from robench.models.heads import LinearHead
+from robench.models.options import list_of
 from robench.models.zeroshot import class_embeddings
 from robench.registry import ModelSpec
+
+DEFAULTS = {"finetuned": "", "alpha": 0.5, "alphas": None}
+OPTION_TYPES = {"alphas": list_of(float)}
 
 
 def expand(name: str, spec: ModelSpec) -> list[tuple[str, ModelSpec]]:
