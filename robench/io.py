@@ -29,6 +29,7 @@ from robench.errors import RobenchError
 log = logging.getLogger(__name__)
 SUM_SUFFIX = ".sha256"
 LOCK_SUFFIX = ".lock"
+TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<pid>.<random>.tmp
 # errnos of a write that cannot succeed however often it is retried: say which, and the fix
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -53,6 +54,9 @@ class WriteError(RobenchError, OSError):
     def __init__(self, problem: str, fix: str, cause: OSError) -> None:
         super().__init__(problem, fix)
         self.errno, self.strerror = cause.errno, cause.strerror
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..." form
+        return str(self.args[0])
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -90,7 +94,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                   suffix=TMP_SUFFIX)
     except OSError as e:
         raise write_error(path, e) from e
     os.close(fd)
@@ -256,6 +261,49 @@ def discard(*paths: Path, reason: str = "") -> None:
         _verified.pop(str(p), None)
     if reason:
         log.warning("%s; removed, rebuilding it", reason)
+
+
+def sweep_stale(*folders: Path) -> int:
+    """Remove what killed runs left in ``folders`` (recursively): temporaries of
+    :func:`atomic_write` and partial feature files (``<key>.<pid>.partial.npy``) whose process
+    is gone. A live process's files are kept, so a concurrent run is not disturbed. Returns the
+    number removed."""
+    removed = 0
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for f in [*Path(folder).rglob(f".*{TMP_SUFFIX}"), *Path(folder).rglob("*.partial.npy")]:
+            pid = _pid_of(f.name)
+            if pid is not None and not _alive(pid):
+                with contextlib.suppress(OSError):
+                    if f.is_dir():
+                        import shutil
+
+                        shutil.rmtree(f)
+                    else:
+                        f.unlink()
+                    removed += 1
+    if removed:
+        log.info("removed %d file(s) left by interrupted runs", removed)
+    return removed
+
+
+def _pid_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and (parts[i + 1] == "partial" or name.endswith(TMP_SUFFIX)):
+            return int(part)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 # -- locks -----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from robench.data import family_loader
 from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, describe, extract_features, sample_names
+from robench.io import sweep_stale
 from robench.models import METHODS
 from robench.models.arch_configs import register_model_configs
 from robench.models.backbone import (
@@ -193,7 +194,9 @@ class Runner:
             "id_dataset": self.cfg.id_dataset,
             "id_manifest": self.source(self.cfg.id_dataset).manifest_hash
             if self.cfg.id_dataset else None,
-            "weights": self._weights_identity(model), "strict": bool(self.cfg.strict),
+            # not `strict`: a cell scored without skipping any image is the same under both;
+            # one that skipped images is not done for a strict run (is_done reads its n_bad)
+            "weights": self._weights_identity(model),
             # what a trained head or checkpoint was computed from, known before it is loaded:
             # the files of each dataset it learns from, and the models it is built from
             "training_data": {role: self.source(d).manifest_hash
@@ -270,6 +273,9 @@ class Runner:
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
         resolve_device(self.cfg.device)  # an unknown or absent device fails before any data
+        cache = Path(self.cfg.cache_dir).expanduser()
+        sweep_stale(*(cache / d for d in ("features", "text", "artifacts", "content-index")),
+                    Path(self.cfg.results_dir) / self.cfg.name)
         for m in self._evaluated:  # so do missing weights (before hashing 1.28M files)
             spec = self.declared(m)
             if (spec.arch, spec.pretrained) not in self.backbones:

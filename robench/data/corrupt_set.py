@@ -28,7 +28,7 @@ from robench.data.corruptions import (
     image_seed,
 )
 from robench.errors import RobenchError
-from robench.io import write_json, write_npy
+from robench.io import CorruptEntry, load_npy, write_json, write_npy
 from robench.progress import progress_bar
 
 MANIFEST = "robench_c.json"
@@ -90,7 +90,9 @@ def _claim(out: Path, params: dict, corruptions: Sequence[str], extra: dict) -> 
                            "choose another --out folder, or delete it to regenerate")
     done = old.get("corruptions") or []
     names = [c for c in CORRUPTIONS if c in done or c in corruptions]
-    write_json(out / MANIFEST, {**params, "corruptions": names, **extra})
+    manifest = {**params, "corruptions": names, **extra}
+    if json.loads(json.dumps(manifest)) != old:  # unchanged: a finished set is not rewritten
+        write_json(out / MANIFEST, manifest)
 
 
 def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str] =
@@ -143,7 +145,13 @@ def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = 
               "generator": "imagecorruptions via robench.data.corruptions"}
     out.mkdir(parents=True, exist_ok=True)
     _claim(out, params, corruptions, {"classnames": list(source.classnames)})
-    write_npy(out / "labels.npy", np.tile(source.labels[rows], len(severities)))
+    labels = np.tile(source.labels[rows], len(severities))
+    try:
+        same = np.array_equal(load_npy(out / "labels.npy"), labels)
+    except CorruptEntry:
+        same = False
+    if not same:
+        write_npy(out / "labels.npy", labels)
     todo = [c for c in corruptions if not (out / f"{c}.npy").is_file()]
     if not todo:
         return out
