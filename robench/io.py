@@ -152,9 +152,14 @@ def sum_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + SUM_SUFFIX)
 
 
-def file_sha256(path: Path) -> str:
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    """Hex digest of a file's bytes, streamed (flat memory for a multi-GB array)."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.file_digest(f, algo).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def seal_file(path: Path, **extra: Any) -> str:

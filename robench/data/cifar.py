@@ -51,7 +51,7 @@ def read_batch(path: Path) -> dict:
 
 def md5_mismatches(cls: type, folder: Path, files: list[str]) -> list[str]:
     """The files of ``files`` whose md5 differs from torchvision's table of the release."""
-    from robench.data.download import file_digest
+    from robench.io import file_digest
 
     table = {f: md5 for f, md5 in cls.train_list + cls.test_list} | \
         {cls.meta["filename"]: cls.meta["md5"]}

@@ -20,7 +20,6 @@ Never called implicitly (a run never downloads data). Standard library only:
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import platform
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robench.errors import RobenchError, unknown
-from robench.io import human_size
+from robench.io import file_digest, human_size
 from robench.registry import DatasetSpec, dataset_root, get_dataset
 
 USER_AGENT = "robench-data-download/1 (+https://github.com; python-urllib)"
@@ -149,15 +148,6 @@ SOURCES: dict[str, Archive | Manual] = {
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def file_digest(path: Path, algo: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _need_space(folder: Path, nbytes: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if nbytes > free:
