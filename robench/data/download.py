@@ -311,7 +311,6 @@ def _check_tar(archive: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
         members = tf.getmembers()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise _damaged(archive, e) from e
-    _check_end_marker(archive, tf)
     links = {_check_name(archive, m.name): m.linkname for m in members if m.issym()}
     for m in members:
         norm = _check_name(archive, m.name)
@@ -331,6 +330,7 @@ def _check_tar(archive: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
             _check_name(archive, m.linkname)
         elif not (m.isreg() or m.isdir()):
             raise _bad(archive, m.name, "has an unsupported type")
+    _check_end_marker(archive, tf)  # after the members: a hostile member is named first
     return members
 
 
