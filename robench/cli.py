@@ -43,10 +43,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides.append(f"verbosity={level}")
     cfg = load_suite(suite, overrides)  # config errors come before torch is even imported
     set_verbosity(cfg.verbosity)
+    from robench import distributed
     from robench.results import leaderboard_table, read_record, to_frame
     from robench.runner import Runner
 
-    paths = Runner(cfg).run()
+    try:
+        paths = Runner(cfg).run()  # under torchrun: every rank, all records written on return
+        lead = distributed.current().is_lead
+    finally:
+        distributed.shutdown()
+    if not lead:  # the table and the check are the lead rank's (rank 0)
+        return 0
     records = [read_record(p) for p in paths]
     frame = to_frame(records)
     print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name} "

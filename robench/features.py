@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from robench.data.base import ImageSource
+from robench.distributed import World
 from robench.errors import RobenchError
 from robench.io import write_json
 from robench.models.backbone import Backbone
@@ -100,11 +102,15 @@ def feature_key(backbone: Backbone, source: ImageSource, view: str = "",
 def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | Path,
                      batch_size: int = 256, num_workers: int = 2, progress: bool = True,
                      strict: bool = False, transform: object = None, view: str = "",
-                     seed: int | None = None, dtype: str = "auto") -> FeatureSet:
+                     seed: int | None = None, dtype: str = "auto",
+                     world: World | None = None) -> FeatureSet:
     """Features of every image of ``source``, from the cache when present.
 
     ``transform`` replaces the backbone's preprocessing (e.g. a random augmentation); ``view``
     names it in the cache key and ``seed`` makes its randomness a function of the image index.
+    ``world`` (every rank of a multi-rank run calls this together) shards the extraction by
+    sample index (:mod:`robench.feature_shards`); the lead rank then writes the entry from the
+    verified shards, through the same code as a single process.
     """
     if transform is not None and not view:
         raise ValueError("a custom transform needs a view name for the cache key")
@@ -112,16 +118,29 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
     key = feature_key(backbone, source, view, dtype)
     stored = features_dtype(backbone.precision, dtype)
     npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
-    if npy.is_file() and meta.is_file():
+    sharded = world is not None and world.distributed
+    cached = npy.is_file() and meta.is_file()
+    if sharded:  # every rank takes the same branch, whatever it sees on a shared disk
+        cached = bool(world.all_min(int(cached)))
+    if cached:
         info = json.loads(meta.read_text())
         return FeatureSet(np.load(npy, mmap_mode="r"), info["bad"], key, cached=True)
 
-    loader = DataLoader(
-        _Preprocessed(source, transform or backbone.preprocess, seed), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
-        pin_memory=backbone.device.startswith("cuda"),
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
-    )
+    dataset = _Preprocessed(source, transform or backbone.preprocess, seed)
+    if sharded:
+        from robench.feature_shards import extract_shards, read_shards
+
+        shards = extract_shards(backbone, dataset, cache / f"{key}.shards", world, stored,
+                                batch_size, num_workers, strict, progress, source.name)
+        world.barrier()  # every shard is on disk
+        if not world.is_lead:
+            world.barrier()  # the lead merges them into the entry
+            info = json.loads(meta.read_text())
+            return FeatureSet(np.load(npy, mmap_mode="r"), info["bad"], key, cached=False)
+        batches = read_shards(shards, len(source))  # verified: every index exactly once
+    else:
+        batches = encoded_batches(backbone, loader(dataset, backbone, batch_size, num_workers),
+                                  stored)
     bad: list[int] = []
     out: np.ndarray | None = None
     tmp = npy.with_suffix(f".{os.getpid()}.partial.npy")
@@ -129,19 +148,17 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
     bar = tqdm(total=len(source), unit="img", desc=f"features {source.name}", disable=not progress,
                dynamic_ncols=True, leave=False)
     try:
-        for xs, idx, ok in loader:
+        for idx, f, ok in batches:
             if not ok.all():
                 bad += idx[~ok].tolist()
                 if strict:
                     raise RobenchError(
                         f"{source.name}: cannot decode image(s) {describe(source, bad)}",
                         "replace the files, or run with strict=false to count and skip them")
-            f = backbone.encode_images(xs).cpu().numpy().astype(stored)
             if out is None:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=stored,
                                                 shape=(len(source), f.shape[1]))
-            f[~ok.numpy()] = 0
-            out[idx.numpy()] = f
+            out[idx] = f
             bar.update(len(idx))
         bar.close()
         if out is None:
@@ -156,7 +173,33 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
                     source.name, len(bad), describe(source, bad))
     write_json(meta, {"bad": sorted(bad), "dataset": source.name, "n": len(source),
                       "manifest": source.manifest_hash, "backbone": backbone.id()})
+    if sharded:
+        shutil.rmtree(cache / f"{key}.shards", ignore_errors=True)
+        world.barrier()  # the entry is visible: the other ranks may read it
     return FeatureSet(np.load(npy, mmap_mode="r"), sorted(bad), key, cached=False)
+
+
+def loader(dataset: Dataset, backbone: Backbone, batch_size: int, num_workers: int,
+           batch_sampler: list[list[int]] | None = None) -> DataLoader:
+    """The decoding DataLoader of an extraction: ``batch_size`` consecutive indices per batch,
+    or the given ``batch_sampler`` (a shard's batches)."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None \
+        else {"batch_size": batch_size}
+    return DataLoader(
+        dataset, **batching, num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
+        pin_memory=backbone.device.startswith("cuda"),
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def encoded_batches(backbone: Backbone, batches: DataLoader, stored: np.dtype
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(indices, features in the storage dtype, decoded?) per batch; an undecodable image's
+    row is zeros."""
+    for xs, idx, ok in batches:
+        f = backbone.encode_images(xs).cpu().numpy().astype(stored)
+        f[~ok.numpy()] = 0
+        yield idx.numpy(), f, ok.numpy()
 
 
 def iter_row_blocks(features: np.ndarray, block: int, rows: np.ndarray | None = None
