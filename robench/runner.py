@@ -284,7 +284,8 @@ class Runner:
                     units.setdefault(hk, []).append((m, d))
         costs = [sum(len(self.source(d)) for _, d in cells) for cells in units.values()]
         ranks = distributed.balance(costs, self.world.size)
-        return {cell: r for cells, r in zip(units.values(), ranks) for cell in cells}
+        return {cell: r for cells, r in zip(units.values(), ranks, strict=True)
+                for cell in cells}
 
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""

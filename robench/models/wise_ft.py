@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from robench import distributed
 from robench.artifacts import artifact_dir
 from robench.errors import RobenchError
 from robench.models.backbone import load_backbone, save_derived
@@ -72,10 +73,12 @@ def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
                             progress=False)
     ident = {"zs": zs.weights_hash, "ft": ft.weights_hash, "alpha": alpha, "format": 2}
     out = artifact_dir(cfg.cache_dir, "wise-ft", ident) / "model"
-    if not (out / HEAD_FILE).is_file():
+    world = distributed.current()
+    if world.is_lead and not (out / HEAD_FILE).is_file():  # one rank writes the shared folder
         mixed = interpolate(zs.model.state_dict(), ft.model.state_dict(), alpha)
         save_derived(zs, mixed, out)
         save_head(out, ((1 - alpha) * w_zs + alpha * w_ft).astype(np.float32), classnames)
+    world.barrier()
     return replace(spec, arch=declared.arch, pretrained=f"local-dir:{out}")
 
 
