@@ -20,6 +20,7 @@ removed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from robench.io import write_json, write_npy
 from robench.models.backbone import Backbone
 from robench.progress import progress_bar as tqdm
 
+log = logging.getLogger(__name__)
 Shard = tuple[Path, int, int]  # (folder, start, stop)
 
 
@@ -69,6 +71,8 @@ def extract_shards(backbone: Backbone, dataset: Dataset, folder: Path, world: Wo
     ranges = shard_ranges(n, batch_size)
     mine = [ranges[i] for i in assign(len(ranges), world, shard_mode())]
     todo = [(s, e) for s, e in mine if not is_done(folder, s, e)]
+    log.info("features %s: rank %d extracts %d of its %d shard(s)", name, world.rank,
+             len(todo), len(mine))
     folder.mkdir(parents=True, exist_ok=True)
     batches = [list(range(b, min(b + batch_size, e))) for s, e in todo
                for b in range(s, e, batch_size)]
