@@ -2,6 +2,7 @@
 
     robench run [suite=NAME] [key=value ...]     models x datasets -> result records
     robench results [--dir runs/SUITE]             per-cell table with intervals
+    robench submit suite=NAME slurm.partition=P    the suite as SLURM jobs (submitit)
     robench check --baseline results/quickstart    regression check against committed records
     robench rescore --dir runs/quickstart [--n-bins 20]  metrics again, from per-sample outputs
     robench report                                 HTML leaderboard from records
@@ -43,10 +44,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides.append(f"verbosity={level}")
     cfg = load_suite(suite, overrides)  # config errors come before torch is even imported
     set_verbosity(cfg.verbosity)
+    from robench import distributed
     from robench.results import leaderboard_table, read_record, to_frame
     from robench.runner import Runner
 
-    paths = Runner(cfg).run()
+    try:
+        paths = Runner(cfg).run()  # under torchrun: every rank, all records written on return
+        lead = distributed.current().is_lead
+    finally:
+        distributed.shutdown()
+    if not lead:  # the table and the check are the lead rank's (rank 0)
+        return 0
     records = [read_record(p) for p in paths]
     frame = to_frame(records)
     print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name} "
@@ -60,6 +68,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ncheck against {cfg.check}:")
         print(render(result))
         return 1 if result.failed else 0
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from robench.submit import describe, submit, wait_for
+
+    suite, overrides = split_suite(args.overrides)
+    jobs, slurm, cfg = submit(suite, overrides)
+    print(describe(jobs, slurm, cfg))
+    if not slurm.wait:
+        return 0
+    from robench.results import leaderboard_table, read_record, to_frame
+
+    paths = list(dict.fromkeys(p for ps in wait_for(jobs) for p in ps))
+    records = [read_record(p) for p in paths]
+    frame = to_frame(records)
+    print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name}")
+    print(leaderboard_table(frame, list(dict.fromkeys(r["model"] for r in records)),
+                            list(dict.fromkeys(r["dataset"] for r in records))).to_string())
     return 0
 
 
@@ -330,6 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="key=value",
                    help="suite=NAME and key=value overrides")
     r.set_defaults(func=cmd_run)
+    from robench.submit import SlurmConfig
+
+    sm = sub.add_parser(
+        "submit", help="submit a suite as SLURM jobs (submitit): suite=NAME slurm.key=value ...",
+        usage="robench submit [suite=NAME] [key=value ...] [slurm.key=value ...]",
+        description=textwrap.fill(
+            "Submit a suite to SLURM through submitit (pip install robench[slurm]): "
+            "slurm.mode=distributed (default) runs it as ONE job of slurm.nodes x "
+            "slurm.tasks_per_node ranks (default: one per GPU), as torchrun would; "
+            "slurm.mode=groups as one single-process job per backbone group. Jobs are "
+            "requeue-safe (runs resume). Results land in results_dir: robench results --dir "
+            "<results_dir>/<suite>, robench report --results <results_dir>. "
+            "slurm.cluster=local runs the jobs as local processes.", 100,
+            break_on_hyphens=False),
+        epilog="slurm keys (slurm.key=default):\n" + "\n".join(
+            f"  slurm.{k}={v!r}" for k, v in SlurmConfig().__dict__.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sm.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="suite=NAME, run overrides and slurm.* settings")
+    sm.set_defaults(func=cmd_submit)
     chk = sub.add_parser("check", help="compare fresh records with a committed baseline")
     chk.add_argument("--baseline", required=True, help="baseline folder, e.g. results/quickstart")
     chk.add_argument("--results", help="fresh records (default: runs/<baseline folder name>)")

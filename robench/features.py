@@ -14,8 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from robench.data.base import ImageSource
+from robench.distributed import World
 from robench.errors import RobenchError
 from robench.io import (
     CorruptEntry,
     discard,
     entry_lock,
     load_npy,
+    process_tag,
     read_json,
     reserve,
     seal_file,
@@ -111,28 +114,52 @@ def feature_key(backbone: Backbone, source: ImageSource, view: str = "",
 def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | Path,
                      batch_size: int = 256, num_workers: int = 2, progress: bool = True,
                      strict: bool = False, transform: object = None, view: str = "",
-                     seed: int | None = None, dtype: str = "auto") -> FeatureSet:
+                     seed: int | None = None, dtype: str = "auto",
+                     world: World | None = None) -> FeatureSet:
     """Features of every image of ``source``, from the cache when present.
 
     ``transform`` replaces the backbone's preprocessing (e.g. a random augmentation); ``view``
     names it in the cache key and ``seed`` makes its randomness a function of the image index.
+    ``world`` (every rank of a multi-rank run calls this together) shards the extraction by
+    sample index (:mod:`robench.feature_shards`); the lead rank then writes the entry from the
+    verified shards, through the same code as a single process.
     """
     if transform is not None and not view:
         raise ValueError("a custom transform needs a view name for the cache key")
     cache = Path(cache_dir).expanduser() / "features"
     key = feature_key(backbone, source, view, dtype)
+    stored = features_dtype(backbone.precision, dtype)
     npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
-    if (found := _cached(npy, meta, source)) is not None:
+    sharded = world is not None and world.distributed
+    found = _cached(npy, meta, source)
+    if sharded and not world.all_min(int(found is not None)):
+        found = None  # every rank takes the same branch, whatever it sees on a shared disk
+    if found is not None:
         return found
-    with entry_lock(npy, f"the features of {source.name}"):
-        if (found := _cached(npy, meta, source)) is not None:  # built while we waited
-            return found
-        for stale in cache.glob(f"{key}.*.partial.npy"):  # left by a killed run; we hold the lock
-            stale.unlink(missing_ok=True)
-        bad = _extract(backbone, source, npy, batch_size, num_workers, progress, strict,
-                       transform, seed, features_dtype(backbone.precision, dtype))
-        write_json(meta, {"bad": bad, "dataset": source.name, "n": len(source),
-                          "manifest": source.manifest_hash, "backbone": backbone.id()})
+    dataset = _Preprocessed(source, transform or backbone.preprocess, seed)
+    if sharded:
+        from robench.feature_shards import extract_shards, read_shards
+
+        shards = extract_shards(backbone, dataset, cache / f"{key}.shards", world, stored,
+                                batch_size, num_workers, strict, progress, source.name)
+        world.barrier()  # every shard is on disk
+        if not world.is_lead:
+            world.barrier()  # the lead merges them into the entry
+            if (found := _cached(npy, meta, source)) is None:
+                raise RobenchError(f"features of {source.name}: the lead rank wrote no entry",
+                                   "see the lead rank's log; re-run to resume")
+            return replace(found, cached=False)
+        bad = _write_entry(backbone, source, npy, meta, read_shards(shards, len(source)),
+                           strict, progress, stored)
+        shutil.rmtree(cache / f"{key}.shards", ignore_errors=True)
+        world.barrier()  # the entry is visible: the other ranks may read it
+    else:
+        with entry_lock(npy, f"the features of {source.name}"):
+            if (found := _cached(npy, meta, source)) is not None:  # built while we waited
+                return found
+            batches = encoded_batches(backbone, loader(dataset, backbone, batch_size,
+                                                       num_workers), stored)
+            bad = _write_entry(backbone, source, npy, meta, batches, strict, progress, stored)
     if bad:
         log.warning("%s: %d image(s) could not be decoded and are excluded: %s",
                     source.name, len(bad), describe(source, bad))
@@ -154,37 +181,33 @@ def _cached(npy: Path, meta: Path, source: ImageSource) -> FeatureSet | None:
     return FeatureSet(feats, [int(i) for i in info["bad"]], npy.stem, cached=True)
 
 
-def _extract(backbone: Backbone, source: ImageSource, npy: Path, batch_size: int,
-             num_workers: int, progress: bool, strict: bool, transform: object,
-             seed: int | None, stored: np.dtype) -> list[int]:
-    """Encode every image into ``npy`` (written through a reserved, memory-mapped partial file,
-    renamed when complete, then sealed); returns the rows that could not be decoded."""
-    loader = DataLoader(
-        _Preprocessed(source, transform or backbone.preprocess, seed), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
-        pin_memory=backbone.device.startswith("cuda"),
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
-    )
+def _write_entry(backbone: Backbone, source: ImageSource, npy: Path, meta: Path,
+                 batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], strict: bool,
+                 progress: bool, stored: np.dtype) -> list[int]:
+    """Write the encoded ``batches`` into ``npy`` through a reserved, memory-mapped partial file
+    (renamed when complete, then sealed), then ``meta`` (its presence marks the entry complete);
+    returns the rows that could not be decoded. Partial files of killed runs are removed first
+    (the caller holds the entry's lock, or is the only writer of a sharded run)."""
+    for stale in npy.parent.glob(f"{npy.stem}.*.partial.npy"):
+        stale.unlink(missing_ok=True)
     bad: list[int] = []
     out: np.ndarray | None = None
     shape = (0, 0)
-    tmp = npy.with_suffix(f".{os.getpid()}.partial.npy")
+    tmp = npy.with_suffix(f".{process_tag()}.partial.npy")
     bar = tqdm(total=len(source), unit="img", desc=f"features {source.name}", disable=not progress,
                dynamic_ncols=True, leave=False)
     try:
-        for xs, idx, ok in loader:
+        for idx, f, ok in batches:
             if not ok.all():
                 bad += idx[~ok].tolist()
                 if strict:
                     raise RobenchError(
                         f"{source.name}: cannot decode image(s) {describe(source, bad)}",
                         "replace the files, or run with strict=false to count and skip them")
-            f = backbone.encode_images(xs).cpu().numpy().astype(stored)
             if out is None:
                 shape = (len(source), f.shape[1])
                 out = _open_partial(tmp, stored, shape)
-            f[~ok.numpy()] = 0
-            out[idx.numpy()] = f
+            out[idx] = f
             bar.update(len(idx))
         bar.close()
         if out is None:
@@ -198,15 +221,41 @@ def _extract(backbone: Backbone, source: ImageSource, npy: Path, batch_size: int
     finally:
         tmp.unlink(missing_ok=True)
     seal_file(npy, shape=list(shape), dtype=stored.str)
+    write_json(meta, {"bad": sorted(bad), "dataset": source.name, "n": len(source),
+                      "manifest": source.manifest_hash, "backbone": backbone.id()})
     return sorted(bad)
 
 
 def _open_partial(tmp: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.memmap:
     """A memory-mapped ``.npy`` whose blocks are allocated up front (see :func:`reserve`)."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
     with open(tmp, "r+b") as f:
         reserve(f.fileno(), out.offset + out.nbytes, tmp)
     return out
+
+
+def loader(dataset: Dataset, backbone: Backbone, batch_size: int, num_workers: int,
+           batch_sampler: list[list[int]] | None = None) -> DataLoader:
+    """The decoding DataLoader of an extraction: ``batch_size`` consecutive indices per batch,
+    or the given ``batch_sampler`` (a shard's batches)."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None \
+        else {"batch_size": batch_size}
+    return DataLoader(
+        dataset, **batching, num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
+        pin_memory=backbone.device.startswith("cuda"),
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def encoded_batches(backbone: Backbone, batches: DataLoader, stored: np.dtype
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(indices, features in the storage dtype, decoded?) per batch; an undecodable image's
+    row is zeros."""
+    for xs, idx, ok in batches:
+        f = backbone.encode_images(xs).cpu().numpy().astype(stored)
+        f[~ok.numpy()] = 0
+        yield idx.numpy(), f, ok.numpy()
 
 
 def iter_row_blocks(features: np.ndarray, block: int, rows: np.ndarray | None = None

@@ -94,7 +94,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{process_tag()}.",
                                    suffix=TMP_SUFFIX)
     except OSError as e:
         raise write_error(path, e) from e
@@ -270,9 +270,10 @@ def discard(*paths: Path, reason: str = "") -> None:
 
 def sweep_stale(*folders: Path) -> int:
     """Remove what killed runs left in ``folders`` (recursively): temporaries of
-    :func:`atomic_write` and partial feature files (``<key>.<pid>.partial.npy``) whose process
-    is gone. A live process's files are kept, so a concurrent run is not disturbed. Returns the
-    number removed."""
+    :func:`atomic_write`, partial feature files (``<key>.<tag>.partial.npy``) and derived
+    checkpoint folders, when the process named by their tag (:func:`process_tag`) is gone. A
+    live process's files are kept, so a concurrent run is not disturbed. Returns the number
+    removed."""
     removed = 0
     for folder in folders:
         if not Path(folder).is_dir():
@@ -293,11 +294,22 @@ def sweep_stale(*folders: Path) -> int:
     return removed
 
 
+def process_tag() -> str:
+    """``<pid>-<host hash>``: names a temporary file's writer, so a sweep removes only those of
+    dead processes *of this machine* (a cache shared by several nodes has others' files too)."""
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{os.getpid()}-{host}"
+
+
 def _pid_of(name: str) -> int | None:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit() and (parts[i + 1] == "partial" or name.endswith(TMP_SUFFIX)):
-            return int(part)
+    """The pid in a temporary file's name if this machine wrote it (see :func:`process_tag`)."""
+    host = process_tag().split("-")[1]
+    for part in name.split("."):
+        pid, _, tag = part.partition("-")
+        if pid.isdigit() and tag == host:
+            return int(pid)
     return None
 
 

@@ -6,6 +6,12 @@
 
 Cells whose record already exists with the same cell key are skipped (resume after a crash;
 ``force=true`` redoes them), and a backbone whose cells are all done is never loaded.
+
+Under ``torchrun`` (several ranks, :mod:`robench.distributed`) every rank walks the same groups
+in the same order: the features a group's cells read are extracted together, sharded by sample
+index (:mod:`robench.feature_shards`); fine-tuning trains with DistributedDataParallel; then each
+cell is scored by the one rank that owns it (:meth:`Runner.owners`), so every record is written
+once, and the ranks meet at a barrier before anyone reads the records back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import robench
+from robench import distributed
 from robench.config import pair_id_dataset
 from robench.data import family_loader
 from robench.data.base import ImageSource
@@ -116,6 +123,7 @@ class Runner:
     _weight_ids: dict[str, dict] = field(default_factory=dict)
     # in-memory backbones by (arch, pretrained), used instead of loading one (robench.CustomModel)
     backbones: dict[tuple[str, str | None], Backbone] = field(default_factory=dict)
+    world: distributed.World = field(default_factory=distributed.current)
 
     def __post_init__(self) -> None:
         register_model_configs(self.cfg.get("model_configs") or [])  # the suite's own archs
@@ -146,14 +154,18 @@ class Runner:
                                              source_of=self.source)
         return self.sources[name]
 
-    def source_and_features(self, backbone: Backbone, name: str) -> tuple[ImageSource, FeatureSet]:
+    def source_and_features(self, backbone: Backbone, name: str, collective: bool = False
+                            ) -> tuple[ImageSource, FeatureSet]:
+        """A dataset's features under ``backbone``; ``collective``: every rank calls this
+        together and the extraction is sharded over them (else this rank extracts alone)."""
         source = self.source(name)
         key = (backbone.id(), name)
         if key not in self._features:
             feats = extract_features(
                 backbone, source, self.cfg.cache_dir, batch_size=self.cfg.model.batch_size,
                 num_workers=self.cfg.model.num_workers, progress=self.cfg.progress,
-                strict=self.cfg.strict, dtype=self.cfg.model.features_dtype)
+                strict=self.cfg.strict, dtype=self.cfg.model.features_dtype,
+                world=self.world if collective else None)
             if self.cfg.strict and feats.bad:  # cached features remember the bad images
                 raise RobenchError(
                     f"{name}: cannot decode image(s) {describe(source, feats.bad)}",
@@ -270,9 +282,38 @@ class Runner:
                         f"or drop {same} from datasets; allow_train_on_eval=true overrides this "
                         "deliberately")
 
+    def feature_datasets(self, name: str) -> list[str]:
+        """Datasets whose features ``name``'s head reads under its own backbone (a probe's
+        train / val splits, a calibration split), not those a fine-tuning method trains on
+        from images or the roles of a WiSE-FT mix's fine-tuned model."""
+        spec = self.declared(name)
+        if getattr(import_module(METHODS[spec.method]), "TRAINS_ON_IMAGES", False):
+            return []
+        return [d for role, d in self.data_roles(name) if "." not in role]
+
+    def owners(self, pending: set[tuple[str, str]], evaluated: list[str],
+               datasets: list[str]) -> dict[tuple[str, str], int]:
+        """The rank that scores each pending cell. Cells sharing a head (same model, label
+        space and templates) go to one rank, so a head is built once; heads are dealt to the
+        ranks by :func:`robench.distributed.balance` on their number of samples."""
+        units: dict[tuple, list[tuple[str, str]]] = {}
+        for m in evaluated:
+            for d in datasets:
+                if (m, d) in pending:
+                    source = self.source(d)
+                    hk = (m, tuple(source.classnames), self.dataset_specs[d].templates)
+                    units.setdefault(hk, []).append((m, d))
+        costs = [sum(len(self.source(d)) for _, d in cells) for cells in units.values()]
+        ranks = distributed.balance(costs, self.world.size)
+        return {cell: r for cells, r in zip(units.values(), ranks, strict=True)
+                for cell in cells}
+
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
-        resolve_device(self.cfg.device)  # an unknown or absent device fails before any data
+        device = resolve_device(self.cfg.device)  # an unknown or absent device fails first
+        self.world = distributed.init(device)  # a process group only under a launcher
+        if self.world.distributed:
+            self.cfg.device = distributed.rank_device(device, self.world)
         cache = Path(self.cfg.cache_dir).expanduser()
         sweep_stale(*(cache / d for d in ("features", "text", "artifacts", "content-index")),
                     Path(self.cfg.results_dir) / self.cfg.name)
@@ -288,22 +329,30 @@ class Runner:
         paths = [record_path(self.cfg.results_dir, self.cfg.name, m, d)
                  for m in evaluated for d in datasets]
         pending = {(m, d) for m in evaluated for d in datasets if not self.is_done(m, d)}
+        self.world.barrier()  # every rank has seen the records before any is written
         total, done = len(paths), len(paths) - len(pending)
-        if done:
+        if done and self.world.is_lead:
             echo(f"{done} of {total} cell(s) already done (force=true redoes them)")
         groups: dict[tuple, list[str]] = {}
         for name in evaluated:
             if any((name, d) in pending for d in datasets):
                 spec = self.prepared(name)  # trains fine-tuned checkpoints if needed
                 groups.setdefault((spec.arch, spec.pretrained), []).append(name)
+        owner = self.owners(pending, evaluated, datasets)
+        mine = [c for c in pending if owner[c] == self.world.rank]
+        who = f"rank {self.world.rank}: " if self.world.distributed else ""
         t0 = time.time()
         for (arch, pretrained), names in groups.items():
             backbone = self.backbones.get((arch, pretrained)) or load_backbone(
                 arch, pretrained, self.cfg.device, self.cfg.model.precision,
                 allow_download=self.cfg.allow_download, seed=self.cfg.seed)
+            if self.world.distributed:  # extract together what this group's cells will read
+                for d in self.group_datasets(names, datasets, pending):
+                    self.source_and_features(backbone, d, collective=True)
             heads: dict[tuple[str, tuple], LinearHead] = {}
             for d in datasets:
-                todo = [m for m in names if (m, d) in pending]
+                todo = [m for m in names if (m, d) in pending and owner[(m, d)] ==
+                        self.world.rank]
                 if not todo:
                     continue
                 source, feats = self.source_and_features(backbone, d)
@@ -317,11 +366,31 @@ class Runner:
                     done += 1
                     rec = read_record(record_path(self.cfg.results_dir, self.cfg.name, m, d))
                     mt = rec["metrics"]
-                    echo(f"[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
+                    echo(f"{who}[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
                          f"acc5={_fmt(mt.get('acc5'))} "
                          f"ece={_fmt(mt['ece'], 4)} auroc={_fmt(mt['auroc'], 4)} "
                          f"({time.time() - t0:.0f}s)")
+        if self.world.distributed:
+            echo(f"{who}{len(mine)} cell(s) scored; waiting for the other ranks")
+        self.world.barrier()  # every record is written before anyone reads them back
         return paths
+
+    def group_datasets(self, names: list[str], datasets: list[str],
+                       pending: set[tuple[str, str]]) -> list[str]:
+        """The datasets whose features the pending cells of one backbone group read: the
+        evaluated ones, the ID set of a pairing, the heads' training / calibration splits;
+        the same list, in the same order, on every rank."""
+        need: list[str] = []
+        for d in datasets:
+            todo = [m for m in names if (m, d) in pending]
+            if not todo:
+                continue
+            need.append(d)
+            if self.cfg.id_dataset and d != self.cfg.id_dataset:
+                need.append(self.cfg.id_dataset)
+            for m in todo:
+                need += self.feature_datasets(m)
+        return list(dict.fromkeys(need))
 
     def score_cell(self, model: str, dataset: str, backbone: Backbone, head: LinearHead,
                    source: ImageSource, feats: FeatureSet) -> None:

@@ -116,17 +116,20 @@ def test_concurrent_runs_build_an_artifact_once(tmp_path):
 
 
 def test_stale_temporaries_of_dead_processes_are_swept_live_ones_kept(tmp_path):
-    from robench.io import sweep_stale
+    from robench.io import process_tag, sweep_stale
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
+    host = process_tag().split("-")[1]
     (tmp_path / "a").mkdir()
-    stale = [tmp_path / "a" / f".x.json.{dead}.k2j3.tmp", tmp_path / f"abc.{dead}.partial.npy"]
-    live = tmp_path / f".y.json.{os.getpid()}.q1.tmp"
-    for f in [*stale, live]:
+    stale = [tmp_path / "a" / f".x.json.{dead}-{host}.k2j3.tmp",
+             tmp_path / f"abc.{dead}-{host}.partial.npy"]
+    live = tmp_path / f".y.json.{process_tag()}.q1.tmp"
+    other_host = tmp_path / f".z.json.{dead}-00000000.q1.tmp"  # another node's: not ours to judge
+    for f in [*stale, live, other_host]:
         f.write_text("")
     assert sweep_stale(tmp_path) == 2
-    assert not any(f.exists() for f in stale) and live.exists()
+    assert not any(f.exists() for f in stale) and live.exists() and other_host.exists()
 
 
 # -- full disk, read-only folders, umask ---------------------------------------------------------

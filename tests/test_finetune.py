@@ -108,7 +108,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_backbon
     with pytest.raises(KeyboardInterrupt):
         FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
                     progress=False)
-    assert (tmp_path / "int" / "last_epoch.pt").is_file()
+    assert (tmp_path / "int" / FT.CHECKPOINT).is_file()
     src.loader = real
     out = FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
                          progress=False)
@@ -132,3 +132,104 @@ def test_finetune_option_errors():
         FT.options(ModelSpec("x", None, "finetune", {}), 0.0)
     with pytest.raises(RobenchError, match="Did you mean 'epochs'"):
         FT.options(ModelSpec("x", None, "finetune", {"train_on": "a", "epoch": 3}), 0.0)
+
+
+def test_epoch_order_is_the_order_a_shuffling_dataloader_draws():
+    g = torch.Generator().manual_seed(7 * 1000 + 3)
+    loader = torch.utils.data.DataLoader(range(50), batch_size=50, shuffle=True, generator=g)
+    assert FT.epoch_order(50, 7, 3) == next(iter(loader)).tolist()
+    assert FT.epoch_order(50, 7, 3) != FT.epoch_order(50, 7, 4)
+
+
+@pytest.mark.parametrize("size,micro", [(1, 0), (2, 0), (2, 4), (3, 2), (4, 0)])
+def test_rank_steps_split_every_global_batch_once_with_equal_micro_batch_counts(size, micro):
+    from robench.distributed import World
+
+    order = FT.epoch_order(45, 0, 0)
+    per_rank = [FT.rank_steps(order, 11, World(rank=r, size=size), micro) for r in range(size)]
+    assert all(len(s) == 5 for s in per_rank)  # ceil(45 / 11) global steps on every rank
+    for step in range(5):
+        batch = order[step * 11:(step + 1) * 11]
+        counts = {len(s[step][1]) for s in per_rank}
+        assert len(counts) == 1  # DDP needs the same number of backward passes on every rank
+        real = [i for s in per_rank for m, ok in s[step][1] if ok for i in m]
+        assert real == batch  # contiguous parts in rank order: no padding, no duplicates
+        assert all(s[step][0] == len(batch) for s in per_rank)
+        if micro:
+            assert all(len(m) <= micro for s in per_rank for m, _ in s[step][1])
+    # a last batch of one sample (45 = 4 x 11 + 1): the other ranks run a zero-weight placeholder
+    if size > 1:
+        last = [m for s in per_rank for m in s[-1][1]]
+        assert len(last) == size and all(m == [order[44]] for m, _ in last)
+        assert sum(ok for _, ok in last) == 1
+
+
+def test_resume_mid_epoch_from_a_step_checkpoint_gives_the_same_weights(tmp_path, tiny_backbone):
+    from robench.data import cifar
+
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
+    opts = {**FT.DEFAULTS, "train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
+            "warmup": 1, "workers": 0, "checkpoint_every": 1}
+    templates = ["a photo of a {}."]
+
+    def fresh():
+        return FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=5)
+
+    ref = FT.finetune(fresh(), src, templates, opts, tmp_path / "ref", tmp_path / "cache",
+                      progress=False)
+    calls = {"n": 0}
+    real = src.loader
+
+    def killed(i):  # dies in the 2nd step of the 2nd epoch (3 steps of 16 per epoch of 40)
+        calls["n"] += 1
+        if calls["n"] > len(src) + 16 + 5:
+            raise KeyboardInterrupt
+        return real(i)
+
+    src.loader = killed
+    with pytest.raises(KeyboardInterrupt):
+        FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
+                    progress=False)
+    state = torch.load(tmp_path / "int" / FT.CHECKPOINT, weights_only=True)
+    assert state["step"] == 4  # mid-epoch: 3 steps of epoch 1, 1 of epoch 2
+    src.loader = real
+    out = FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
+                      progress=False)
+    a, b = derived_state(ref), derived_state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "int" / FT.CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_runs_under_autocast(tmp_path, precision):
+    from robench.data import cifar
+
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c", train=True)
+    # fp16: the GradScaler skips the first steps (inf gradients at its initial scale 2^16)
+    # until the scale has come down, so the run needs more steps than bf16 to move the weights
+    opts = {**FT.DEFAULTS, "train_on": "c", "epochs": 1, "lr": 1e-3, "batch_size": 2,
+            "warmup": 1, "workers": 0, "lam": 1.0}
+    templates = ["a photo of a {}.", "a sketch of a {}."]
+    base = FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=5)
+    w0 = {k: v.clone() for k, v in base.model.visual.state_dict().items()}
+    seen = []
+    forward = base.model.visual.forward
+
+    def spy(x):  # what the encoder computes in: autocast's dtype, not float32
+        out = forward(x)
+        seen.append(out.dtype)
+        return out
+
+    base.model.visual.forward = spy
+    out = FT.finetune(base, src, templates, {**opts, "precision": precision},
+                      tmp_path / precision, tmp_path / "cache", progress=False)
+    state = derived_state(out)
+    assert set(seen) == {FT.PRECISIONS[precision]}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+    assert any(not torch.equal(state[f"visual.{k}"], v) for k, v in w0.items())
+
+
+def test_unknown_training_precision_is_an_error(tmp_path, tiny_backbone):
+    with pytest.raises(RobenchError, match="precision"):
+        FT.finetune(tiny_backbone, [], [], {**FT.DEFAULTS, "precision": "fp8"}, tmp_path,
+                    tmp_path)

@@ -359,10 +359,10 @@ def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: P
     if backbone.model_cfg is None:
         raise RobenchError(f"cannot save a derived checkpoint of {backbone.arch}: its open_clip "
                            "model config is unknown", "load the parent through open_clip")
-    from robench.io import seal_file
+    from robench.io import process_tag, seal_file
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = out.with_name(f".{out.name}.{process_tag()}.tmp")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)

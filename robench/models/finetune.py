@@ -19,12 +19,27 @@ With lambda = 0 CAR-FT is plain fine-tuning, and at initialisation (theta = thet
 is 0. Defaults follow the WiSE-FT line: AdamW, lr 1e-5..3e-5 for real CLIPs (the tiny quickstart
 model uses a larger one), weight decay 0.1, cosine schedule with warm-up, grad-clip 1.0.
 
-Training checkpoints every epoch into the artifact folder and resumes from the last one; the
-final checkpoint (the whole CLIP state dict) is then evaluated like any other backbone.
+Scale (``torchrun``, :mod:`robench.distributed`): ``batch_size`` is the GLOBAL batch, as in the
+papers (512). Each epoch's sample order is one permutation drawn from ``(seed, epoch)``; every
+global batch of it is split into contiguous per-rank parts (no padding, no duplicates), and a
+rank's part into micro-batches of ``micro_batch`` (gradient accumulation; 0: the whole part in
+one forward). Each rank back-propagates the SUM of its samples' losses divided by the global
+batch size, and DistributedDataParallel all-reduces gradient SUMS (not means of rank-local
+means, which would weight samples unequally when a batch does not split evenly), so the step is
+the mean over the global batch whatever the number of ranks or micro-batches: on CPU the same
+seed gives the same weights with 1 or N ranks, up to float summation order. The frozen
+pre-trained encoder of CAR-FT is replicated on every rank. ``precision`` runs the forward under
+autocast (``bf16``, or ``fp16`` with a GradScaler); weights and optimiser stay float32.
+
+Training checkpoints into the artifact folder after every epoch (and every
+``checkpoint_every`` steps) and resumes from the last checkpoint, mid-epoch included, to the
+same weights as an uninterrupted run; the final checkpoint (the whole CLIP state dict) is then
+evaluated like any other backbone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -37,6 +52,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from robench import distributed
 from robench.artifacts import artifact_dir, intact
 from robench.errors import RobenchError
 from robench.io import (
@@ -56,7 +72,13 @@ from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a 
 from robench.registry import ModelSpec
 
 DEFAULTS = {"epochs": 5, "lr": 3e-5, "weight_decay": 0.1, "batch_size": 128, "warmup": 50,
-            "grad_clip": 1.0, "lam": 0.0, "label_smoothing": 0.0, "train_on": "", "workers": 2}
+            "grad_clip": 1.0, "lam": 0.0, "label_smoothing": 0.0, "train_on": "", "workers": 2,
+            "precision": "fp32", "micro_batch": 0, "checkpoint_every": 0}
+# options that change how the work is cut, not what is computed: not in the artifact key
+SCHEDULING = ("workers", "micro_batch", "checkpoint_every")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINS_ON_IMAGES = True  # the runner extracts no features for this method's training split
+CHECKPOINT = "checkpoint.pt"
 
 
 def _normalize_of(preprocess: object) -> T.Normalize:
@@ -98,15 +120,74 @@ def context_weights(backbone: Backbone, classnames: list[str], templates: list[s
 
 def car_ft_loss(logits: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor,
                 feats0: torch.Tensor, ctx: torch.Tensor, scale: float, lam: float,
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE + lambda * KL(p_ctx(theta_0) || p_ctx(theta)); returns (total, kl)."""
-    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                label_smoothing: float = 0.0, reduction: str = "mean"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE + lambda * KL(p_ctx(theta_0) || p_ctx(theta)); returns (total, kl), each the mean
+    over the batch (``reduction="mean"``) or the sum over its samples (``"sum"``)."""
+    ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing,
+                         reduction=reduction)
     if lam == 0:
         return ce, torch.zeros((), device=logits.device)
-    logp = F.log_softmax(scale * F.normalize(feats, dim=-1) @ ctx, dim=-1)
-    logp0 = F.log_softmax(scale * F.normalize(feats0, dim=-1) @ ctx, dim=-1)
-    kl = F.kl_div(logp, logp0, log_target=True, reduction="batchmean")
+    logp = F.log_softmax(scale * F.normalize(feats.float(), dim=-1) @ ctx, dim=-1)
+    logp0 = F.log_softmax(scale * F.normalize(feats0.float(), dim=-1) @ ctx, dim=-1)
+    kl = F.kl_div(logp, logp0, log_target=True,
+                  reduction="batchmean" if reduction == "mean" else "sum")
     return ce + lam * kl, kl
+
+
+class _Tuned(torch.nn.Module):
+    """What fine-tuning trains, as one module for DistributedDataParallel: the image tower and
+    the linear head, logits = s * <normalize(f(x)), W>."""
+
+    def __init__(self, visual: torch.nn.Module, head: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.visual, self.scale = visual, scale
+        self.head = torch.nn.Parameter(head)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.visual(x)
+        return feats, self.scale * F.normalize(feats, dim=-1) @ self.head
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's global sample order: the permutation ``DataLoader(shuffle=True,
+    generator=Generator().manual_seed(seed * 1000 + epoch))`` draws (one int64 for its worker
+    base seed, then ``randperm``), so one process trains on the order it always has."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rank_steps(order: list[int], batch_size: int, world: distributed.World,
+               micro_batch: int = 0) -> list[tuple[int, list[tuple[list[int], bool]]]]:
+    """Per global step, (global batch size, this rank's micro-batches as (sample indices,
+    real?)).
+
+    A global batch (``batch_size`` consecutive entries of ``order``) is split into contiguous
+    per-rank parts whose sizes differ by at most one, each part into micro-batches of at most
+    ``micro_batch`` samples (0: one micro-batch). Every rank gets the same number of
+    micro-batches per step, as DistributedDataParallel's collectives need; a rank left with
+    nothing for one (a last batch smaller than the world) gets a placeholder sample, flagged
+    not real, whose loss is multiplied by 0.
+    """
+    r, w = world.rank, world.size
+    steps = []
+    for s in range(0, len(order), batch_size):
+        batch = order[s:s + batch_size]
+        part = batch[r * len(batch) // w:(r + 1) * len(batch) // w]
+        widest = math.ceil(len(batch) / w)
+        size = micro_batch if micro_batch > 0 else widest
+        count = math.ceil(widest / size)
+        micro = [part[i * size:(i + 1) * size] for i in range(count)]
+        steps.append((len(batch), [(m, True) if m else (batch[:1], False) for m in micro]))
+    return steps
+
+
+def _sum_gradients(state, bucket):  # noqa: ANN001, ANN202 - DDP checks the real annotations
+    """DDP communication hook: all-reduce gradient SUMS (DDP's default divides by the world
+    size; here each rank's loss is already divided by the global batch size)."""
+    fut = torch.distributed.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
 
 
 HEAD_FILE = "robench_head.npz"
@@ -116,13 +197,19 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
              cache_dir: str | Path, seed: int = 0, progress: bool = True) -> str:
     """Fine-tune ``backbone`` on ``source``; returns the ``local-dir:`` spec of the result.
 
-    The result is an open_clip folder (:func:`robench.models.backbone.save_derived`) that reloads
-    with the parent's architecture config and preprocessing, plus the trained head
-    (``robench_head.npz``: weight (D, C) and the class names of its label space).
+    Under ``torchrun`` every rank calls this together (DistributedDataParallel); the lead rank
+    writes the checkpoints and the result. The result is an open_clip folder
+    (:func:`robench.models.backbone.save_derived`) that reloads with the parent's architecture
+    config and preprocessing, plus the trained head (``robench_head.npz``: weight (D, C) and
+    the class names of its label space).
     """
+    world = distributed.current()
     final = out / "model"
-    if intact(final, HEAD_FILE):
+    if world.all_min(int(intact(final, HEAD_FILE))):
         return f"local-dir:{final}"
+    if opts["precision"] not in PRECISIONS:
+        raise RobenchError(f"unknown fine-tuning precision '{opts['precision']}'",
+                           "use options.precision: fp32, bf16 or fp16")
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -130,17 +217,23 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
     device = backbone.device
     scale = backbone.logit_scale
     w0 = class_embeddings(backbone, source.classnames, templates, cache_dir, progress)
-    head = torch.nn.Parameter(torch.tensor(w0, device=device))
     ctx = context_weights(backbone, source.classnames, templates, cache_dir).to(device) \
         if opts["lam"] else None
-    frozen = copy.deepcopy(model.visual).eval() if opts["lam"] else None
+    frozen = copy.deepcopy(model.visual).eval() if opts["lam"] else None  # theta_0, per rank
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.visual.parameters():
         p.requires_grad_(True)
-    params = [p for p in model.visual.parameters()] + [head]
+    tuned = _Tuned(model.visual, torch.tensor(w0, device=device), scale)
+    params = [p for p in model.visual.parameters()] + [tuned.head]
+    net: torch.nn.Module = tuned
+    if world.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            tuned, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+        net.register_comm_hook(None, _sum_gradients)
     opt = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
-    steps_per_epoch = math.ceil(len(source) / opts["batch_size"])
+    bsz = opts["batch_size"]
+    steps_per_epoch = math.ceil(len(source) / bsz)
     total = opts["epochs"] * steps_per_epoch
 
     def lr_at(step: int) -> float:  # linear warm-up, then cosine to 0
@@ -150,54 +243,86 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
                                    max(1, total - opts["warmup"])))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start = 0
-    resume = out / "last_epoch.pt"
-    if (state := load_resume(resume, device)) is not None:  # from its last finished epoch
+    dev_type = device.split(":")[0]
+    amp = PRECISIONS[opts["precision"]]
+    autocast = (lambda: torch.autocast(dev_type, dtype=amp)) if amp is not None \
+        else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(dev_type, enabled=opts["precision"] == "fp16")
+    step = 0
+    resume = out / CHECKPOINT
+    if (state := load_resume(resume, device)) is not None:  # from its last checkpoint
         model.load_state_dict(state["model"])
-        head.data.copy_(state["head"])
+        tuned.head.data.copy_(state["head"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        start = state["epoch"] + 1
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+
+    def checkpoint() -> None:  # the lead writes it; every rank holds the same weights
+        if world.is_lead:
+            state = {"model": model.state_dict(), "head": tuned.head.detach(),
+                     "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step}
+            atomic_write(resume, lambda tmp: torch.save(state, tmp))
+            seal_file(resume)
+        world.barrier()
+
     tf = train_transform(backbone)
-    bar = tqdm(total=total, initial=start * steps_per_epoch, unit="step", disable=not progress,
+    bar = tqdm(total=total, initial=step, unit="step", disable=not (progress and world.is_lead),
                desc=f"{'car-ft' if opts['lam'] else 'finetune'} {source.name}", leave=False)
-    for epoch in range(start, opts["epochs"]):
+    while step < total:
+        epoch, first = divmod(step, steps_per_epoch)
         model.visual.train()
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        loader = DataLoader(_Labelled(source, tf, seed, epoch), batch_size=opts["batch_size"],
-                            shuffle=True, generator=g, num_workers=opts["workers"],
-                            drop_last=False)
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            feats = model.encode_image(x)
-            logits = scale * F.normalize(feats, dim=-1) @ head
-            feats0 = None
-            if frozen is not None:
-                with torch.no_grad():
-                    feats0 = frozen(x)
-            loss, kl = car_ft_loss(logits, y, feats, feats0, ctx, scale, opts["lam"],
-                                   opts["label_smoothing"])
+        steps = rank_steps(epoch_order(len(source), seed, epoch), bsz, world,
+                           opts["micro_batch"])[first:]
+        loader = DataLoader(_Labelled(source, tf, seed, epoch),
+                            batch_sampler=[m for _, micro in steps for m, _ in micro],
+                            num_workers=opts["workers"])
+        batches = iter(loader)
+        for global_size, micro in steps:
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for j, (_, real) in enumerate(micro):
+                x, y = next(batches)
+                x, y = x.to(device), y.to(device)
+                last = j == len(micro) - 1  # DDP all-reduces on the last micro-batch only
+                with (contextlib.nullcontext() if last or net is tuned else net.no_sync()):
+                    with autocast():
+                        feats, logits = net(x)
+                        feats0 = None
+                        if frozen is not None:
+                            with torch.no_grad():
+                                feats0 = frozen(x)
+                    loss, kl = car_ft_loss(logits, y, feats, feats0, ctx, scale, opts["lam"],
+                                           opts["label_smoothing"], reduction="sum")
+                    # sum of this micro-batch's losses over the global batch size: the step's
+                    # gradient is the global mean whatever the split
+                    loss = loss / global_size
+                    if not real:
+                        loss = loss * 0.0
+                    scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, opts["grad_clip"])
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
+            step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.4f}")
             bar.update(1)
-        state = {"model": model.state_dict(), "head": head.detach(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "epoch": epoch}
-        atomic_write(resume, lambda tmp, s=state: torch.save(s, tmp))
-        seal_file(resume)
+            every = opts["checkpoint_every"]
+            if step % steps_per_epoch == 0 or (every and step % every == 0):
+                checkpoint()
     bar.close()
     model.eval()
-    spec = save_derived(backbone, model.state_dict(), final)
-    save_head(final, head.detach().cpu().numpy(), list(source.classnames))
-    discard(resume)
-    return spec
+    if world.is_lead:
+        save_derived(backbone, model.state_dict(), final)
+        save_head(final, tuned.head.detach().cpu().numpy(), list(source.classnames))
+        discard(resume)
+    world.barrier()  # the result is on disk for every rank
+    return f"local-dir:{final}"
 
 
 def load_resume(path: Path, device: str) -> dict | None:
-    """The state saved after the last finished epoch, if it is intact (checksum verified, tensors
+    """The state saved at the last checkpoint, if it is intact (checksum verified, tensors
     only: ``weights_only=True`` never runs code from the cache); a damaged one is removed."""
     if not path.is_file():
         return None
@@ -243,11 +368,16 @@ def prepare_finetuned(runner, name: str, spec: ModelSpec, lam_default: float) ->
     base = load_backbone(spec.arch, spec.pretrained, cfg.device, "fp32",
                          allow_download=cfg.allow_download, seed=cfg.seed)
     templates = runner.templates_for(opts["train_on"])
-    ident = {"weights": base.weights_hash, "train": source.manifest_hash, "opts": opts,
+    ident = {"weights": base.weights_hash, "train": source.manifest_hash,
+             "opts": {k: v for k, v in opts.items() if k not in SCHEDULING},
              "seed": cfg.seed, "templates": templates, "method": spec.method,
-             "arch": base.model_cfg, "format": 2}
+             "arch": base.model_cfg, "format": 3}
     out = artifact_dir(cfg.cache_dir, "finetune", ident)
-    with entry_lock(out / "model", f"fine-tuning {name}"):  # concurrent runs train it once
+    # concurrent runs train it once; the ranks of one torchrun job train it together, so only
+    # their lead takes the lock
+    lock = entry_lock(out / "model", f"fine-tuning {name}") if distributed.current().is_lead \
+        else contextlib.nullcontext()
+    with lock:
         ckpt = finetune(base, source, templates, opts, out, cfg.cache_dir, seed=cfg.seed,
                         progress=cfg.progress)
     return replace(spec, pretrained=ckpt)

@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from robench import distributed
 from robench.artifacts import artifact_dir, ensure
 from robench.errors import RobenchError
 from robench.models.backbone import load_backbone, save_derived
@@ -81,7 +82,10 @@ def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
         save_derived(zs, interpolate(zs.model.state_dict(), ft.model.state_dict(), alpha), out)
         save_head(out, ((1 - alpha) * w_zs + alpha * w_ft).astype(np.float32), classnames)
 
-    ensure(out, HEAD_FILE, mix, f"WiSE-FT alpha={alpha:g} of {ft_name}")
+    world = distributed.current()
+    if world.is_lead:  # one rank writes the shared folder
+        ensure(out, HEAD_FILE, mix, f"WiSE-FT alpha={alpha:g} of {ft_name}")
+    world.barrier()
     return replace(spec, arch=declared.arch, pretrained=f"local-dir:{out}")
 
 
