@@ -97,7 +97,7 @@ def test_selection_rule_accuracy_then_nll_then_smaller_c(monkeypatch):
     x, y = planted(50, rng, rng.normal(size=(4, 3)), np.zeros(3))
     scores = {0.1: (80.0, 0.9), 1.0: (90.0, 0.5), 10.0: (90.0, 0.4), 100.0: (90.0, 0.4),
               1000.0: (85.0, 0.1)}
-    monkeypatch.setattr(LP, "evaluate", lambda fit, xv, yv: scores[fit.C])
+    monkeypatch.setattr(LP, "evaluate", lambda fit, xv, yv, **kw: scores[fit.C])
     res = LP.train_probe(x, y, x, y, 3, list(scores)[::-1], refit="train")  # order-free
     assert res.grid == sorted(scores) and res.fit.C == 10.0
 
