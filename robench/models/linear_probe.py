@@ -342,7 +342,7 @@ def evaluate(fit: LogisticFit, x: FeatureRows | np.ndarray, y: np.ndarray,
     w = torch.as_tensor(fit.weight).to(device, how.dtype)
     b = torch.as_tensor(fit.bias).to(device, how.dtype)
     correct, nll, s = 0, 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), few_threads(device, len(rows) * rows.dim * w.shape[1]):
         for xb in rows.blocks(how.block):
             logits = torch.addmm(b, torch.as_tensor(xb).to(device, how.dtype), w)
             ys = y[s:s + len(xb)]
