@@ -220,16 +220,18 @@ class _DeviceRows:
     def __init__(self, rows: FeatureRows, y: torch.Tensor, how: Plan, device: str) -> None:
         self.rows, self.y, self.how, self.device = rows, y, how, device
         total = torch.zeros(rows.dim, dtype=torch.float64, device=device)
-        kept = []
+        self.kept: list[torch.Tensor] = []
         for xb in rows.blocks(how.block):
-            t = torch.as_tensor(xb).to(device, how.dtype)
+            # a copy when kept (centred in place below; a float64 CPU block could otherwise
+            # share memory with the caller's array), else only what .to() needs
+            t = torch.as_tensor(xb).to(device, how.dtype, copy=how.resident)
             total += t.sum(0, dtype=torch.float64)
             if how.resident:
-                kept.append(t)
+                self.kept.append(t)
         self.mu = total / len(rows)
         centre = self.mu.to(how.dtype)
-        # out of place: a float64 CPU block may share memory with the caller's array
-        self.kept = [t - centre for t in kept]
+        for t in self.kept:
+            t -= centre
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         centre = self.mu.to(self.how.dtype)
