@@ -50,8 +50,8 @@ def _problem(folder: Path, n: int, classes: int) -> tuple[Path, Path]:
     return feats, labels
 
 
-CASES = [(5_000, 100, 3, "auto"), (200_000, 1000, 5, "auto"),
-         (200_000, 1000, 5, "float64-in-memory")]
+CASES = [(5_000, 100, 3, "auto"), (200_000, 1000, 3, "auto"),
+         (200_000, 1000, 3, "float64-in-memory")]
 
 
 @pytest.mark.parametrize(("n", "classes", "max_iter", "mode"), CASES,
