@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 
 from robench.data.base import ImageSource
@@ -97,7 +99,7 @@ def test_selection_rule_accuracy_then_nll_then_smaller_c(monkeypatch):
     x, y = planted(50, rng, rng.normal(size=(4, 3)), np.zeros(3))
     scores = {0.1: (80.0, 0.9), 1.0: (90.0, 0.5), 10.0: (90.0, 0.4), 100.0: (90.0, 0.4),
               1000.0: (85.0, 0.1)}
-    monkeypatch.setattr(LP, "evaluate", lambda fit, xv, yv: scores[fit.C])
+    monkeypatch.setattr(LP, "evaluate", lambda fit, xv, yv, **kw: scores[fit.C])
     res = LP.train_probe(x, y, x, y, 3, list(scores)[::-1], refit="train")  # order-free
     assert res.grid == sorted(scores) and res.fit.C == 10.0
 
@@ -206,3 +208,123 @@ def test_head_artifact_holds_the_fit(data, tmp_path):
     ref = LP.fit_logistic(x[keep], y[keep], 3, 3.0)
     np.testing.assert_allclose(head.weight, ref.weight, atol=1e-4)  # stored as float32
     assert Path(head.info["artifact"], "summary.json").is_file()
+
+
+# -- the solver at scale: streamed float32 blocks agree with the float64 in-memory solve --------
+def clip_like(n: int, rng: np.random.Generator, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm float16 features sharing one large direction (as CLIP's do), noisy labels."""
+    d = w.shape[0]
+    x = rng.normal(size=(n, d))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) + 0.5 / np.sqrt(d)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16), (3 * x @ w + rng.gumbel(size=(n, w.shape[1]))).argmax(1)
+
+
+def cache_file(path: Path, x: np.ndarray) -> np.memmap:
+    """``x`` as a feature cache entry: an .npy file opened memory-mapped, as the runner does."""
+    np.save(path, x)
+    return np.load(path, mmap_mode="r")
+
+
+def test_streamed_float32_sweep_agrees_with_the_float64_solver(tmp_path, monkeypatch):
+    """Same selected C, validation accuracy within 2 of 1,000 rows at every C, held-out
+    predictions equal except on near-ties, weights within 0.2% (relative Frobenius).
+
+    Why these tolerances: both solves stop when the largest gradient entry is below tol = 1e-6
+    (float32 also when the objective stops changing at ~1e-8, its resolution of a mean CE), so
+    each lies within ~||H^-1|| tol of the optimum; with weak regularisation (C >= 1e3) H's
+    smallest eigenvalue is ~1/(C n) and the flat directions of W move by ~1e-3 relative
+    (measured 6e-4..8e-4, and 1e-7..1e-4 for C <= 100), i.e. logits by ~1e-2: rows whose
+    top-2 margin is below that can flip. The float64 solve itself matches scikit-learn to 5e-5.
+    """
+    rng = np.random.default_rng(7)
+    w = 3 * rng.normal(size=(32, 10))
+    (xt, yt), (xv, yv), (xe, _) = (clip_like(n, rng, w) for n in (3000, 1000, 5000))
+    reads = []
+    real = LP.iter_row_blocks
+
+    def spy(features, block, rows=None):
+        for pos, xb in real(features, block, rows):
+            reads.append(len(xb))
+            yield pos, xb
+
+    monkeypatch.setattr(LP, "iter_row_blocks", spy)
+    ref = LP.train_probe(xt.astype(np.float64), yt, xv.astype(np.float64), yv, 10,
+                         precision="float64")
+    assert reads == [] and ref.extra["precision"] == "float64"
+    new = LP.train_probe(LP.FeatureRows(cache_file(tmp_path / "t.npy", xt)), yt,
+                         LP.FeatureRows(cache_file(tmp_path / "v.npy", xv)), yv, 10,
+                         precision="float32", resident_bytes=0)
+    assert new.extra == {"precision": "float32", "resident": False, "block": new.extra["block"]}
+    # streamed: every L-BFGS evaluation re-read the train file from the cache, block by block
+    assert len(reads) > 100 and max(reads) <= new.extra["block"]
+    assert new.fit.C == ref.fit.C and new.best_index == ref.best_index
+    np.testing.assert_allclose(new.val_acc, ref.val_acc, atol=0.2)
+    a, b = ref.fit, new.fit
+    assert np.linalg.norm(a.weight - b.weight) / np.linalg.norm(a.weight) < 2e-3
+    xe = xe.astype(np.float64)
+    la, lb = xe @ a.weight + a.bias, xe @ b.weight + b.bias
+    assert np.abs(la - lb).max() < 0.05  # logits are O(10) here
+    top2 = np.sort(la, axis=1)[:, -2:]
+    flipped = la.argmax(1) != lb.argmax(1)
+    assert flipped.mean() <= 1e-3 and (top2[flipped, 1] - top2[flipped, 0] < 0.05).all()
+
+
+def test_feature_rows_keep_mask_and_chaining_equal_the_materialised_rows(tmp_path):
+    rng = np.random.default_rng(8)
+    x1 = rng.normal(size=(50, 6)).astype(np.float16)
+    x2 = rng.normal(size=(30, 6)).astype(np.float16)
+    keep = rng.random(50) > 0.3
+    rows = LP.FeatureRows(cache_file(tmp_path / "a.npy", x1), keep) + LP.FeatureRows(x2)
+    assert len(rows) == keep.sum() + 30 and rows.dim == 6
+    got = np.concatenate(list(rows.blocks(7)))
+    np.testing.assert_array_equal(got, np.concatenate([x1[keep], x2]).astype(np.float32))
+    assert max(len(b) for b in rows.blocks(7)) <= 7
+    with pytest.raises(ValueError, match="chain"):
+        rows + LP.FeatureRows(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="keep mask"):
+        LP.FeatureRows(x1, keep[:10])
+    # a fit on masked, chained, streamed rows is the fit on the rows they stand for
+    y = rng.integers(0, 3, len(rows))
+    streamed = LP.fit_logistic(rows, y, 3, 1.0, tol=1e-10, chunk=16, resident_bytes=0)
+    direct = LP.fit_logistic(got.astype(np.float64), y, 3, 1.0, tol=1e-10)
+    np.testing.assert_allclose(streamed.weight, direct.weight, atol=1e-8)
+    with pytest.raises(ValueError, match="labels for"):
+        LP.fit_logistic(rows, y[:-1], 3, 1.0)
+
+
+def test_plan_picks_precision_and_residency_by_size():
+    small = LP.plan(50_000, 512, 10)  # CIFAR-10: exact and in memory
+    assert small.dtype == torch.float64 and small.resident
+    imagenet = LP.plan(1_281_167, 1024, 1000)  # on a CPU: float32, re-read from the cache
+    assert imagenet.dtype == torch.float32 and not imagenet.resident
+    assert imagenet.block * 1000 * 4 <= LP.BLOCK_BYTES
+    on_gpu = LP.plan(1_281_167, 1024, 1000, resident_bytes=8 * 2**30)  # 5.2 GB of rows fit
+    assert on_gpu.resident and on_gpu.dtype == torch.float32
+    assert LP.plan(50_000, 512, 10, precision="float32").dtype == torch.float32
+    assert LP.plan(1_281_167, 1024, 1000, precision="float64").dtype == torch.float64
+    with pytest.raises(RobenchError, match="precision"):
+        LP.plan(10, 2, 2, precision="float16")
+
+
+def test_build_streams_cached_features_and_records_the_plan(tmp_path):
+    rng = np.random.default_rng(9)
+    w = rng.normal(size=(8, 3))
+    names = ["a", "b", "c"]
+    splits = {}
+    for name, n, bad in (("tr", 300, [3]), ("va", 120, [])):
+        x, y = clip_like(n, rng, w)
+        src = ImageSource(name, y, names, manifest_hash=f"m-{name}", loader=None)
+        splits[name] = (src, FeatureSet(cache_file(tmp_path / f"{name}.npy", x), bad,
+                                        f"k-{name}", cached=True))
+    opts = {"train_on": "tr", "val_on": "va", "grid": [1.0, 100.0], "precision": "float32"}
+    head = LP.build(FakeCtx(splits, opts, str(tmp_path / "cache")), splits["va"][0])
+    summary = json.loads(Path(head.info["artifact"], "summary.json").read_text())
+    assert summary["precision"] == "float32" and summary["n_train"] == 299 + 120
+    exact = LP.build(FakeCtx(splits, {**opts, "precision": "auto"}, str(tmp_path / "cache")),
+                     splits["va"][0])
+    assert exact.info["artifact"] != head.info["artifact"]  # precision is part of the key
+    assert np.abs(exact.weight - head.weight).max() < 1e-2 * np.abs(exact.weight).max()
+    with pytest.raises(RobenchError, match="Did you mean 'float32'"):
+        LP.build(FakeCtx(splits, {**opts, "precision": "floa32"}, str(tmp_path)),
+                 splits["va"][0])

@@ -11,10 +11,22 @@ multinomial loss; the bias is not penalised):
     min_{W, b}  0.5 * ||W||_F^2  +  C * sum_i CE(softmax(W^T x_i + b), y_i),
 
 minimised here in the equivalent, better-conditioned form ``mean_i CE_i + ||W||^2 / (2 C n)``
-(same minimiser, divided by C * n) by full-batch L-BFGS with a strong-Wolfe line search, in
-float64 torch. Full-batch L-BFGS from a zero start has no randomness, so a probe is a
-deterministic function of its features on a given device; the loss is accumulated over row
-chunks so ImageNet-sized problems (1000 classes x 512 dims x 10^5..10^6 rows) fit on a GPU.
+(same minimiser, divided by C * n) by full-batch L-BFGS with a strong-Wolfe line search (CLIP's
+own choice of solver). Full-batch L-BFGS from a zero start has no randomness, so a probe is a
+deterministic function of its features on a given device.
+
+Scale (ImageNet: 1.28M rows x 512..1024 dims x 1000 classes). The objective and its exact
+gradient are sums over rows, so each L-BFGS evaluation accumulates them over row blocks that are
+streamed onto the backbone's device (the GPU when there is one): the blocks stay on the device
+when they fit (half the free GPU memory; 256 MB of RAM on a CPU), otherwise every evaluation
+re-reads them from the feature cache with :func:`robench.features.iter_row_blocks` (plain file
+reads: resident memory stays O(block x (D + C)) + the L-BFGS history, never N x D). This is not a
+stochastic mini-batch method: every step sees the exact full-batch objective, so the solution is
+the same minimiser as before, independent of the block size. Precision is picked by size
+(``precision: auto``): float64 end to end for small problems (``n d C <= 1e10``, where it is cheap
+and matches scikit-learn to ~1e-6), float32 block arithmetic for large ones (2x the CPU
+throughput, 2x less memory and bandwidth, and the GPU's fast path), with the L-BFGS parameters,
+history and the sums over blocks kept in float64 so rounding does not grow with N.
 
 Model selection (the CLIP / CLIP_benchmark protocol): fit one probe per C of a log-spaced grid
 (default 8 values, 1e-2 .. 1e5) on the train split, pick the C with the best validation accuracy
@@ -33,6 +45,7 @@ train / val feature keys, the options and the seed, and reused while none of the
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +56,7 @@ import torch
 
 from robench.artifacts import artifact_dir, ensure
 from robench.errors import RobenchError, unknown
-from robench.features import FeatureSet
+from robench.features import FeatureSet, iter_row_blocks
 from robench.io import load_npz, read_json, write_json, write_npz
 from robench.models.heads import LinearHead
 from robench.models.options import list_of
@@ -54,11 +67,21 @@ DEFAULT_GRID: list[float] = [10.0 ** k for k in range(-2, 6)]
 # tol bounds the largest gradient entry of the 1/(C n)-scaled objective (scikit-learn's default on
 # the same scale is 1e-4); max_iter 1000 as in CLIP's published linear-probe example.
 DEFAULTS: dict[str, Any] = {"train_on": "", "val_on": "", "grid": None, "max_iter": 1000,
-                            "tol": 1e-6, "refit": "train+val"}
+                            "tol": 1e-6, "refit": "train+val", "precision": "auto"}
 OPTION_TYPES = {"grid": list_of(float)}  # None: the default sweep
 REFITS = ("train+val", "train")
+PRECISIONS = ("auto", "float64", "float32")
+# precision "auto": float64 up to this n * d * C (CIFAR-100's 50,000 x 768 x 100 is 3.8e9: still
+# seconds per C on a CPU), float32 above (ImageNet's 1.28M x 512 x 1000 is 6.6e11)
+EXACT_WORK = 1e10
+# centred rows kept in memory between L-BFGS evaluations: at most this much RAM on a CPU (above
+# it they are re-read from the cache each evaluation), half the free memory on a GPU
+CPU_RESIDENT_BYTES = 256 * 2**20
+GPU_RESIDENT_FRACTION = 0.5
+BLOCK_BYTES = 64 * 2**20  # one block's (B, C) logits
 # bump when the training procedure changes, so stale cached heads are not reused
-VERSION = 1
+VERSION = 2
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,56 +108,202 @@ class ProbeResult:
     extra: dict = field(default_factory=dict)
 
 
-def fit_logistic(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, n_classes: int,
-                 C: float, max_iter: int = 1000, tol: float = 1e-6, device: str = "cpu",
-                 init: LogisticFit | None = None, chunk: int = 65536) -> LogisticFit:
-    """Multinomial L2 logistic regression by full-batch L-BFGS (float64).
+# -- the rows a probe reads, a block at a time --------------------------------------------------
+class FeatureRows:
+    """The rows of one or more (N, D) feature arrays, read a block at a time, in order.
 
-    Minimises ``mean_i CE(W^T x_i + b, y_i) + ||W||_F^2 / (2 C n)``, which is scikit-learn's
-    ``0.5 ||W||^2 + C sum_i CE_i`` divided by ``C n``. Stops when the largest gradient entry is
-    below ``tol`` or after ``max_iter`` L-BFGS iterations. ``init`` warm-starts from another fit.
+    A memory-mapped cache file is read with :func:`robench.features.iter_row_blocks` (plain
+    file reads as float32, exact for the cache's float16 / float32: pages touched through the
+    map would count towards resident memory); an in-memory array is sliced in its own dtype.
+    ``keep`` (a boolean mask over the array's rows) drops rows, e.g. undecodable images.
+    ``a + b`` chains two sets without copying either (the train+val refit).
     """
-    if C <= 0:
-        raise ValueError(f"C must be positive, got {C}")
-    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device, torch.float64)
+
+    def __init__(self, features: np.ndarray | torch.Tensor, keep: np.ndarray | None = None
+                 ) -> None:
+        if torch.is_tensor(features):
+            features = features.detach().cpu().numpy()
+        elif not isinstance(features, np.ndarray):  # a list of rows
+            features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2:
+            raise ValueError(f"features must be (N, D), got shape {features.shape}")
+        if keep is not None and len(keep) != len(features):
+            raise ValueError(f"keep mask has {len(keep)} entries for {len(features)} rows")
+        self.parts: list[tuple[np.ndarray, np.ndarray | None]] = [(features, keep)]
+
+    @classmethod
+    def of(cls, x: FeatureRows | np.ndarray | torch.Tensor) -> FeatureRows:
+        return x if isinstance(x, FeatureRows) else cls(x)
+
+    def __len__(self) -> int:
+        return sum(len(f) if k is None else int(np.count_nonzero(k)) for f, k in self.parts)
+
+    @property
+    def dim(self) -> int:
+        return int(self.parts[0][0].shape[1])
+
+    def __add__(self, other: FeatureRows) -> FeatureRows:
+        if other.dim != self.dim:
+            raise ValueError(f"cannot chain {self.dim}-d and {other.dim}-d features")
+        out = FeatureRows.__new__(FeatureRows)
+        out.parts = self.parts + other.parts
+        return out
+
+    def blocks(self, block: int) -> Iterator[np.ndarray]:
+        """The kept rows, ``block`` source rows at a time (fewer where rows are dropped)."""
+        for features, keep in self.parts:
+            for pos, xb in _raw_blocks(features, block):
+                if keep is not None:
+                    xb = xb[keep[pos]]
+                if len(xb):
+                    yield xb
+
+
+def _raw_blocks(features: np.ndarray, block: int) -> Iterator[tuple[slice, np.ndarray]]:
+    if isinstance(features, np.memmap):
+        yield from iter_row_blocks(features, block)
+        return
+    for s in range(0, len(features), block):
+        pos = slice(s, min(s + block, len(features)))
+        yield pos, features[pos]
+
+
+# -- how a problem is solved: precision, residency, block size ----------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """float64 or float32 block arithmetic; blocks kept on the device or re-read per pass."""
+
+    dtype: torch.dtype
+    resident: bool
+    block: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"precision": str(self.dtype).removeprefix("torch."),
+                "resident": self.resident, "block": self.block}
+
+
+def plan(n: int, d: int, n_classes: int, device: str = "cpu", precision: str = "auto",
+         resident_bytes: int | None = None, block: int | None = None) -> Plan:
+    """Pick the precision by size (float64 when ``n d C <= EXACT_WORK``), keep the centred rows
+    on the device when they fit in ``resident_bytes`` (default: half the free GPU memory, or
+    ``CPU_RESIDENT_BYTES``), and size blocks so one block's (B, C) logits take ~64 MB."""
+    if precision not in PRECISIONS:
+        raise unknown("linear-probe precision", precision, PRECISIONS)
+    if precision == "auto":
+        precision = "float64" if n * d * n_classes <= EXACT_WORK else "float32"
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    item = 8 if dtype == torch.float64 else 4
+    if resident_bytes is None:
+        resident_bytes = _device_budget(device)
+    if block is None:
+        block = max(1024, BLOCK_BYTES // (max(n_classes, d) * item))
+    return Plan(dtype=dtype, resident=n * d * item <= resident_bytes, block=int(block))
+
+
+def _device_budget(device: str) -> int:
+    """Bytes of centred rows that may stay on ``device`` between L-BFGS evaluations."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * GPU_RESIDENT_FRACTION)
+    return CPU_RESIDENT_BYTES
+
+
+class _DeviceRows:
+    """Centred training rows on the device, block by block, for the solver's passes.
+
+    Centring is an exact reparametrisation (W^T x + b = W^T (x - mu) + (b + W^T mu), and b is
+    not penalised), and it removes the large direction all CLIP features share, which
+    otherwise makes the problem ill-conditioned and L-BFGS slow. The mean is accumulated in
+    float64 in a first pass, which also keeps the blocks when the plan says they fit.
+    """
+
+    def __init__(self, rows: FeatureRows, y: torch.Tensor, how: Plan, device: str) -> None:
+        self.rows, self.y, self.how, self.device = rows, y, how, device
+        total = torch.zeros(rows.dim, dtype=torch.float64, device=device)
+        self.kept: list[torch.Tensor] = []
+        for xb in rows.blocks(how.block):
+            # a copy when kept (centred in place below; a float64 CPU block could otherwise
+            # share memory with the caller's array), else only what .to() needs
+            t = torch.as_tensor(xb).to(device, how.dtype, copy=how.resident)
+            total += t.sum(0, dtype=torch.float64)
+            if how.resident:
+                self.kept.append(t)
+        self.mu = total / len(rows)
+        centre = self.mu.to(how.dtype)
+        for t in self.kept:
+            t -= centre
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        centre = self.mu.to(self.how.dtype)
+        blocks = iter(self.kept) if self.how.resident else (
+            torch.as_tensor(xb).to(self.device, self.how.dtype) - centre
+            for xb in self.rows.blocks(self.how.block))
+        s = 0
+        for xs in blocks:
+            yield xs, self.y[s:s + len(xs)]
+            s += len(xs)
+
+
+def _labels(y: np.ndarray | torch.Tensor, n: int, n_classes: int, device: str) -> torch.Tensor:
     y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y).to(device, torch.long)
-    n, d = x.shape
+    if len(y) != n:
+        raise ValueError(f"{len(y)} labels for {n} rows")
     if n == 0:
         raise ValueError("no training rows")
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise ValueError(f"labels outside [0, {n_classes})")
-    # Centring is an exact reparametrisation (W^T x + b = W^T (x - mu) + (b + W^T mu), and b is
-    # not penalised), and it removes the large direction all CLIP features share, which
-    # otherwise makes the problem ill-conditioned and L-BFGS slow.
-    mu = x.mean(dim=0)
-    x = x - mu
+    return y
+
+
+def fit_logistic(x: FeatureRows | np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                 n_classes: int, C: float, max_iter: int = 1000, tol: float = 1e-6,
+                 device: str = "cpu", init: LogisticFit | None = None, chunk: int | None = None,
+                 precision: str = "auto", resident_bytes: int | None = None,
+                 how: Plan | None = None) -> LogisticFit:
+    """Multinomial L2 logistic regression by full-batch L-BFGS over streamed row blocks.
+
+    Minimises ``mean_i CE(W^T x_i + b, y_i) + ||W||_F^2 / (2 C n)``, which is scikit-learn's
+    ``0.5 ||W||^2 + C sum_i CE_i`` divided by ``C n``. Stops when the largest gradient entry is
+    below ``tol``, when the objective stops changing at the working precision, or after
+    ``max_iter`` L-BFGS iterations. ``init`` warm-starts from another fit. ``how`` (else
+    :func:`plan` of ``precision``, ``resident_bytes``, ``chunk`` rows a block) says how.
+    """
+    if C <= 0:
+        raise ValueError(f"C must be positive, got {C}")
+    rows = FeatureRows.of(x)
+    n, d = len(rows), rows.dim
+    how = how or plan(n, d, n_classes, device, precision, resident_bytes, chunk)
+    data = _DeviceRows(rows, _labels(y, n, n_classes, device), how, device)
+    mu = data.mu
     w = torch.zeros(d, n_classes, dtype=torch.float64, device=device)
     b = torch.zeros(n_classes, dtype=torch.float64, device=device)
     if init is not None:
         w.copy_(torch.as_tensor(init.weight))
         b.copy_(torch.as_tensor(init.bias) + mu @ w)
     # The objective's scale is ~1 (a mean CE), so tolerance_grad is a meaningful absolute bound.
+    # Parameters and history stay float64 whatever the block precision (D x C x 40 numbers).
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.25),
                             tolerance_grad=tol, tolerance_change=1e-14, history_size=20,
                             line_search_fn="strong_wolfe")
     inv_c = 1.0 / (C * n)
-    rows = torch.arange(min(n, chunk), device=device)
+    index = torch.arange(how.block, device=device)
 
     def closure() -> torch.Tensor:
-        """Objective and its exact gradient (no autograd graph: memory O(chunk x C)):
-        dJ/dW = X^T (P - Y) / n + W / (C n),  dJ/db = 1^T (P - Y) / n."""
+        """Objective and its exact gradient (no autograd graph: memory O(block x C)):
+        dJ/dW = X^T (P - Y) / n + W / (C n),  dJ/db = 1^T (P - Y) / n; block terms are
+        computed at the plan's precision and summed in float64."""
         loss = torch.zeros((), dtype=torch.float64, device=device)
         gw = w * inv_c
         gb = torch.zeros_like(b)
-        for s in range(0, n, chunk):
-            xs, ys = x[s:s + chunk], y[s:s + chunk]
-            logp = torch.log_softmax(xs @ w + b, dim=1)
-            r = rows[:len(ys)]
-            loss -= logp[r, ys].sum() / n
+        wd, bd = w.to(how.dtype), b.to(how.dtype)
+        for xs, ys in data:
+            logp = torch.log_softmax(torch.addmm(bd, xs, wd), dim=1)
+            r = index[:len(ys)]
+            loss -= logp[r, ys].sum(dtype=torch.float64) / n
             resid = logp.exp_()
             resid[r, ys] -= 1.0
-            gw += xs.T @ resid / n
-            gb += resid.sum(0) / n
+            gw += (xs.T @ resid).to(torch.float64) / n
+            gb += resid.sum(0, dtype=torch.float64) / n
         w.grad, b.grad = gw, gb
         return loss + 0.5 * inv_c * (w * w).sum()
 
@@ -165,23 +334,37 @@ def few_threads(device: str, work: float, limit: float = 2e7) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def evaluate(fit: LogisticFit, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy in percent, mean NLL) of a fit on (x, y); argmax ties go to the lower class."""
-    logits = np.asarray(x, dtype=np.float64) @ fit.weight + fit.bias
-    logits -= logits.max(axis=1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    acc = 100.0 * float(np.mean(logits.argmax(axis=1) == y))
-    nll = float(-logp[np.arange(len(y)), y].mean())
-    return acc, nll
+def evaluate(fit: LogisticFit, x: FeatureRows | np.ndarray, y: np.ndarray,
+             device: str = "cpu", how: Plan | None = None) -> tuple[float, float]:
+    """(accuracy in percent, mean NLL) of a fit on (x, y), streamed in blocks at the plan's
+    precision (default float64); argmax ties go to the lower class."""
+    rows = FeatureRows.of(x)
+    y = torch.as_tensor(np.asarray(y)).to(device, torch.long)
+    how = how or Plan(torch.float64, resident=False, block=65536)
+    w = torch.as_tensor(fit.weight).to(device, how.dtype)
+    b = torch.as_tensor(fit.bias).to(device, how.dtype)
+    correct, nll, s = 0, 0.0, 0
+    with torch.no_grad(), few_threads(device, len(rows) * rows.dim * w.shape[1]):
+        for xb in rows.blocks(how.block):
+            logits = torch.addmm(b, torch.as_tensor(xb).to(device, how.dtype), w)
+            ys = y[s:s + len(xb)]
+            s += len(xb)
+            correct += int((logits.argmax(1) == ys).sum())
+            logp = torch.log_softmax(logits, dim=1)
+            nll -= float(logp.gather(1, ys[:, None]).sum(dtype=torch.float64))
+    return 100.0 * correct / len(y), nll / len(y)
 
 
-def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                n_classes: int, grid: list[float] | None = None, max_iter: int = 1000,
-                tol: float = 1e-6, refit: str = "train+val", device: str = "cpu") -> ProbeResult:
+def train_probe(x_train: FeatureRows | np.ndarray, y_train: np.ndarray,
+                x_val: FeatureRows | np.ndarray, y_val: np.ndarray, n_classes: int,
+                grid: list[float] | None = None, max_iter: int = 1000, tol: float = 1e-6,
+                refit: str = "train+val", device: str = "cpu", precision: str = "auto",
+                resident_bytes: int | None = None) -> ProbeResult:
     """Sweep C on the validation split, then refit (see the module docstring).
 
     The selected C maximises validation accuracy; ties are broken by lower validation NLL and
-    then by the smaller C (stronger regularisation).
+    then by the smaller C (stronger regularisation). One :func:`plan` (from the train split's
+    size) serves the sweep, the validation scores and the refit.
     """
     if refit not in REFITS:
         raise unknown("linear-probe refit", refit, REFITS)
@@ -189,25 +372,33 @@ def train_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     if not grid or grid[0] <= 0:
         raise RobenchError("linear-probe grid must list positive C values",
                            "e.g. options: {grid: [0.1, 1, 10, 100]}")
-    y_val = np.asarray(y_val)
+    x_train, x_val = FeatureRows.of(x_train), FeatureRows.of(x_val)
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    how = plan(len(x_train), x_train.dim, n_classes, device, precision, resident_bytes)
     fits: list[LogisticFit] = []
     accs: list[float] = []
     nlls: list[float] = []
     prev = None
     for c in grid:  # strong -> weak regularisation, each warm-started from the last
-        prev = fit_logistic(x_train, y_train, n_classes, c, max_iter, tol, device, init=prev)
-        acc, nll = evaluate(prev, x_val, y_val)
+        t0 = time.perf_counter()
+        prev = fit_logistic(x_train, y_train, n_classes, c, max_iter, tol, device, init=prev,
+                            how=how)
+        acc, nll = evaluate(prev, x_val, y_val, device=device, how=how)
+        log.info("linear-probe C=%g: %d L-BFGS iterations, %.1f s, val acc %.2f%%, nll %.4f",
+                 c, prev.n_iter, time.perf_counter() - t0, acc, nll)
         fits.append(prev)
         accs.append(acc)
         nlls.append(nll)
     best = min(range(len(grid)), key=lambda i: (-accs[i], nlls[i], grid[i]))
     fit = fits[best]
     if refit == "train+val":
-        x_all = np.concatenate([np.asarray(x_train), np.asarray(x_val)])
-        y_all = np.concatenate([np.asarray(y_train), y_val])
-        fit = fit_logistic(x_all, y_all, n_classes, grid[best], max_iter, tol, device, init=fit)
+        both = x_train + x_val
+        fit = fit_logistic(both, np.concatenate([y_train, y_val]), n_classes, grid[best],
+                           max_iter, tol, device, init=fit,
+                           how=plan(len(both), both.dim, n_classes, device, precision,
+                                    resident_bytes))
     return ProbeResult(fit=fit, grid=grid, val_acc=accs, val_nll=nlls, best_index=best,
-                       refit=refit)
+                       refit=refit, extra=how.describe())
 
 
 # -- runner integration -----------------------------------------------------------------------
@@ -226,14 +417,17 @@ def options(spec_options: dict[str, Any]) -> dict[str, Any]:
         opts["grid"] = [float(c) for c in opts["grid"]]
     if opts["refit"] not in REFITS:
         raise unknown("linear-probe refit", opts["refit"], REFITS)
+    if opts["precision"] not in PRECISIONS:
+        raise unknown("linear-probe precision", opts["precision"], PRECISIONS)
     return opts
 
 
-def good_rows(source: Any, feats: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of the decodable rows (undecodable ones have zero features)."""
+def good_rows(source: Any, feats: FeatureSet) -> tuple[FeatureRows, np.ndarray]:
+    """(features, labels) of the decodable rows (undecodable ones have zero features); the
+    features stay in the cache file and are read a block at a time."""
     keep = np.ones(len(feats.features), dtype=bool)
     keep[feats.bad] = False
-    return np.asarray(feats.features[keep], dtype=np.float64), np.asarray(source.labels)[keep]
+    return FeatureRows(feats.features, keep), np.asarray(source.labels)[keep]
 
 
 def check_label_space(method: str, trained_on: str, trained: list[str], source: Any) -> None:
@@ -266,11 +460,12 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
         x_va, y_va = good_rows(val_src, val_feats)
         t0 = time.time()
         res = train_probe(x_tr, y_tr, x_va, y_va, len(classnames), opts["grid"],
-                          opts["max_iter"], opts["tol"], opts["refit"], ctx.backbone.device)
+                          opts["max_iter"], opts["tol"], opts["refit"], ctx.backbone.device,
+                          opts["precision"])
         summary = {"C": res.fit.C, "grid": res.grid, "val_acc": res.val_acc,
                    "val_nll": res.val_nll, "refit": res.refit, "n_iter": res.fit.n_iter,
                    "n_train": int(len(y_tr) + (len(y_va) if res.refit == "train+val" else 0)),
-                   "train_seconds": round(time.time() - t0, 3)}
+                   "train_seconds": round(time.time() - t0, 3), **res.extra}
         write_json(out / "summary.json", summary)
         # written last: its presence marks a complete artifact
         write_npz(path, weight=res.fit.weight.astype(np.float32),
