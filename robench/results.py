@@ -17,12 +17,18 @@ from robench.io import write_json
 SCHEMA_VERSION = 2  # 2: exact per-sample outputs, method section, max_cal_err
 # The headline columns of the leaderboard, in order.
 HEADLINE = ["acc1", "acc5", "ece", "auroc", "nll", "brier", "aupr_err", "fpr95", "ood_auroc"]
+# Beside a suite's model folders: the cross-cell analyses (robench.analysis), not a record. A
+# dataset may therefore not be called "analysis" (its record would have this name).
+ANALYSIS_FILE = "analysis.json"
 
 
 def record_path(results_dir: str | Path, suite: str, model: str, dataset: str) -> Path:
     """``results_dir/suite/model/dataset.json``; each name is checked to stay inside."""
     from robench.registry import check_name
 
+    if dataset == Path(ANALYSIS_FILE).stem:
+        raise RobenchError(f"dataset name {dataset!r} is reserved: {ANALYSIS_FILE} holds a "
+                           "suite's cross-cell analyses", "rename the dataset")
     return (Path(results_dir) / check_name("suite", suite) / check_name("model", model)
             / f"{check_name('dataset', dataset)}.json")
 
@@ -63,7 +69,8 @@ def find_records(results_dir: str | Path, fix: str | None = None) -> list[Path]:
         raise RobenchError(f"results folder {root} does not exist",
                            fix or "run a suite first (robench run suite=...), which writes "
                            "runs/<suite>/, or point at the folder that holds the records")
-    return sorted(p for p in root.rglob("*.json") if not p.name.startswith("."))
+    return sorted(p for p in root.rglob("*.json")
+                  if not p.name.startswith(".") and p.name != ANALYSIS_FILE)
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:

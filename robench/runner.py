@@ -297,7 +297,17 @@ class Runner:
                          f"acc5={_fmt(mt.get('acc5'))} "
                          f"ece={_fmt(mt['ece'], 4)} auroc={_fmt(mt['auroc'], 4)} "
                          f"({time.time() - t0:.0f}s)")
+        self.analyze()
         return paths
+
+    def analyze(self) -> None:
+        """Cross-cell analyses of the suite's records (paired comparisons, effective
+        robustness, mCE, reliability bins) into ``<results_dir>/<suite>/analysis.json``."""
+        from robench.analysis import AnalysisSettings, analyze, summary_line
+
+        folder = Path(self.cfg.results_dir) / self.cfg.name
+        for path, doc in analyze(folder, AnalysisSettings.of(self.cfg.get("analysis"))):
+            echo(summary_line(path, doc))
 
     def score_cell(self, model: str, dataset: str, backbone: Backbone, head: LinearHead,
                    source: ImageSource, feats: FeatureSet) -> None:
