@@ -211,12 +211,7 @@ def effective_robustness(suite: SuiteRecords, settings: AnalysisSettings
     ref = settings.er_reference
     if ref == "all" or ref == ["all"]:
         ref = suite.models
-    ref = list(ref or [])
-    unknown_ref = sorted(set(ref) - set(suite.models))
-    if unknown_ref:
-        raise RobenchError(f"analysis.er_reference names {', '.join(unknown_ref)}, not models "
-                           f"of suite {suite.name}", f"use models of the suite "
-                           f"({', '.join(suite.models)}) or 'all'")
+    ref = [ref] if isinstance(ref, str) else list(ref or [])
     for d in suite.datasets:
         if d == id_ds or d in fits or not ref:
             continue
@@ -252,10 +247,6 @@ def mce_tables(suite: SuiteRecords, settings: AnalysisSettings) -> tuple[dict, l
     choice = settings.mce_baseline or "none"
     if choice == "none":
         return {}, []
-    if choice not in ("auto", *shipped_baselines(), *suite.models):
-        raise RobenchError(f"analysis.mce_baseline={choice} is neither a shipped baseline "
-                           f"({', '.join(shipped_baselines())}) nor a model of the suite",
-                           "use auto, alexnet, none or a model of the suite")
     out: dict[str, dict] = {}
     notes: list[str] = []
     for d in suite.datasets:
@@ -315,7 +306,32 @@ def reliability_bins(out: CellOutputs, summary_groups: list[str] | None, n_bins:
             "accuracy": [None if c == 0 else float(v) for c, v in zip(count, acc, strict=True)]}
 
 
+def check_settings(suite: SuiteRecords, settings: AnalysisSettings) -> None:
+    """Names in the settings that the suite does not have fail before anything is computed."""
+    references(suite, settings.reference)
+    ref = settings.er_reference
+    if ref not in (None, "all", ["all"]):
+        names = [ref] if isinstance(ref, str) else list(ref)
+        unknown_ref = sorted(set(names) - set(suite.models))
+        if unknown_ref:
+            raise RobenchError(f"analysis.er_reference names {', '.join(unknown_ref)}, not "
+                               f"models of suite {suite.name}", "use models of the suite "
+                               f"({', '.join(suite.models)}) or all")
+    choice = settings.mce_baseline or "none"
+    if choice not in ("auto", "none", *shipped_baselines(), *suite.models):
+        raise RobenchError(f"analysis.mce_baseline={choice} is neither a shipped baseline "
+                           f"({', '.join(shipped_baselines())}) nor a model of suite "
+                           f"{suite.name}", "use auto, alexnet, none or a model of the suite")
+    if settings.bootstrap is not None and int(settings.bootstrap) < 0:
+        raise RobenchError(f"analysis.bootstrap={settings.bootstrap} is negative",
+                           "use 0 (no intervals) or more resamples")
+    if settings.er_fits and not Path(settings.er_fits).is_file():
+        raise RobenchError(f"analysis.er_fits={settings.er_fits} does not exist",
+                           "point it at a JSON/YAML file of fits, or leave it empty")
+
+
 def analyze_suite(suite: SuiteRecords, settings: AnalysisSettings) -> dict:
+    check_settings(suite, settings)
     outputs: dict = {}
     comp, notes = comparisons(suite, settings, outputs)
     er, er_notes = effective_robustness(suite, settings)

@@ -139,6 +139,22 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from robench.analysis import analyze, summary_line
+    from robench.results import analysis_tables
+
+    er_ref = args.er_reference
+    if er_ref is not None and er_ref != "all":
+        er_ref = [m for m in er_ref.split(",") if m]
+    over = {"reference": args.reference, "er_reference": er_ref, "er_fits": args.er_fits,
+            "mce_baseline": args.mce_baseline, "bootstrap": args.bootstrap}
+    for path, doc in analyze(args.dir, overrides=over, force=args.force):
+        print(summary_line(path, doc))
+        for title, table in analysis_tables(doc, fmt=args.format):
+            print(f"\n{title}\n{table}")
+    return 0
+
+
 def list_entries(what: str) -> list[dict[str, Any]]:
     """The rows of ``robench list WHAT`` as plain data (also ``--format json``)."""
     from omegaconf import OmegaConf
@@ -350,6 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--format", choices=["table", "csv", "md", "json", "latex"],
                      default="table")
     res.set_defaults(func=cmd_results)
+    an = sub.add_parser(
+        "analyze", help="paired comparisons, effective robustness, mCE from stored outputs",
+        description="Recompute a suite's cross-cell analyses (analysis.json beside its model "
+                    "folders) from its records and per-sample outputs, without a model: each "
+                    "model's paired delta vs a reference (paired bootstrap, McNemar), effective "
+                    "robustness (Taori et al. 2020) and mCE (Hendrycks & Dietterich 2019). "
+                    "Options left out keep the settings of the existing analysis.")
+    an.add_argument("--dir", default="runs", help="results folder (default: runs)")
+    an.add_argument("--reference", help="the model every other is compared with (default: the "
+                    "zero-shot model of the same backbone)")
+    an.add_argument("--er-reference", help="models defining the effective-robustness line: "
+                    "comma-separated, or all")
+    an.add_argument("--er-fits", help="file of fit coefficients with their source")
+    an.add_argument("--mce-baseline", help="auto | alexnet | a model of the suite | none")
+    an.add_argument("--bootstrap", type=int, help="paired-bootstrap resamples")
+    an.add_argument("--force", action="store_true", help="recompute even if up to date")
+    an.add_argument("--format", choices=["table", "md", "latex"], default="table")
+    an.set_defaults(func=cmd_analyze)
     rs = sub.add_parser("rescore", help="recompute metrics from stored per-sample outputs")
     rs.add_argument("--dir", required=True, help="results folder, e.g. runs/quickstart")
     rs.add_argument("--n-bins", type=int, help="ECE bins (default: the record's)")
