@@ -132,6 +132,8 @@ def references(suite: SuiteRecords, reference: str | None) -> tuple[dict[str, st
         same = [z for z in zeroshot if _backbone(first[z]) == _backbone(first[m])]
         if len(same) == 1:
             out[m] = same[0]
+        elif len(models) == 1:  # nothing to compare with: not worth a note
+            continue
         elif not same:
             notes.append(f"{m}: no zero-shot model of the same backbone in the suite, not "
                          "compared (set analysis.reference)")
@@ -197,8 +199,8 @@ def effective_robustness(suite: SuiteRecords, settings: AnalysisSettings
     """Fits and per-model ER for every shifted dataset of the suite."""
     ids = {_protocol(r).get("id_dataset") for r in suite.records.values()} - {None}
     if not ids:
-        return None, ["effective robustness: the suite pairs no ID set (id_dataset), none "
-                      "computed"]
+        return None, [] if not settings.er_reference and not settings.er_fits else [
+            "effective robustness: the suite pairs no ID set (id_dataset), none computed"]
     if len(ids) > 1:
         return None, [f"effective robustness: records name several ID sets {sorted(ids)}"]
     id_ds = ids.pop()

@@ -12,11 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_report import CHROMIUM, CHROMIUM_ARGS, body_rows, cell, header_keys, parse
 
 from robench.analysis import AnalysisSettings, analyze
 from robench.io import write_json
 from robench.report import render_report
-from test_report import CHROMIUM, CHROMIUM_ARGS, body_rows, cell, header_keys, parse
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "results" / "quickstart"
 MODELS = ("tiny-clip-cifar10", "tiny-clip-lp-clip", "tiny-clip-wise-ft-a0.5")
