@@ -101,22 +101,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from robench.results import interval_table, load_frame
+    from robench.results import interval_table, load_frame, render_table
 
     frame = load_frame(args.dir, fix="run a suite first (robench run suite=...) or pass "
-                       "--dir FOLDER (e.g. --dir results/quickstart for the committed records)")
+                       "--dir FOLDER (e.g. --dir results/quickstart for the committed records)",
+                       groups=args.groups)
     if args.format == "csv":  # every metric and interval bound, one column each
         frame.to_csv(sys.stdout, index=False)
     elif args.format == "json":
         print(frame.to_json(orient="records", indent=1))
     else:
-        table = interval_table(frame)
-        if args.format == "md":
-            print(table.to_markdown(index=False))
-        elif args.format == "latex":
-            print(table.to_latex(index=False, escape=True))
-        else:
-            print(table.to_string(index=False))
+        fmt = {"md": "md", "latex": "latex"}.get(args.format, "table")
+        print(render_table(interval_table(frame), fmt, caption="robench results: value [95% "
+                           "interval]" if fmt == "latex" else None))
+        if args.analysis:
+            from robench.analysis import read_analysis, suites_under
+            from robench.results import analysis_tables
+
+            for suite in suites_under(args.dir):
+                doc = read_analysis(suite.folder)
+                if doc is None:
+                    print(f"\n(suite {suite.name}: no analysis.json; robench analyze --dir "
+                          f"{suite.folder} writes it)")
+                    continue
+                for title, table in analysis_tables(doc, fmt):
+                    print(f"\n{title}\n{table}" if fmt != "latex" else f"\n{table}")
     return 0
 
 
@@ -365,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--dir", default="runs", help="results folder (default: runs)")
     res.add_argument("--format", choices=["table", "csv", "md", "json", "latex"],
                      default="table")
+    res.add_argument("--groups", action="store_true",
+                     help="also one row per group of a -C record (corruption/severity)")
+    res.add_argument("--analysis", action="store_true",
+                     help="also the suites' paired deltas, effective robustness and mCE "
+                          "(from analysis.json; table, md and latex)")
     res.set_defaults(func=cmd_results)
     an = sub.add_parser(
         "analyze", help="paired comparisons, effective robustness, mCE from stored outputs",

@@ -846,10 +846,11 @@ def metric_definitions(records: Sequence[dict]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def csv_frame(records: list[dict]) -> pd.DataFrame:
-    """Every metric of every cell, headline metrics and their intervals first."""
-    frame = to_frame(records)
-    lead = ["suite", "model", "dataset", "method", "n"]
+def csv_frame(records: list[dict], groups: bool = False) -> pd.DataFrame:
+    """Every metric of every cell, headline metrics and their intervals first; with ``groups``
+    also a row per group of a -C record (column ``group``, "" on the headline row)."""
+    frame = to_frame(records, groups=groups)
+    lead = ["suite", "model", "dataset"] + (["group"] if groups else []) + ["method", "n"]
     first = [c for k in HEADLINE for c in (k, f"{k}_ci_low", f"{k}_ci_high") if c in frame]
     rest = sorted(c for c in frame if c not in lead and c not in first)
     return frame[lead + first + rest]
@@ -918,7 +919,8 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
-def render_report(results_dir: str | Path, out_dir: str | Path, title: str | None = None) -> Path:
+def render_report(results_dir: str | Path, out_dir: str | Path, title: str | None = None,
+                  groups: bool = False) -> Path:
     """Render ``index.html``, ``leaderboard.csv`` and ``leaderboard.md`` from the records under
     ``results_dir`` into ``out_dir`` (created if needed); return the path of ``index.html``.
 
@@ -942,7 +944,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path, title: str | Non
         latest=created[-1] if created else None, version=robench.__version__)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "leaderboard.csv", csv_frame(records).to_csv(index=False))
+    _write_text(out / "leaderboard.csv", csv_frame(records, groups).to_csv(index=False))
     _write_text(out / "leaderboard.md", markdown(suites, records, title, analyses))
     index = out / "index.html"
     _write_text(index, html)  # last: an index.html on disk implies its companions are there
