@@ -251,7 +251,9 @@ def reliability_chart(dataset: str, models: Sequence[str], bins: dict[str, dict]
                    caption="Bars: accuracy of the samples in each equal-width confidence bin "
                    "(the ECE's bins); dots: their mean confidence; dashed: perfect calibration. "
                    "Bars below the diagonal are over-confident. Underneath: samples per bin. "
-                   "A -C set pools the samples of the headline's groups.")
+                   "A -C set pools the samples of the headline's groups; the ECE in each title "
+                   "is the cell's headline ECE (for a -C set the mean of its groups' ECEs, not "
+                   "the ECE of the pooled diagram).")
 
 
 def corruption_grid(dataset: str, models: Sequence[str], corruptions: Sequence[str],
