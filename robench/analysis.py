@@ -20,6 +20,8 @@ never mistakes it for a record.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections import defaultdict
@@ -349,7 +351,7 @@ def analyze_suite(suite: SuiteRecords, settings: AnalysisSettings) -> dict:
         "kind": "robench-analysis", "version": ANALYSIS_VERSION, "suite": suite.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": asdict(settings),
-        "inputs": {f"{m}/{d}": r.get("cell_key") for (m, d), r in sorted(suite.records.items())},
+        "inputs": {f"{m}/{d}": fingerprint(r) for (m, d), r in sorted(suite.records.items())},
         "comparisons": comp, "effective_robustness": er, "mce": mces,
         "reliability": dict(reliability), "notes": notes + er_notes + mce_notes,
     })
@@ -367,9 +369,18 @@ def read_analysis(folder: str | Path) -> dict | None:
     return rec
 
 
+def fingerprint(record: dict) -> str:
+    """What an analysis of a record depends on: its cell (``cell_key``) and its metric settings
+    (a ``robench rescore`` with other bins keeps the cell key but changes the ECE)."""
+    p = _protocol(record)
+    settings = json.dumps([p.get("ece_bins"), p.get("bootstrap"), p.get("interval_level"),
+                           record.get("rescored")], default=str)
+    return f"{record.get('cell_key')}:{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+
+
 def stale_cells(analysis: dict, records: dict[tuple[str, str], dict]) -> list[str]:
     """Cells whose record changed (or appeared, or went) since the analysis was computed."""
-    now = {f"{m}/{d}": r.get("cell_key") for (m, d), r in records.items()}
+    now = {f"{m}/{d}": fingerprint(r) for (m, d), r in records.items()}
     then = analysis.get("inputs") or {}
     return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
 

@@ -141,6 +141,15 @@ def cmd_rescore(args: argparse.Namespace) -> int:
               + (f"  changed: {what}" if r.changed else "  unchanged"))
     print(f"{len(rows)} record(s) re-scored from their per-sample outputs, {len(moved)} changed"
           + (f", written to {args.out}" if args.out else ""))
+    if moved and not args.out:
+        from pathlib import Path
+
+        from robench.results import ANALYSIS_FILE
+
+        for folder in sorted({Path(r.path).parent.parent for r in moved}):
+            if (folder / ANALYSIS_FILE).is_file():
+                print(f"note: {folder / ANALYSIS_FILE} is now stale (it was computed from the "
+                      f"old metrics): robench analyze --dir {folder}")
     if args.verify and moved:
         print("robench: error: re-scoring with the records' own settings changed them",
               file=sys.stderr)

@@ -198,6 +198,11 @@ def test_analysis_is_not_a_record_and_knows_when_it_is_stale(analysis: dict,
     changed = dict(suite.records)
     changed[("tiny-clip-ts", ID)] = {**changed[("tiny-clip-ts", ID)], "cell_key": "new"}
     assert stale_cells(analysis, changed) == ["tiny-clip-ts/cifar10-subset-test"]
+    rescored = dict(suite.records)  # robench rescore --n-bins 20: same cell key, other metrics
+    rec = rescored[("tiny-clip-ts", OOD)]
+    rescored[("tiny-clip-ts", OOD)] = {**rec, "rescored": "2026-01-01T00:00:00Z",
+                                       "protocol": {**rec["protocol"], "ece_bins": 20}}
+    assert stale_cells(analysis, rescored) == ["tiny-clip-ts/cifar10-subset-test-c"]
     assert read_analysis(results / "quickstart")["settings"]["er_reference"] == "all"
     with pytest.raises(RobenchError, match="reserved"):
         record_path(results, "quickstart", "m", "analysis")
