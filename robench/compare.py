@@ -13,7 +13,10 @@ keeps the correlation between the two models' errors and its interval is far nar
 independent intervals would suggest. Datasets with groups (-C sets) are resampled within each
 group (stratified), and the headline delta is the unweighted mean over the headline's groups, as
 the headline metric itself is; ``ood_auroc`` resamples the paired ID set too (one draw shared by
-every group of a replicate). The interval is the percentile interval of the replicates.
+every group of a replicate). The interval is the percentile interval of the replicates shifted
+by their bias (mean replicate - point estimate): ECE is biased upwards under resampling, by
+different amounts for the two models, and an unshifted interval of an ECE delta can miss the
+point estimate altogether.
 
 McNemar's test (McNemar 1947) in its exact form: of the ``b + c`` discordant samples (one model
 right, the other wrong), ``c`` favour the model; under H0 (equal accuracy) ``c ~ Binomial(b + c,
@@ -221,7 +224,8 @@ def paired_bootstrap(model: CellOutputs, reference: CellOutputs, *,
     np.random.default_rng(np.random.SeedSequence(seed))``, replicate r first draws the ID side
     (``rng.integers(0, n_id, n_id)``, only when both cells carry ``ood_id_conf``), then, for each
     headline group in order, ``rng.integers(0, n_g, n_g)`` positions among that group's paired
-    samples (in row order); both models are scored on that multiset.
+    samples (in pairing order: rows, or sorted sample ids); both models are scored on that
+    multiset.
     """
     pairing = pair_samples(model, reference, what)
     if pairing.a_rows.size == 0:

@@ -232,3 +232,16 @@ def test_cli_analyze_keeps_the_stored_settings_and_prints_tables(
     assert doc["settings"]["er_reference"] == "all" and doc["effective_robustness"]
     assert main(["analyze", "--dir", str(results), "--reference", "nope"]) == 2
     assert "not a model of suite" in capsys.readouterr().err
+
+
+def test_an_in_place_rescore_makes_the_analysis_stale_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "results"
+    shutil.copytree(QUICKSTART / "tiny-clip-ts", root / "quickstart" / "tiny-clip-ts")
+    analyze(root, AnalysisSettings(bootstrap=0))
+    assert main(["rescore", "--dir", str(root), "--n-bins", "10", "--bootstrap", "0"]) == 0
+    assert "analysis.json is now stale" in capsys.readouterr().out
+    [suite] = suites_under(root)
+    assert len(stale_cells(read_analysis(root / "quickstart"), suite.records)) == 2
+    [(_, doc)] = analyze(root)  # recomputed with the records' new bins
+    assert doc["reliability"]["tiny-clip-ts"][ID]["n_bins"] == 10
