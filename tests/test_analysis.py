@@ -204,6 +204,10 @@ def test_analysis_is_not_a_record_and_knows_when_it_is_stale(analysis: dict,
                                        "protocol": {**rec["protocol"], "ece_bins": 20}}
     assert stale_cells(analysis, rescored) == ["tiny-clip-ts/cifar10-subset-test-c"]
     assert read_analysis(results / "quickstart")["settings"]["er_reference"] == "all"
+    # an up-to-date analysis is kept as it is (a warm run pays nothing for it)
+    [(_, again)] = analyze(results)
+    assert again["created"] == analysis["created"] and again == read_analysis(
+        results / "quickstart")
     with pytest.raises(RobenchError, match="reserved"):
         record_path(results, "quickstart", "m", "analysis")
 
