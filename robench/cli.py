@@ -128,22 +128,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from robench.results import interval_table, load_frame
+    from robench.results import interval_table, load_frame, render_table
 
     frame = load_frame(args.dir, fix="run a suite first (robench run suite=...) or pass "
-                       "--dir FOLDER (e.g. --dir results/quickstart for the committed records)")
+                       "--dir FOLDER (e.g. --dir results/quickstart for the committed records)",
+                       groups=args.groups)
     if args.format == "csv":  # every metric and interval bound, one column each
         frame.to_csv(sys.stdout, index=False)
     elif args.format == "json":
         print(frame.to_json(orient="records", indent=1))
     else:
-        table = interval_table(frame)
-        if args.format == "md":
-            print(table.to_markdown(index=False))
-        elif args.format == "latex":
-            print(table.to_latex(index=False, escape=True))
-        else:
-            print(table.to_string(index=False))
+        fmt = {"md": "md", "latex": "latex"}.get(args.format, "table")
+        print(render_table(interval_table(frame), fmt, caption="robench results: value [95% "
+                           "interval]" if fmt == "latex" else None))
+        if args.analysis:
+            from robench.analysis import read_analysis, suites_under
+            from robench.results import analysis_tables
+
+            for suite in suites_under(args.dir):
+                doc = read_analysis(suite.folder)
+                if doc is None:
+                    print(f"\n(suite {suite.name}: no analysis.json; robench analyze --dir "
+                          f"{suite.folder} writes it)")
+                    continue
+                for title, table in analysis_tables(doc, fmt):
+                    print(f"\n{title}\n{table}" if fmt != "latex" else f"\n{table}")
     return 0
 
 
@@ -159,10 +168,35 @@ def cmd_rescore(args: argparse.Namespace) -> int:
               + (f"  changed: {what}" if r.changed else "  unchanged"))
     print(f"{len(rows)} record(s) re-scored from their per-sample outputs, {len(moved)} changed"
           + (f", written to {args.out}" if args.out else ""))
+    if moved and not args.out:
+        from pathlib import Path
+
+        from robench.results import ANALYSIS_FILE
+
+        for folder in sorted({Path(r.path).parent.parent for r in moved}):
+            if (folder / ANALYSIS_FILE).is_file():
+                print(f"note: {folder / ANALYSIS_FILE} is now stale (it was computed from the "
+                      f"old metrics): robench analyze --dir {folder}")
     if args.verify and moved:
         print("robench: error: re-scoring with the records' own settings changed them",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from robench.analysis import analyze, summary_line
+    from robench.results import analysis_tables
+
+    er_ref = args.er_reference
+    if er_ref is not None and er_ref != "all":
+        er_ref = [m for m in er_ref.split(",") if m]
+    over = {"reference": args.reference, "er_reference": er_ref, "er_fits": args.er_fits,
+            "mce_baseline": args.mce_baseline, "bootstrap": args.bootstrap}
+    for path, doc in analyze(args.dir, overrides=over, force=args.force):
+        print(summary_line(path, doc))
+        for title, table in analysis_tables(doc, fmt=args.format):
+            print(f"\n{title}\n{table}")
     return 0
 
 
@@ -397,7 +431,30 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--dir", default="runs", help="results folder (default: runs)")
     res.add_argument("--format", choices=["table", "csv", "md", "json", "latex"],
                      default="table")
+    res.add_argument("--groups", action="store_true",
+                     help="also one row per group of a -C record (corruption/severity)")
+    res.add_argument("--analysis", action="store_true",
+                     help="also the suites' paired deltas, effective robustness and mCE "
+                          "(from analysis.json; table, md and latex)")
     res.set_defaults(func=cmd_results)
+    an = sub.add_parser(
+        "analyze", help="paired comparisons, effective robustness, mCE from stored outputs",
+        description="Recompute a suite's cross-cell analyses (analysis.json beside its model "
+                    "folders) from its records and per-sample outputs, without a model: each "
+                    "model's paired delta vs a reference (paired bootstrap, McNemar), effective "
+                    "robustness (Taori et al. 2020) and mCE (Hendrycks & Dietterich 2019). "
+                    "Options left out keep the settings of the existing analysis.")
+    an.add_argument("--dir", default="runs", help="results folder (default: runs)")
+    an.add_argument("--reference", help="the model every other is compared with (default: the "
+                    "zero-shot model of the same backbone)")
+    an.add_argument("--er-reference", help="models defining the effective-robustness line: "
+                    "comma-separated, or all")
+    an.add_argument("--er-fits", help="file of fit coefficients with their source")
+    an.add_argument("--mce-baseline", help="auto | alexnet | a model of the suite | none")
+    an.add_argument("--bootstrap", type=int, help="paired-bootstrap resamples")
+    an.add_argument("--force", action="store_true", help="recompute even if up to date")
+    an.add_argument("--format", choices=["table", "md", "latex"], default="table")
+    an.set_defaults(func=cmd_analyze)
     rs = sub.add_parser("rescore", help="recompute metrics from stored per-sample outputs")
     rs.add_argument("--dir", required=True, help="results folder, e.g. runs/quickstart")
     rs.add_argument("--n-bins", type=int, help="ECE bins (default: the record's)")

@@ -49,6 +49,22 @@ class MetricsConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Cross-cell analyses written after a run (robench/analysis.py; `robench analyze`)."""
+
+    reference: str | None = _f(None, "model every other is compared with, paired on the same "
+                               "samples (null: the zero-shot model of the same backbone)")
+    bootstrap: int | None = _f(None, "paired-bootstrap resamples of the deltas (null: "
+                               "metrics.bootstrap)")
+    er_reference: Any = _f(None, "models whose ID / OOD accuracies define the effective-"
+                           "robustness line: a list, all, or null (no fit)")
+    er_fits: str = _f("", "file of effective-robustness fit coefficients with their source "
+                      "(JSON/YAML list of {id_dataset, ood_dataset, slope, intercept, source})")
+    mce_baseline: str = _f("auto", "mCE normaliser: auto (AlexNet's published errors on "
+                           "imagenet-c) | alexnet | a model of the suite | none")
+
+
+@dataclass
 class SuiteMeta:
     """Where a config came from, filled in by :func:`load_suite` (never set by the user): the
     suite file and the top-level keys given as ``key=value`` on the command line. It lets the
@@ -75,6 +91,7 @@ class RunConfig:
                                   "(also $ROBENCH_MODEL_CONFIGS)", factory=list)
     model: ModelDefaults = _f(factory=ModelDefaults)
     metrics: MetricsConfig = _f(factory=MetricsConfig)
+    analysis: AnalysisConfig = _f(factory=AnalysisConfig)
     data: dict[str, Any] = _f(help="per-dataset settings, e.g. data.imagenet.root=/mnt/val",
                               factory=dict)
     device: str = _f("auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")

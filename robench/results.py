@@ -18,12 +18,18 @@ from robench.io import file_sha256, jsonable, write_json
 SCHEMA_VERSION = 2  # 2: exact per-sample outputs, method section, max_cal_err
 # The headline columns of the leaderboard, in order.
 HEADLINE = ["acc1", "acc5", "ece", "auroc", "nll", "brier", "aupr_err", "fpr95", "ood_auroc"]
+# Beside a suite's model folders: the cross-cell analyses (robench.analysis), not a record. A
+# dataset may therefore not be called "analysis" (its record would have this name).
+ANALYSIS_FILE = "analysis.json"
 
 
 def record_path(results_dir: str | Path, suite: str, model: str, dataset: str) -> Path:
     """``results_dir/suite/model/dataset.json``; each name is checked to stay inside."""
     from robench.registry import check_name
 
+    if dataset == Path(ANALYSIS_FILE).stem:
+        raise RobenchError(f"dataset name {dataset!r} is reserved: {ANALYSIS_FILE} holds a "
+                           "suite's cross-cell analyses", "rename the dataset")
     return (Path(results_dir) / check_name("suite", suite) / check_name("model", model)
             / f"{check_name('dataset', dataset)}.json")
 
@@ -130,18 +136,36 @@ def find_records(results_dir: str | Path, fix: str | None = None) -> list[Path]:
         raise RobenchError(f"results folder {root} does not exist",
                            fix or "run a suite first (robench run suite=...), which writes "
                            "runs/<suite>/, or point at the folder that holds the records")
-    return sorted(p for p in root.rglob("*.json") if not p.name.startswith("."))
+    return sorted(p for p in root.rglob("*.json")
+                  if not p.name.startswith(".") and p.name != ANALYSIS_FILE)
 
 
-def to_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per (suite, model, dataset) with the headline metrics and their intervals."""
+def to_frame(records: list[dict], groups: bool = False) -> pd.DataFrame:
+    """One row per (suite, model, dataset) with the headline metrics and their intervals; with
+    ``groups``, also one row per group of a -C record (column ``group``; "" on the headline)."""
     rows = []
     for r in records:
-        row = {"suite": r["suite"], "model": r["model"], "dataset": r["dataset"],
-               "method": r.get("protocol", {}).get("method"), "n": r["metrics"].get("n")}
-        row.update({k: v for k, v in r["metrics"].items() if k != "n"})
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values(["suite", "model", "dataset"]).reset_index(drop=True)
+        lead = {"suite": r["suite"], "model": r["model"], "dataset": r["dataset"],
+                "method": (r.get("protocol") or {}).get("method")}
+        parts = [("", r["metrics"])]
+        if groups:
+            parts += sorted((r.get("groups") or {}).items(), key=lambda kv: _group_key(kv[0]))
+        for g, metrics in parts:
+            row = {**lead, **({"group": g} if groups else {}), "n": metrics.get("n")}
+            row.update({k: v for k, v in metrics.items() if k != "n"})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    order = ["suite", "model", "dataset"]
+    # stable: a record's groups stay in severity order under their headline row
+    return frame.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def _group_key(name: str) -> tuple:
+    corruption, _, sev = str(name).rpartition("/")
+    try:
+        return (corruption or str(name), float(sev), "")
+    except ValueError:
+        return (str(name), math.inf, sev)
 
 
 def protocol_version(record: dict) -> int:
@@ -162,13 +186,39 @@ def check_protocols(records: list[dict], where: str | Path) -> None:
             "the old records in another folder")
 
 
-def load_frame(results_dir: str | Path, fix: str | None = None) -> pd.DataFrame:
+def load_records(results_dir: str | Path, fix: str | None = None) -> list[dict]:
     records = [read_record(p) for p in find_records(results_dir, fix)]
     if not records:
         raise RobenchError(f"no result records under {results_dir}",
                            fix or "run a suite first (robench run suite=...)")
     check_protocols(records, results_dir)
-    return to_frame(records)
+    return records
+
+
+def load_frame(results_dir: str | Path, fix: str | None = None,
+               groups: bool = False) -> pd.DataFrame:
+    return to_frame(load_records(results_dir, fix), groups=groups)
+
+
+# Decimals of each metric in every printed table (values, intervals and deltas alike).
+DECIMALS = {"acc1": 2, "acc5": 2, "er": 2, "mce": 2, "relative_mce": 2}
+DEFAULT_DECIMALS = 4  # ECE-type fractions, AUROC-type scores, NLL, Brier
+
+
+def decimals(metric: str) -> int:
+    return DECIMALS.get(metric, DEFAULT_DECIMALS)
+
+
+def fmt_value(metric: str, v: Any, lo: Any = None, hi: Any = None, sign: bool = False) -> str:
+    """``value [lo, hi]`` at the metric's decimals (``-`` when undefined; no brackets when the
+    interval is)."""
+    if v is None or pd.isna(v):
+        return "-"
+    d = decimals(metric)
+    text = f"{v:+.{d}f}" if sign else f"{v:.{d}f}"
+    if lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi):
+        text += f" [{lo:+.{d}f}, {hi:+.{d}f}]" if sign else f" [{lo:.{d}f}, {hi:.{d}f}]"
+    return text
 
 
 def interval_table(frame: pd.DataFrame,
@@ -176,23 +226,87 @@ def interval_table(frame: pd.DataFrame,
                    ) -> pd.DataFrame:
     """Per-cell table with each metric as ``value [ci_low, ci_high]`` where the record has an
     interval (acc1: Clopper-Pearson; ECE, AUROC: bootstrap; a -C headline, a mean over groups,
-    has none); a metric empty in every cell is left out."""
-    out = frame[["model", "dataset", "n"]].copy()
+    has none); a metric empty in every cell is left out. A frame with a ``group`` column (per-
+    group rows) keeps it after the dataset."""
+    lead = ["model", "dataset"] + (["group"] if "group" in frame else []) + ["n"]
+    out = frame[lead].copy()
     for m in metrics:
         if m not in frame or not frame[m].notna().any():
             continue
-        digits = 2 if m in ("acc1", "acc5") else 4
         lo, hi = frame.get(f"{m}_ci_low"), frame.get(f"{m}_ci_high")
-        cells = []
-        for i, v in enumerate(frame[m]):
-            if v is None or pd.isna(v):
-                cells.append("-")
-                continue
-            text = f"{v:.{digits}f}"
-            if lo is not None and hi is not None and pd.notna(lo.iloc[i]) and pd.notna(hi.iloc[i]):
-                text += f" [{lo.iloc[i]:.{digits}f}, {hi.iloc[i]:.{digits}f}]"
-            cells.append(text)
-        out[m] = cells
+        out[m] = [fmt_value(m, v, None if lo is None else lo.iloc[i],
+                            None if hi is None else hi.iloc[i])
+                  for i, v in enumerate(frame[m])]
+    return out
+
+
+def render_table(table: pd.DataFrame, fmt: str, caption: str | None = None) -> str:
+    """A text table as ``table`` (aligned text), ``md`` (Markdown) or ``latex`` (booktabs
+    tabular, every cell escaped, numbers right-aligned)."""
+    if fmt == "md":
+        return table.to_markdown(index=False, disable_numparse=True)
+    if fmt == "latex":
+        text_cols = {"model", "dataset", "group", "reference", "method", "suite", "baseline"}
+        spec = "".join("l" if c in text_cols else "r" for c in table.columns)
+        return table.to_latex(index=False, escape=True, column_format=spec, caption=caption)
+    return table.to_string(index=False)
+
+
+def comparison_table(doc: dict) -> pd.DataFrame:
+    """Paired deltas (model - reference) of an analysis, one row per (model, dataset)."""
+    rows = []
+    for c in doc.get("comparisons") or []:
+        row = {"model": c["model"], "dataset": c["dataset"], "reference": c["reference"],
+               "n": c["n_paired"]}
+        for m in ("acc1", "ece", "auroc", "ood_auroc"):
+            d = c["delta"].get(m)
+            if d is not None:
+                row[f"d_{m}"] = fmt_value(m, d["value"], d["ci_low"], d["ci_high"], sign=True)
+        row["p_mcnemar"] = f"{c['mcnemar']['p_value']:.3g}"
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.fillna("-") if len(frame) else frame
+
+
+def er_table(doc: dict) -> pd.DataFrame:
+    """Effective robustness per model (rows) and shifted dataset (columns), in points."""
+    er = doc.get("effective_robustness") or {}
+    rows = []
+    for m, per in sorted((er.get("models") or {}).items()):
+        row = {"model": m}
+        for d, v in sorted(per.items()):
+            row[f"{d} acc1"] = fmt_value("acc1", v["ood_acc"])
+            row[f"{d} ER"] = fmt_value("er", v["er"], sign=True)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mce_table(doc: dict) -> pd.DataFrame:
+    rows = []
+    for d, per in sorted((doc.get("mce") or {}).items()):
+        for m, v in sorted(per.items()):
+            rows.append({"dataset": d, "model": m, "baseline": v["baseline"],
+                         "mCE": fmt_value("mce", v["mce"]),
+                         "relative mCE": fmt_value("relative_mce", v.get("relative_mce"))})
+    return pd.DataFrame(rows)
+
+
+def analysis_tables(doc: dict, fmt: str = "table") -> list[tuple[str, str]]:
+    """(title, rendered table) of each non-empty part of an analysis (robench.analysis)."""
+    out = []
+    er = doc.get("effective_robustness") or {}
+    parts = [
+        ("paired deltas vs reference (model - reference) [95% paired-bootstrap interval], "
+         "McNemar exact p for acc1", comparison_table(doc)),
+        ("effective robustness (points; Taori et al. 2020): "
+         + "; ".join(f"{d}: {f['source']}, slope {f['slope']:.4f}, intercept "
+                     f"{f['intercept']:.4f}" for d, f in (er.get("fits") or {}).items()),
+         er_table(doc)),
+        ("mCE (%; Hendrycks & Dietterich 2019)", mce_table(doc)),
+    ]
+    for title, table in parts:
+        if len(table):
+            out.append((title, render_table(table, fmt, caption=title)))
     return out
 
 

@@ -373,7 +373,19 @@ class Runner:
         if self.world.distributed:
             echo(f"{who}{len(mine)} cell(s) scored; waiting for the other ranks")
         self.world.barrier()  # every record is written before anyone reads them back
+        if self.world.is_lead:  # one writer of the suite's analysis file
+            self.analyze()
+        self.world.barrier()
         return paths
+
+    def analyze(self) -> None:
+        """Cross-cell analyses of the suite's records (paired comparisons, effective
+        robustness, mCE, reliability bins) into ``<results_dir>/<suite>/analysis.json``."""
+        from robench.analysis import AnalysisSettings, analyze, summary_line
+
+        folder = Path(self.cfg.results_dir) / self.cfg.name
+        for path, doc in analyze(folder, AnalysisSettings.of(self.cfg.get("analysis"))):
+            echo(summary_line(path, doc))
 
     def group_datasets(self, names: list[str], datasets: list[str],
                        pending: set[tuple[str, str]]) -> list[str]:

@@ -36,8 +36,11 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
     r = run_cli(*_args(tmp_path, suite))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "results" / "mini"
-    recs = sorted(out.rglob("*.json"))
+    recs = sorted(p for p in out.rglob("*.json") if p.name != "analysis.json")
     assert len(recs) == 4
+    # beside the records: the suite's cross-cell analysis (robench.analysis), not a record
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["kind"] == "robench-analysis" and len(analysis["inputs"]) == 4
     rec = json.loads((out / "tiny-file" / "cifar10.json").read_text())
     assert rec["model"] == "tiny-file" and rec["dataset"] == "cifar10"
     for key in ("acc1", "acc1_ci_low", "acc1_ci_high", "acc5", "ece", "ece_ci_low",

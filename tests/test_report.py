@@ -257,14 +257,37 @@ def test_best_value_per_column_respects_direction(report: dict) -> None:
     best = {key: [r[0].text() for r in body_rows(table)
                   if "best" in r[header_keys(table).index(key)].classes]
             for key in header_keys(table)[2:]}
-    assert best["cifar10/acc1"] == [B16]  # higher is better
-    assert best["cifar10/ece"] == [B32]  # lower is better
+    assert best["cifar10/acc1"] == [B16]  # higher is better; [88, 92] clears [78, 82]
+    assert best["cifar10/ece"] == [B32]  # lower is better; [0.04, 0.06] clears [0.064, 0.096]
     assert best["cifar10/auroc"] == [B16]  # EVIL's null never wins
-    assert best["cifar10-v2/ood_auroc"] == [B16]
-    assert best["mean/acc1"] == [B16]
+    assert best["cifar10-v2/acc1"] == [B16]  # [76, 80] clears [68, 72]
+    # the samples cannot support a winner without intervals: none is marked
+    assert best["cifar10-v2/ood_auroc"] == []  # 0.70 vs 0.60, no interval recorded
+    assert best["mean/acc1"] == []  # a mean over datasets has no interval
     assert best["cifar10-c/ece"] == []  # every model ties: nothing to win
     # A column with a single value (the one-model suite) has no winner.
     assert not report["dom"].by_id("suite-quick-leaderboard").all("td", "best")
+
+
+def test_best_is_marked_only_when_the_intervals_do_not_overlap() -> None:
+    from robench.report.render import Cell, Column, Row, Table, mark_best
+
+    def table(*cells: tuple[float, float, float]) -> Table:
+        rows = [Row([f"m{i}"], [Cell(str(v), v, low=lo, high=hi)])
+                for i, (v, lo, hi) in enumerate(cells)]
+        return Table("t", [Column("model", numeric=False)], [Column("acc1", direction="higher")],
+                     rows)
+
+    clear = table((80, 78, 82), (70, 68, 72.5), (60, 58, 62))
+    mark_best(clear)
+    assert [r.cells[0].best for r in clear.rows] == [True, False, False]
+    overlap = table((80, 78, 82), (79, 77, 81), (60, 58, 62))  # the top two overlap
+    mark_best(overlap)
+    assert not any(r.cells[0].best for r in overlap.rows)
+    lower = table((0.05, 0.04, 0.06), (0.08, 0.07, 0.09))
+    lower.columns[0].direction = "lower"
+    mark_best(lower)
+    assert [r.cells[0].best for r in lower.rows] == [True, False]
 
 
 def test_null_metrics_and_missing_cells_show_a_dash(report: dict) -> None:
@@ -324,7 +347,9 @@ def test_corruption_severity_breakdown(report: dict) -> None:
 
 def test_charts_are_inline_svg_data_uris(report: dict) -> None:
     imgs = report["dom"].all("img")
-    assert len(imgs) == 3  # accuracy-vs-ECE scatter per suite + cifar10-c severity chart
+    # accuracy-vs-ECE scatter per suite + cifar10-c's severity chart and its two grids of small
+    # multiples (accuracy, ECE: one panel per corruption)
+    assert len(imgs) == 5
     for img in imgs:
         src = img.attrs["src"]
         assert src.startswith("data:image/svg+xml;base64,")
@@ -538,7 +563,7 @@ def test_report_in_headless_chromium(report: dict, tmp_path: Path) -> None:
             sizes = page.eval_on_selector_all(
                 "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight, "
                        "i.getBoundingClientRect().width, i.getBoundingClientRect().height])")
-            assert len(sizes) == 3
+            assert len(sizes) == 5
             for complete, nw, nh, w, h in sizes:
                 assert complete and nw > 0 and nh > 0 and w > 100 and h > 100
             # Wide tables scroll inside their box instead of widening the page.

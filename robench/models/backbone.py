@@ -164,7 +164,8 @@ def weights_identity(arch: str, pretrained: str | None, cache_dir: str | Path | 
         files = [Path(pretrained)]
     elif pretrained and (cfg := open_clip.get_pretrained_cfg(arch, pretrained)).get("file"):
         files = [Path(cfg["file"])]
-    ident: dict = {"arch": arch, "arch_cfg": open_clip.get_model_config(arch)}
+    ident: dict = {"arch": arch, "arch_cfg": None if arch.startswith(("timm:", "torchvision:"))
+                   else open_clip.get_model_config(arch)}
     if files:
         ident["files"] = {p.name: h for p, (_, h) in file_digests(files, cache_dir).items()}
     else:
@@ -266,6 +267,11 @@ def check_loadable(arch: str, pretrained: str | None, allow_download: bool = Fal
     """The architecture exists and the weights are at hand (unless downloads are allowed);
     returns ``pretrained`` with ``assets:`` resolved. Cheap: the runner calls it for every
     model before touching any data."""
+    from robench.models import zoo
+
+    if zoo.is_zoo(arch):  # timm / torchvision classifiers: a local file or nothing
+        zoo.check_loadable(arch, pretrained)
+        return pretrained
     if pretrained and pretrained.startswith("assets:"):  # weights shipped inside robench
         from robench.registry import ASSETS
 
@@ -285,6 +291,10 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
         raise RobenchError(f"unknown precision '{precision}'", "use fp32, fp16 or bf16")
     device = resolve_device(device)
     pretrained = check_loadable(arch, pretrained, allow_download)
+    from robench.models import zoo
+
+    if zoo.is_zoo(arch):
+        return zoo.load(arch, pretrained, device, precision, seed)
     model_name, tag = arch, pretrained
     if pretrained and pretrained.startswith(SCHEMAS):
         model_name, tag = pretrained, None  # open_clip reads schemas from the model name

@@ -25,7 +25,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Render the report for ``args.results`` into ``args.out``; print what was written."""
     from robench.report.render import render_report
 
-    index = render_report(args.results, args.out, title=args.title)
+    index = render_report(args.results, args.out, title=args.title, groups=args.groups)
     folder = index.parent
     print(f"wrote {index} (+ {folder / 'leaderboard.csv'}, {folder / 'leaderboard.md'}) "
           f"from the records in {args.results}")
@@ -44,6 +44,8 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"output folder for index.html and the tables (default: {DEFAULT_OUT})")
     p.add_argument("--title", default=None, help="page title (default: robench leaderboard)")
+    p.add_argument("--groups", action="store_true",
+                   help="leaderboard.csv: also one row per group of a -C record")
     p.set_defaults(func=cmd_report)
     return p
 

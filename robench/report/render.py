@@ -88,6 +88,9 @@ class Cell:
     interval: str = ""  # "[low, high]" or "" when the record has no interval
     best: bool = False
     title: str = ""  # tooltip
+    low: float | None = None  # the interval, also when it is not shown in the cell
+    high: float | None = None
+    significant: bool = False  # a delta whose interval excludes 0
 
     @property
     def sort_key(self) -> str:
@@ -151,6 +154,20 @@ class Breakdown:
     summary_note: str
     table: Table
     chart: Chart | None
+    grids: list[Chart] = field(default_factory=list)  # one small multiple per corruption
+
+
+@dataclass
+class AnalysisView:
+    """What the report shows of a suite's analysis.json."""
+
+    deltas: Table | None
+    reference_note: str
+    er_charts: list[Chart]
+    mce: Table | None
+    reliability: list[Chart]
+    notes: list[str]
+    stale: list[str]  # cells changed since the analysis was computed
 
 
 @dataclass
@@ -165,6 +182,7 @@ class SuiteView:
     breakdowns: list[Breakdown]
     common: list[tuple[str, str]]  # protocol/provenance fields equal in every cell
     varying: Table | None  # fields that differ, one row per cell
+    analysis: AnalysisView | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +241,19 @@ def load_records(results_dir: str | Path) -> list[dict]:
     return records
 
 
+def load_analyses(results_dir: str | Path) -> dict[str, dict]:
+    """``{suite: analysis}`` for the suites under ``results_dir`` that have an analysis.json
+    (robench.analysis) beside their model folders."""
+    from robench.analysis import read_analysis
+
+    out: dict[str, dict] = {}
+    for folder in sorted({p.parent.parent for p in find_records(results_dir)}):
+        doc = read_analysis(folder)
+        if doc is not None and isinstance(doc.get("suite"), str):
+            out[doc["suite"]] = doc
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Formatting helpers
 # --------------------------------------------------------------------------------------------
@@ -260,7 +291,7 @@ def metric_cell(metrics: dict, fmt: MetricFormat, note: str = "",
     if note:
         title += f"; {note}"
     return Cell(f"{v:.{fmt.digits}f}", v, interval=interval if show_interval else "",
-                title=title)
+                title=title, low=lo, high=hi)
 
 
 def describe_metric(key: str) -> str:
@@ -277,10 +308,16 @@ def metric_column(fmt: MetricFormat, label: str | None = None, key: str = "") ->
                   direction=info.direction if info else None, key=key or fmt.key)
 
 
+BEST_RULE = ("best value of its column whose 95% interval does not overlap the runner-up's; "
+             "a column without intervals (a mean over corruption groups) or whose two best "
+             "overlap marks nothing")
+
+
 def mark_best(table: Table, group_of: Callable[[Row], object] = lambda row: None) -> None:
     """Mark the best value of each scored column (by the metric's direction) within each group
-    of rows; ties for best are all marked. Nothing is marked where there is nothing to win: a
-    single value, or every value equal."""
+    of rows, only where the samples support it: the best cell's interval must clear the
+    runner-up's (higher is better: best low > runner-up high). Nothing is marked for a single
+    value, a tie for best, or a best or runner-up without an interval."""
     for j, col in enumerate(table.columns):
         if col.direction not in ("higher", "lower"):
             continue
@@ -289,14 +326,18 @@ def mark_best(table: Table, group_of: Callable[[Row], object] = lambda row: None
             if row.cells[j].value is not None:
                 groups[group_of(row)].append(row.cells[j])
         for cells in groups.values():
-            values = [c.value for c in cells if c.value is not None]
-            if len(set(values)) < 2:
+            if len(cells) < 2:
                 continue
-            best = (max if col.direction == "higher" else min)(values)
-            for c in cells:
-                if c.value == best:
-                    c.best = True
-                    c.title += "; best in column"
+            higher = col.direction == "higher"
+            ranked = sorted(cells, key=lambda c: -c.value if higher else c.value)
+            best, runner = ranked[0], ranked[1]
+            if best.value == runner.value or None in (best.low, best.high, runner.low,
+                                                      runner.high):
+                continue
+            clear = best.low > runner.high if higher else best.high < runner.low
+            if clear:
+                best.best = True
+                best.title += "; best in column, its interval clear of the runner-up's"
 
 
 def slug(text: str, taken: set[str]) -> str:
@@ -443,9 +484,15 @@ def model_order(models: Iterable[str], datasets: Sequence[str],
     return sorted(set(models), key=lambda m: (mean_acc(m) is None, -(mean_acc(m) or 0.0), m))
 
 
+ER_FORMAT = MetricFormat("er", "ER (pts)", 2)
+
+
 def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str],
-                      cells: dict[tuple[str, str], dict]) -> Table:
-    """Models x datasets, one band per dataset with acc1 / ECE / AUROC (/ OOD AUROC)."""
+                      cells: dict[tuple[str, str], dict], er: dict | None = None) -> Table:
+    """Models x datasets, one band per dataset with acc1 / ECE / AUROC (/ OOD AUROC), and the
+    effective robustness of a shifted dataset when the suite's analysis has a fit for it."""
+    er = er or {}
+    er_models = er.get("models") or {}
     columns: list[Column] = []
     bands: list[tuple[str, int]] = []
     plan: list[tuple[str | None, MetricFormat]] = []
@@ -460,9 +507,18 @@ def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str
         recs = [cells[(m, d)] for m in models if (m, d) in cells]
         fmts = [f for f in LEADERBOARD_METRICS
                 if f.key != "ood_auroc" or any("ood_auroc" in r["metrics"] for r in recs)]
+        if d in (er.get("fits") or {}):
+            fmts.append(ER_FORMAT)
         bands.append((d, len(fmts)))
         for f in fmts:
-            columns.append(metric_column(f, key=f"{d}/{f.key}"))
+            if f is ER_FORMAT:
+                fit = er["fits"][d]
+                columns.append(Column(f.label, key=f"{d}/er", direction="higher", title=(
+                    f"effective robustness: {d} acc1 minus the acc1 predicted from "
+                    f"{er.get('id_dataset')} acc1 by the logit-linear fit ({fit.get('source')}), "
+                    "in points (Taori et al. 2020)")))
+            else:
+                columns.append(metric_column(f, key=f"{d}/{f.key}"))
             plan.append((d, f))
     rows = []
     for m in models:
@@ -475,6 +531,11 @@ def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str
                 row_cells.append(metric_cell({"acc1": v}, f, f"mean over {len(datasets)} datasets")
                                  if v is not None else Cell(DASH, None, title="not every dataset "
                                                             "has an accuracy for this model"))
+            elif f is ER_FORMAT:
+                v = (er_models.get(m) or {}).get(d) or {}
+                row_cells.append(metric_cell({"er": v.get("er")}, f, (
+                    f"predicted {d} acc1 {v['predicted']:.2f}, observed {v['ood_acc']:.2f}"
+                    if number(v.get("predicted")) is not None else "")))
             elif (m, d) in cells:
                 rec = cells[(m, d)]
                 note = "mean over groups; a mean of intervals is not an interval" \
@@ -582,13 +643,22 @@ def breakdown_view(anchor: str, dataset: str, models: Sequence[str],
     numeric_sev = all(_severity_sort(s)[0] == 0 for s in sev)
     chart = severity_chart(dataset, list(recs), sev, curves, styles, mean_label) \
         if numeric_sev and len(sev) > 1 else None
+    grids = []
+    if numeric_sev and len(sev) > 1:
+        from robench.report.views import corruption_grid
+
+        for f in BREAKDOWN_METRICS:
+            per = {m: {c: [value(rec, f"{c}/{s}", f.key) for s in sev] for c in corruptions}
+                   for m, rec in recs.items()}
+            grids.append(corruption_grid(dataset, list(recs), corruptions, sev, per, styles,
+                                         f.key, f.label))
     note = (f"{len(corruptions)} corruptions x {len(sev)} severities; the headline numbers in "
             f"the leaderboard are the unweighted mean over {n_summary} corruptions x "
             f"{len(sev)} severities")
     if n_summary < len(corruptions):
         note += " (corruptions in grey are kept but not averaged)"
     n_groups = max(len(r["groups"]) for r in recs.values())
-    return Breakdown(dataset, n_groups, note + ".", table, chart)
+    return Breakdown(dataset, n_groups, note + ".", table, chart, grids)
 
 
 def _short(value: Any, n: int = 12) -> str:
@@ -700,7 +770,37 @@ def provenance_view(anchor: str, records: Sequence[dict], models: Sequence[str],
     return common, table
 
 
-def suite_view(name: str, records: list[dict], taken: set[str]) -> SuiteView:
+def analysis_view(anchor: str, name: str, doc: dict, models: Sequence[str],
+                  datasets: Sequence[str], cells: dict[tuple[str, str], dict],
+                  styles: dict[str, dict[str, Any]]) -> AnalysisView:
+    from robench.analysis import stale_cells
+    from robench.report import views
+
+    comps = doc.get("comparisons") or []
+    refs = sorted({c["reference"] for c in comps})
+    settings = doc.get("settings") or {}
+    how = (f"the suite's reference {settings['reference']}" if settings.get("reference") else
+           "each model's zero-shot counterpart (same backbone)")
+    note = (f"Each model against {how}: {', '.join(refs)}. " if refs else "") + (
+        "Deltas are model minus reference on the same samples (paired by sample id, or by row "
+        "after checking labels); intervals are 95% paired-bootstrap intervals (stratified by "
+        "corruption group for -C sets); a delta whose interval excludes 0 is shown in bold.")
+    er = doc.get("effective_robustness") or {}
+    er_charts = [c for d, fit in sorted((er.get("fits") or {}).items())
+                 if (c := views.er_chart(name, er["id_dataset"], d, fit, er.get("models") or {},
+                                         models, styles))]
+    rel = doc.get("reliability") or {}
+    reliability = [c for d in datasets if (c := views.reliability_chart(
+        d, models, {m: rel[m][d] for m in models if d in rel.get(m, {})},
+        {m: number(cells[(m, d)]["metrics"].get("ece")) for m in models if (m, d) in cells},
+        styles))]
+    return AnalysisView(views.delta_table(anchor, comps, models, datasets), note, er_charts,
+                        views.mce_view(anchor, doc.get("mce") or {}, models), reliability,
+                        [str(n) for n in doc.get("notes") or []], stale_cells(doc, cells))
+
+
+def suite_view(name: str, records: list[dict], taken: set[str],
+               analysis: dict | None = None) -> SuiteView:
     anchor = slug(f"suite-{name}", taken)
     cells = _by_cell(records)
     datasets = sorted({str(r["dataset"]) for r in records})
@@ -709,9 +809,12 @@ def suite_view(name: str, records: list[dict], taken: set[str]) -> SuiteView:
     breakdowns = [b for d in datasets
                   if (b := breakdown_view(slug(f"{anchor}-{d}", taken), d, models, cells, styles))]
     common, varying = provenance_view(anchor, records, models, datasets)
+    er = ((analysis or {}).get("effective_robustness") or {})
     return SuiteView(name, anchor, models, datasets, len(records),
-                     leaderboard_table(anchor, models, datasets, cells),
-                     scatter_chart(name, models, records, styles), breakdowns, common, varying)
+                     leaderboard_table(anchor, models, datasets, cells, er),
+                     scatter_chart(name, models, records, styles), breakdowns, common, varying,
+                     analysis_view(anchor, name, analysis, models, datasets, cells, styles)
+                     if analysis else None)
 
 
 def metric_definitions(records: Sequence[dict]) -> list[dict[str, str]]:
@@ -743,10 +846,11 @@ def metric_definitions(records: Sequence[dict]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def csv_frame(records: list[dict]) -> pd.DataFrame:
-    """Every metric of every cell, headline metrics and their intervals first."""
-    frame = to_frame(records)
-    lead = ["suite", "model", "dataset", "method", "n"]
+def csv_frame(records: list[dict], groups: bool = False) -> pd.DataFrame:
+    """Every metric of every cell, headline metrics and their intervals first; with ``groups``
+    also a row per group of a -C record (column ``group``, "" on the headline row)."""
+    frame = to_frame(records, groups=groups)
+    lead = ["suite", "model", "dataset"] + (["group"] if groups else []) + ["method", "n"]
     first = [c for k in HEADLINE for c in (k, f"{k}_ci_low", f"{k}_ci_high") if c in frame]
     rest = sorted(c for c in frame if c not in lead and c not in first)
     return frame[lead + first + rest]
@@ -756,7 +860,8 @@ def _md_escape(text: str) -> str:
     return text.replace("|", r"\|")
 
 
-def markdown(suites: Sequence[SuiteView], records: list[dict], title: str) -> str:
+def markdown(suites: Sequence[SuiteView], records: list[dict], title: str,
+             analyses: dict[str, dict] | None = None) -> str:
     """Per suite, one row per cell with the headline metrics as shown in the HTML."""
     by_suite: dict[str, dict[tuple[str, str], dict]] = defaultdict(dict)
     for r in records:
@@ -780,6 +885,12 @@ def markdown(suites: Sequence[SuiteView], records: list[dict], title: str) -> st
                 rows.append(row)
         parts += [f"## {_md_escape(s.name)}", "",
                   pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+        doc = (analyses or {}).get(s.name)
+        if doc:
+            from robench.results import analysis_tables
+
+            for heading, table in analysis_tables(doc, "md"):
+                parts += [f"### {_md_escape(heading)}", "", table, ""]
     parts += ["Intervals: acc1 Clopper-Pearson, ECE and AUROC seeded percentile bootstrap. "
               f"{DASH} = undefined (null in the record). Datasets with groups (-C sets) show the "
               "mean over groups, without an interval. Full numbers: leaderboard.csv.", ""]
@@ -806,7 +917,8 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
-def render_report(results_dir: str | Path, out_dir: str | Path, title: str | None = None) -> Path:
+def render_report(results_dir: str | Path, out_dir: str | Path, title: str | None = None,
+                  groups: bool = False) -> Path:
     """Render ``index.html``, ``leaderboard.csv`` and ``leaderboard.md`` from the records under
     ``results_dir`` into ``out_dir`` (created if needed); return the path of ``index.html``.
 
@@ -814,21 +926,24 @@ def render_report(results_dir: str | Path, out_dir: str | Path, title: str | Non
     cannot be read.
     """
     records = load_records(results_dir)
+    analyses = load_analyses(results_dir)
     title = title or DEFAULT_TITLE
     by_suite: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_suite[str(r["suite"])].append(r)
     taken: set[str] = {"metrics", "top"}
-    suites = [suite_view(name, by_suite[name], taken) for name in sorted(by_suite)]
+    suites = [suite_view(name, by_suite[name], taken, analyses.get(name))
+              for name in sorted(by_suite)]
     created = sorted(str(r["created"]) for r in records if r.get("created"))
     html = _environment().get_template("leaderboard.html.j2").render(
         title=title, suites=suites, metrics=metric_definitions(records), dash=DASH,
+        best_rule=BEST_RULE,
         source=str(results_dir), n_records=len(records),
         latest=created[-1] if created else None, version=robench.__version__)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "leaderboard.csv", csv_frame(records).to_csv(index=False))
-    _write_text(out / "leaderboard.md", markdown(suites, records, title))
+    _write_text(out / "leaderboard.csv", csv_frame(records, groups).to_csv(index=False))
+    _write_text(out / "leaderboard.md", markdown(suites, records, title, analyses))
     index = out / "index.html"
     _write_text(index, html)  # last: an index.html on disk implies its companions are there
     return index

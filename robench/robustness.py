@@ -1,0 +1,211 @@
+"""Effective robustness (Taori et al. 2020) and mean Corruption Error (Hendrycks & Dietterich
+2019), from headline and per-group accuracies of result records.
+
+Effective robustness. With ``logit(a) = ln(a / (1 - a))`` of an accuracy ``a`` as a fraction,
+fit ``logit(OOD acc) = slope * logit(ID acc) + intercept`` by least squares over a reference set
+of models; a model's effective robustness is ``OOD acc - sigmoid(slope * logit(ID acc) +
+intercept)`` in percentage points: how much better (or worse) it does under the shift than its
+in-distribution accuracy predicts. Reference: R. Taori, A. Dave, V. Shankar, N. Carlini,
+B. Recht, L. Schmidt, "Measuring Robustness to Natural Distribution Shifts in Image
+Classification", NeurIPS 2020; Radford et al. 2021 (CLIP), fig. 13. The reference set is named in
+the suite (models of the run) or a fit is read from a coefficients file that carries its source;
+robench ships no coefficients, because no published table of fit coefficients could be sourced
+exactly here.
+
+mCE. For a model f and corruption c with top-1 errors ``E_{s,c}`` over severities s:
+``CE_c = sum_s E_{s,c}^f / sum_s E_{s,c}^base`` and ``mCE = mean_c CE_c`` (in %, 100 = the
+baseline); relative ``CE_c = sum_s (E_{s,c}^f - E_clean^f) / sum_s (E_{s,c}^base -
+E_clean^base)`` and relative mCE its mean. The baseline is AlexNet for ImageNet-C (its errors are
+shipped in ``data/metadata/mce_baselines.json`` with their source) or any model of the suite.
+Reference: D. Hendrycks and T. Dietterich, "Benchmarking Neural Network Robustness to Common
+Corruptions and Perturbations", ICLR 2019, section 4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from robench.errors import RobenchError
+
+
+def logit(acc_percent: float) -> float:
+    """``ln(a / (1 - a))`` of an accuracy given in percent; +-inf at 0 and 100."""
+    a = acc_percent / 100.0
+    if a <= 0.0:
+        return -math.inf
+    if a >= 1.0:
+        return math.inf
+    return math.log(a / (1.0 - a))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass
+class LogitFit:
+    """``logit(OOD) = slope * logit(ID) + intercept``, with where it came from."""
+
+    slope: float
+    intercept: float
+    id_dataset: str
+    ood_dataset: str
+    source: str  # "fit over N models of the suite: ..." or the coefficients file's source
+    reference: list[str]  # the models the fit is over ([] for shipped coefficients)
+    n: int
+    r2: float | None = None
+
+    def predict(self, id_acc: float) -> float:
+        """Predicted OOD accuracy (%) for an ID accuracy (%)."""
+        return 100.0 * sigmoid(self.slope * logit(id_acc) + self.intercept)
+
+    def effective_robustness(self, id_acc: float, ood_acc: float) -> float | None:
+        """OOD accuracy minus the prediction, in points (None at an ID accuracy of 0 or 100)."""
+        if not math.isfinite(logit(id_acc)):
+            return None
+        return ood_acc - self.predict(id_acc)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_logit_linear(points: Mapping[str, tuple[float, float]], id_dataset: str,
+                     ood_dataset: str) -> LogitFit:
+    """Least-squares fit of logit(OOD acc) on logit(ID acc) over ``{model: (id_acc, ood_acc)}``
+    (percent). Models at 0 or 100% on either side have no finite logit and are refused."""
+    bad = [m for m, (x, y) in points.items()
+           if not (math.isfinite(logit(x)) and math.isfinite(logit(y)))]
+    if bad:
+        raise RobenchError(
+            f"effective robustness {id_dataset} -> {ood_dataset}: {', '.join(sorted(bad))} "
+            "have an accuracy of 0 or 100%, whose logit is infinite",
+            "leave those models out of the reference set (analysis.er_reference)")
+    xs = np.array([logit(x) for x, _ in points.values()])
+    ys = np.array([logit(y) for _, y in points.values()])
+    if len(xs) < 2 or np.ptp(xs) == 0:
+        raise RobenchError(
+            f"effective robustness {id_dataset} -> {ood_dataset}: a line needs at least 2 "
+            f"reference models with different {id_dataset} accuracies, got {len(xs)}",
+            "name more models in analysis.er_reference (or 'all' for every model of the run)")
+    slope, intercept = np.polyfit(xs, ys, 1)
+    resid = ys - (slope * xs + intercept)
+    ss_tot = float(((ys - ys.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else None
+    names = sorted(points)
+    return LogitFit(float(slope), float(intercept), id_dataset, ood_dataset,
+                    f"least-squares fit over {len(names)} models of the suite", names,
+                    len(names), r2)
+
+
+def load_fits(path: str | Path) -> list[LogitFit]:
+    """Shipped or user coefficients: a JSON/YAML list of ``{id_dataset, ood_dataset, slope,
+    intercept, source}`` (``source`` is required: a fit without provenance is not a reference)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RobenchError(f"cannot read effective-robustness coefficients {p}: {e}",
+                           "point analysis.er_fits at a readable JSON/YAML file") from e
+    entries = raw.get("fits") if isinstance(raw, dict) else raw
+    if not isinstance(entries, list):
+        raise RobenchError(f"{p}: expected a list of fits (or {{fits: [...]}})",
+                           "write each fit as {id_dataset, ood_dataset, slope, intercept, source}")
+    fits = []
+    for i, e in enumerate(entries):
+        keys = ("id_dataset", "ood_dataset", "slope", "intercept", "source")
+        missing = [k for k in keys if not isinstance(e, dict) or e.get(k) in (None, "")]
+        if missing:
+            raise RobenchError(f"{p}: fit {i} lacks {', '.join(missing)}",
+                               "give every fit id_dataset, ood_dataset, slope, intercept and the "
+                               "source of the numbers")
+        fits.append(LogitFit(float(e["slope"]), float(e["intercept"]), str(e["id_dataset"]),
+                             str(e["ood_dataset"]), f"{e['source']} (from {p.name})", [],
+                             int(e.get("n", 0)), e.get("r2")))
+    return fits
+
+
+# --------------------------------------------------------------------------------------------
+# mCE
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorruptionBaseline:
+    """Per-corruption mean error (fraction) of the normalising model, and its clean error."""
+
+    name: str
+    corruption_error: dict[str, float]
+    clean_error: float | None
+    source: str
+
+
+def shipped_baselines() -> dict[str, dict]:
+    text = resources.files("robench.data").joinpath("metadata/mce_baselines.json").read_text()
+    return json.loads(text)
+
+
+def shipped_baseline(name: str, dataset: str) -> CorruptionBaseline | None:
+    """The shipped baseline ``name`` if it applies to ``dataset`` (AlexNet: ImageNet-C only)."""
+    entry = shipped_baselines().get(name)
+    if entry is None or dataset not in entry["datasets"]:
+        return None
+    return CorruptionBaseline(name, dict(entry["corruption_error"]), entry.get("clean_error"),
+                              f"{entry['corruption_error_source']} Clean error: "
+                              f"{entry['clean_error_source']}")
+
+
+def corruption_errors(groups: Mapping[str, Mapping], summary: Sequence[str]
+                      ) -> dict[str, list[float]]:
+    """``{corruption: [top-1 error (fraction) per severity]}`` of the headline's groups
+    (``"<corruption>/<severity>"``), severities in ascending order."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for g in summary:
+        name, _, sev = str(g).rpartition("/")
+        acc = (groups.get(g) or {}).get("acc1")
+        if not name or acc is None:
+            continue
+        out.setdefault(name, []).append((float(sev) if sev.replace(".", "").isdigit() else 0.0,
+                                         1.0 - float(acc) / 100.0))
+    return {c: [e for _, e in sorted(v)] for c, v in out.items()}
+
+
+def baseline_from_model(name: str, groups: Mapping[str, Mapping], summary: Sequence[str],
+                        clean_acc: float | None) -> CorruptionBaseline:
+    errs = corruption_errors(groups, summary)
+    return CorruptionBaseline(name, {c: float(np.mean(v)) for c, v in errs.items()},
+                              None if clean_acc is None else 1.0 - clean_acc / 100.0,
+                              f"model {name} of this suite, from its records")
+
+
+def mce(errors: Mapping[str, Sequence[float]], clean_error: float | None,
+        baseline: CorruptionBaseline) -> dict:
+    """mCE and relative mCE (%, see the module docstring) over the corruptions both sides have;
+    a corruption of the model missing from the baseline is an error (it would bias the mean)."""
+    missing = sorted(set(errors) - set(baseline.corruption_error))
+    if missing:
+        raise RobenchError(f"mCE: baseline {baseline.name} has no error for {', '.join(missing)}",
+                           "use a baseline that covers the headline's corruptions "
+                           "(analysis.mce_baseline)")
+    ce, rel = {}, {}
+    for c, errs in errors.items():
+        base = baseline.corruption_error[c]
+        ce[c] = 100.0 * float(np.mean(errs)) / base if base > 0 else math.nan
+        if clean_error is not None and baseline.clean_error is not None:
+            denom = base - baseline.clean_error
+            rel[c] = 100.0 * (float(np.mean(errs)) - clean_error) / denom if denom != 0 \
+                else math.nan
+    out = {"baseline": baseline.name, "baseline_source": baseline.source,
+           "n_corruptions": len(ce), "mce": float(np.mean(list(ce.values()))), "ce": ce}
+    if rel:
+        out.update(relative_mce=float(np.mean(list(rel.values()))), relative_ce=rel,
+                   clean_error=clean_error)
+    return out

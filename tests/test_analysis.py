@@ -1,0 +1,251 @@
+"""Effective robustness, mCE and the suite analysis (analysis.json) built from real records: the
+committed quickstart records and their per-sample outputs, copied to a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robench.analysis import AnalysisSettings, analyze, read_analysis, stale_cells, suites_under
+from robench.cli import main
+from robench.data.corruptions import STANDARD_CORRUPTIONS
+from robench.errors import RobenchError
+from robench.results import ANALYSIS_FILE, find_records, read_record, record_path
+from robench.robustness import (
+    CorruptionBaseline,
+    fit_logit_linear,
+    load_fits,
+    logit,
+    mce,
+    shipped_baseline,
+    sigmoid,
+)
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "results" / "quickstart"
+MODELS = ("tiny-clip-cifar10", "tiny-clip-ts", "tiny-clip-lp-clip", "tiny-clip-wise-ft-a0.5")
+ID, OOD = "cifar10-subset-test", "cifar10-subset-test-c"
+
+# --------------------------------------------------------------------------------------------
+# Effective robustness
+# --------------------------------------------------------------------------------------------
+
+
+def test_logit_linear_fit_recovers_the_line_and_er_is_the_residual() -> None:
+    slope, intercept = 0.8, -0.7
+    ids = [40.0, 55.0, 70.0, 85.0]
+    points = {f"m{i}": (x, 100 * sigmoid(slope * logit(x) + intercept)) for i, x in enumerate(ids)}
+    fit = fit_logit_linear(points, "id", "ood")
+    assert fit.slope == pytest.approx(slope) and fit.intercept == pytest.approx(intercept)
+    assert fit.r2 == pytest.approx(1.0) and fit.n == 4 and fit.reference == sorted(points)
+    x = 60.0
+    on_line = 100 * sigmoid(slope * math.log(0.6 / 0.4) + intercept)
+    assert fit.predict(x) == pytest.approx(on_line)
+    assert fit.effective_robustness(x, on_line + 3.0) == pytest.approx(3.0)
+    assert fit.effective_robustness(100.0, 50.0) is None  # no finite logit
+
+
+def test_fit_needs_two_distinct_finite_points() -> None:
+    with pytest.raises(RobenchError, match="at least 2"):
+        fit_logit_linear({"a": (50.0, 30.0)}, "id", "ood")
+    with pytest.raises(RobenchError, match="at least 2"):
+        fit_logit_linear({"a": (50.0, 30.0), "b": (50.0, 31.0)}, "id", "ood")
+    with pytest.raises(RobenchError, match="0 or 100%"):
+        fit_logit_linear({"a": (50.0, 0.0), "b": (60.0, 30.0)}, "id", "ood")
+
+
+def test_coefficients_files_need_their_source(tmp_path: Path) -> None:
+    good = tmp_path / "fits.yaml"
+    good.write_text("fits:\n  - {id_dataset: imagenet, ood_dataset: imagenet-r, slope: 0.9,\n"
+                    "     intercept: -1.2, source: 'my fit over 40 ResNets, runs/x'}\n")
+    [fit] = load_fits(good)
+    assert fit.slope == 0.9 and "my fit over 40 ResNets" in fit.source and fit.reference == []
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id_dataset": "a", "ood_dataset": "b", "slope": 1,
+                                "intercept": 0}]))
+    with pytest.raises(RobenchError, match="lacks source"):
+        load_fits(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# mCE
+# --------------------------------------------------------------------------------------------
+
+
+def test_shipped_alexnet_errors_cover_the_15_standard_corruptions() -> None:
+    base = shipped_baseline("alexnet", "imagenet-c")
+    assert base is not None and set(base.corruption_error) == set(STANDARD_CORRUPTIONS)
+    assert base.corruption_error["gaussian_noise"] == 0.886428
+    assert base.corruption_error["brightness"] == 0.564592
+    assert "augmix" in base.source and "torchvision" in base.source
+    assert shipped_baseline("alexnet", "cifar10-c") is None  # published for ImageNet-C only
+    # AlexNet against itself: 100 everywhere
+    errs = {c: [e] * 5 for c, e in base.corruption_error.items()}
+    res = mce(errs, base.clean_error, base)
+    assert res["mce"] == pytest.approx(100.0) and res["relative_mce"] == pytest.approx(100.0)
+
+
+def test_mce_and_relative_mce_formulas() -> None:
+    base = CorruptionBaseline("b", {"fog": 0.5, "snow": 0.8}, 0.4, "test")
+    errs = {"fog": [0.2, 0.3, 0.4], "snow": [0.4, 0.4, 0.4]}
+    res = mce(errs, 0.1, base)
+    assert res["ce"]["fog"] == pytest.approx(100 * 0.3 / 0.5)
+    assert res["ce"]["snow"] == pytest.approx(100 * 0.4 / 0.8)
+    assert res["mce"] == pytest.approx((60 + 50) / 2)
+    assert res["relative_ce"]["fog"] == pytest.approx(100 * (0.3 - 0.1) / (0.5 - 0.4))
+    assert res["relative_mce"] == pytest.approx((200 + 100 * 0.3 / 0.4) / 2)
+    with pytest.raises(RobenchError, match="no error for frost"):
+        mce({"frost": [0.5]}, None, base)
+    assert "relative_mce" not in mce(errs, None, base)  # no clean error: no relative mCE
+
+
+# --------------------------------------------------------------------------------------------
+# The suite analysis on real records
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four quickstart models (zero-shot, temperature scaling, LP-CLIP, WiSE-FT 0.5)."""
+    root = tmp_path_factory.mktemp("results")
+    for m in MODELS:
+        shutil.copytree(QUICKSTART / m, root / "quickstart" / m)
+    return root
+
+
+@pytest.fixture(scope="module")
+def analysis(results: Path) -> dict:
+    [(path, doc)] = analyze(results, AnalysisSettings(er_reference="all",
+                                                      mce_baseline="tiny-clip-cifar10",
+                                                      bootstrap=100))
+    assert path == results / "quickstart" / ANALYSIS_FILE
+    return doc
+
+
+def test_every_method_is_compared_with_zero_shot_of_its_backbone(analysis: dict,
+                                                                 results: Path) -> None:
+    rows = {(c["model"], c["dataset"]): c for c in analysis["comparisons"]}
+    assert set(rows) == {(m, d) for m in MODELS[1:] for d in (ID, OOD)}
+    assert {c["reference"] for c in rows.values()} == {"tiny-clip-cifar10"}
+    recs = {(m, d): read_record(results / "quickstart" / m / f"{d}.json")
+            for m in MODELS for d in (ID, OOD)}
+    for (m, d), c in rows.items():
+        for k, delta in c["delta"].items():  # the point is the records' own difference
+            want = recs[(m, d)]["metrics"][k] - recs[("tiny-clip-cifar10", d)]["metrics"][k]
+            assert delta["value"] == pytest.approx(want, abs=1e-9), (m, d, k)
+            assert delta["ci_low"] <= delta["value"] <= delta["ci_high"], (m, d, k)
+    assert rows[("tiny-clip-lp-clip", ID)]["pairing"] == "sample_id"  # shipped JPEG paths
+    assert rows[("tiny-clip-lp-clip", OOD)]["pairing"] == "row index"  # generated -C arrays
+    assert rows[("tiny-clip-lp-clip", OOD)]["n_paired"] == 37500
+    assert "ood_auroc" in rows[("tiny-clip-lp-clip", OOD)]["delta"]
+    # temperature scaling never changes a prediction: no discordant pair, a zero-width interval
+    ts = rows[("tiny-clip-ts", ID)]
+    assert ts["mcnemar"]["n_discordant"] == 0 and ts["mcnemar"]["p_value"] == 1.0
+    assert ts["delta"]["acc1"]["ci_low"] == ts["delta"]["acc1"]["ci_high"] == 0.0
+    assert ts["delta"]["ece"]["value"] < 0  # ...but it calibrates
+
+
+def test_effective_robustness_over_the_named_reference_set(analysis: dict) -> None:
+    er = analysis["effective_robustness"]
+    assert er["id_dataset"] == ID and set(er["fits"]) == {OOD}
+    fit = er["fits"][OOD]
+    assert fit["reference"] == sorted(MODELS) and fit["n"] == 4
+    xs = [logit(er["models"][m][OOD]["id_acc"]) for m in MODELS]
+    ys = [logit(er["models"][m][OOD]["ood_acc"]) for m in MODELS]
+    slope, intercept = np.polyfit(xs, ys, 1)
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    for m in MODELS:
+        v = er["models"][m][OOD]
+        assert v["er"] == pytest.approx(v["ood_acc"] - 100 * sigmoid(slope * logit(v["id_acc"])
+                                                                    + intercept))
+    # residuals of a least-squares line in logit space sum to zero there
+    assert sum(logit(er["models"][m][OOD]["ood_acc"]) - logit(er["models"][m][OOD]["predicted"])
+               for m in MODELS) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mce_against_a_model_of_the_suite(analysis: dict) -> None:
+    table = analysis["mce"][OOD]
+    assert table["tiny-clip-cifar10"]["mce"] == pytest.approx(100.0)
+    assert table["tiny-clip-ts"]["mce"] == pytest.approx(100.0)  # same predictions
+    assert table["tiny-clip-lp-clip"]["n_corruptions"] == 15
+    assert "relative_mce" in table["tiny-clip-lp-clip"]
+
+
+def test_reliability_bins_reproduce_the_records_ece(analysis: dict, results: Path) -> None:
+    for m in MODELS:
+        for d in (ID, OOD):
+            b = analysis["reliability"][m][d]
+            assert b["n_bins"] == 15 and len(b["count"]) == 15
+            n = sum(b["count"])
+            assert n == (2000 if d == ID else 37500)
+            if d == ID:  # one pool of samples: ECE is the weighted gap of the bins
+                ece = sum(c * abs(a - f) for c, a, f in zip(b["count"], b["accuracy"],
+                                                            b["confidence"], strict=True)
+                          if c) / n
+                rec = read_record(results / "quickstart" / m / f"{d}.json")
+                assert ece == pytest.approx(rec["metrics"]["ece"], abs=1e-12)
+
+
+def test_analysis_is_not_a_record_and_knows_when_it_is_stale(analysis: dict,
+                                                            results: Path) -> None:
+    assert all(p.name != ANALYSIS_FILE for p in find_records(results))
+    [suite] = suites_under(results)
+    assert stale_cells(analysis, suite.records) == []
+    changed = dict(suite.records)
+    changed[("tiny-clip-ts", ID)] = {**changed[("tiny-clip-ts", ID)], "cell_key": "new"}
+    assert stale_cells(analysis, changed) == ["tiny-clip-ts/cifar10-subset-test"]
+    rescored = dict(suite.records)  # robench rescore --n-bins 20: same cell key, other metrics
+    rec = rescored[("tiny-clip-ts", OOD)]
+    rescored[("tiny-clip-ts", OOD)] = {**rec, "rescored": "2026-01-01T00:00:00Z",
+                                       "protocol": {**rec["protocol"], "ece_bins": 20}}
+    assert stale_cells(analysis, rescored) == ["tiny-clip-ts/cifar10-subset-test-c"]
+    assert read_analysis(results / "quickstart")["settings"]["er_reference"] == "all"
+    # an up-to-date analysis is kept as it is (a warm run pays nothing for it)
+    [(_, again)] = analyze(results)
+    assert again["created"] == analysis["created"] and again == read_analysis(
+        results / "quickstart")
+    with pytest.raises(RobenchError, match="reserved"):
+        record_path(results, "quickstart", "m", "analysis")
+
+
+def test_bad_settings_are_refused(results: Path) -> None:
+    with pytest.raises(RobenchError, match="not a model of suite quickstart"):
+        analyze(results, AnalysisSettings(reference="nope"))
+    with pytest.raises(RobenchError, match="er_reference names nope"):
+        analyze(results, AnalysisSettings(er_reference=["nope"]))
+    with pytest.raises(RobenchError, match="mce_baseline=nope"):
+        analyze(results, AnalysisSettings(mce_baseline="nope"))
+
+
+def test_cli_analyze_keeps_the_stored_settings_and_prints_tables(
+        results: Path, analysis: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "--dir", str(results), "--format", "md"]) == 0
+    out = capsys.readouterr().out
+    assert "paired deltas vs reference" in out and "effective robustness" in out
+    assert "| tiny-clip-lp-clip" in out and "mCE" in out
+    # an explicit reference replaces the default; the stored ER / mCE settings stay
+    assert main(["analyze", "--dir", str(results), "--reference", "tiny-clip-ts",
+                 "--bootstrap", "20"]) == 0
+    capsys.readouterr()
+    doc = read_analysis(results / "quickstart")
+    assert {c["reference"] for c in doc["comparisons"]} == {"tiny-clip-ts"}
+    assert doc["settings"]["er_reference"] == "all" and doc["effective_robustness"]
+    assert main(["analyze", "--dir", str(results), "--reference", "nope"]) == 2
+    assert "not a model of suite" in capsys.readouterr().err
+
+
+def test_an_in_place_rescore_makes_the_analysis_stale_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "results"
+    shutil.copytree(QUICKSTART / "tiny-clip-ts", root / "quickstart" / "tiny-clip-ts")
+    analyze(root, AnalysisSettings(bootstrap=0))
+    assert main(["rescore", "--dir", str(root), "--n-bins", "10", "--bootstrap", "0"]) == 0
+    assert "analysis.json is now stale" in capsys.readouterr().out
+    [suite] = suites_under(root)
+    assert len(stale_cells(read_analysis(root / "quickstart"), suite.records)) == 2
+    [(_, doc)] = analyze(root)  # recomputed with the records' new bins
+    assert doc["reliability"]["tiny-clip-ts"][ID]["n_bins"] == 10

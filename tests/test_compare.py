@@ -1,0 +1,163 @@
+"""Paired comparisons (robench.compare): pairing by identity, point deltas equal to the records'
+own metric differences, the paired bootstrap against a naive loop, McNemar against statsmodels,
+and the effect pairing has on the interval."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import robench.metrics as M  # noqa: N812
+from robench.compare import compare_cells, mcnemar_exact, pair_samples, paired_bootstrap
+from robench.errors import RobenchError
+from robench.scoring import CellOutputs, cell_metrics
+
+N, C = 600, 10
+
+
+def outputs(logits: np.ndarray, labels: np.ndarray, *, ids: list[str] | None = None,
+            groups: list[str] | None = None, id_conf: np.ndarray | None = None,
+            valid: np.ndarray | None = None) -> CellOutputs:
+    n = len(labels)
+    group = np.full(n, -1, np.int32)
+    if groups:
+        group = (np.arange(n) % len(groups)).astype(np.int32)
+    return CellOutputs(samples=M.sample_outputs(logits.astype(np.float32), labels),
+                       label=labels.astype(np.int64), target=labels.astype(np.int32),
+                       valid=np.ones(n, bool) if valid is None else valid, group=group,
+                       group_names=list(groups or []), scored_classes=None,
+                       sample_ids=None if ids is None else np.char.encode(np.asarray(ids), "utf-8"),
+                       ood_id_conf=id_conf)
+
+
+def pair_of_models(seed: int = 0, n: int = N, shift: float = 0.3):
+    """Two correlated models on the same samples (the second a noisier copy of the first)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, n)
+    base = rng.normal(size=(n, C)) * 2
+    base[np.arange(n), labels] += 2.0
+    other = base + rng.normal(size=(n, C)) * shift
+    return labels, base, other
+
+
+def headline(out: CellOutputs, groups: list[str] | None = None) -> dict:
+    return cell_metrics(out, groups, n_bins=15, n_bootstrap=0, seed=0, alpha=0.05)[0]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_point_deltas_equal_the_difference_of_the_records_metrics(grouped: bool) -> None:
+    labels, a_logits, b_logits = pair_of_models()
+    groups = ["fog/1", "fog/2", "snow/1"] if grouped else None
+    rng = np.random.default_rng(5)
+    id_a, id_b = rng.uniform(0.2, 1, 300), rng.uniform(0.2, 1, 300)
+    a = outputs(a_logits, labels, groups=groups, id_conf=id_a)
+    b = outputs(b_logits, labels, groups=groups, id_conf=id_b)
+    summary = groups[:2] if grouped else None  # snow/1 kept but not in the headline
+    res = compare_cells(a, b, summary_groups=summary, n_bins=15, n_bootstrap=50, seed=0,
+                        alpha=0.05)
+    ha, hb = headline(a, summary), headline(b, summary)
+    assert set(res["delta"]) == {"acc1", "acc5", "ece", "auroc", "nll", "brier", "ood_auroc"}
+    for k, d in res["delta"].items():
+        assert d["value"] == pytest.approx(ha[k] - hb[k], abs=1e-12), k
+        assert d["ci_low"] <= d["value"] <= d["ci_high"], k
+    assert res["n_paired"] == N and res["pairing"] == "row index"
+    assert res["n_groups"] == (2 if grouped else None)
+
+
+def test_paired_bootstrap_matches_a_naive_loop() -> None:
+    """Replicate r scores both models on the same multiset, drawn per group as documented."""
+    labels, a_logits, b_logits = pair_of_models(1, n=300)
+    groups = ["fog/1", "fog/2"]
+    a, b = outputs(a_logits, labels, groups=groups), outputs(b_logits, labels, groups=groups)
+    _, reps, _ = paired_bootstrap(a, b, summary_groups=groups, n_bins=15, n_bootstrap=4, seed=7)
+    rng = np.random.default_rng(np.random.SeedSequence(7))
+    members = [np.flatnonzero(a.group == g) for g in range(2)]
+    for r in range(4):
+        draws = [m[rng.integers(0, m.size, m.size)] for m in members]
+        per = [[M.metrics_from_outputs(o.samples.take(d), n_bootstrap=0) for d in draws]
+               for o in (a, b)]
+        for k in ("acc1", "acc5", "ece", "auroc", "nll", "brier"):
+            want = np.mean([p[k] for p in per[0]]) - np.mean([p[k] for p in per[1]])
+            assert reps[k][r] == pytest.approx(want, abs=1e-12), (k, r)
+
+
+def test_pairing_shrinks_the_interval_of_a_small_real_difference() -> None:
+    """Model B = model A with 6 of 1000 wrong answers fixed: +0.6 points, far inside either
+    model's own Clopper-Pearson interval (+-3 points), yet the paired interval excludes 0."""
+    rng = np.random.default_rng(2)
+    n = 1000
+    labels = rng.integers(0, C, n)
+    a = rng.normal(size=(n, C))
+    a[np.arange(n), labels] += 1.5  # about half right
+    wrong = np.flatnonzero(a.argmax(1) != labels)[:6]
+    b = a.copy()
+    b[wrong, labels[wrong]] = a[wrong].max(1) + 1.0
+    res = compare_cells(outputs(b, labels), outputs(a, labels), summary_groups=None, n_bins=15,
+                        n_bootstrap=300, seed=0, alpha=0.05)
+    d = res["delta"]["acc1"]
+    assert d["value"] == pytest.approx(0.6)
+    assert 0 < d["ci_low"] <= 0.6 <= d["ci_high"] < 1.5
+    lo, hi = M.clopper_pearson(int((a.argmax(1) == labels).sum()), n)
+    assert hi - lo > 5  # each model alone: about 6 points wide
+    assert res["mcnemar"]["model_only_correct"] == 6
+    assert res["mcnemar"]["reference_only_correct"] == 0
+    assert res["mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 6)
+
+
+def test_mcnemar_exact_matches_statsmodels() -> None:
+    sm = pytest.importorskip("statsmodels.stats.contingency_tables")
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(5, 200))
+        m, r = rng.random(n) < rng.random(), rng.random(n) < rng.random()
+        res = mcnemar_exact(m, r)
+        table = [[np.sum(m & r), np.sum(~m & r)], [np.sum(m & ~r), np.sum(~m & ~r)]]
+        want = sm.mcnemar(table, exact=True).pvalue
+        assert res["p_value"] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert mcnemar_exact(np.ones(4, bool), np.ones(4, bool))["p_value"] == 1.0  # no discordance
+
+
+def test_samples_are_paired_by_id_whatever_the_order() -> None:
+    labels, a_logits, b_logits = pair_of_models(4, n=200)
+    ids = [f"img/{i:04d}.jpg" for i in range(200)]
+    perm = np.random.default_rng(0).permutation(200)
+    a = outputs(a_logits, labels, ids=ids)
+    b_sorted = outputs(b_logits, labels, ids=ids)
+    b_shuffled = outputs(b_logits[perm], labels[perm], ids=[ids[i] for i in perm])
+    p = pair_samples(a, b_shuffled)
+    assert p.how == "sample_id"
+    assert np.array_equal(perm[p.b_rows], p.a_rows)
+    kw = {"summary_groups": None, "n_bins": 15, "n_bootstrap": 20, "seed": 0, "alpha": 0.05}
+    one, two = compare_cells(a, b_sorted, **kw), compare_cells(a, b_shuffled, **kw)
+    for k in one["delta"]:
+        assert one["delta"][k]["value"] == pytest.approx(two["delta"][k]["value"], abs=1e-12)
+    assert one["mcnemar"] == two["mcnemar"]
+
+
+def test_undecodable_samples_are_left_out_of_both_sides() -> None:
+    labels, a_logits, b_logits = pair_of_models(5, n=100)
+    valid = np.ones(100, bool)
+    valid[[3, 50]] = False
+    res = compare_cells(outputs(a_logits, labels, valid=valid), outputs(b_logits, labels),
+                        summary_groups=None, n_bins=15, n_bootstrap=0, seed=0, alpha=0.05)
+    assert res["n_paired"] == 98
+    assert math.isnan(res["delta"]["acc1"]["ci_low"])  # no resamples: no interval
+
+
+def test_cells_that_are_not_the_same_samples_are_refused() -> None:
+    labels, a_logits, b_logits = pair_of_models(6, n=50)
+    ids = [f"{i}.jpg" for i in range(50)]
+    a = outputs(a_logits, labels, ids=ids)
+    with pytest.raises(RobenchError, match="different samples"):
+        pair_samples(a, outputs(b_logits, labels, ids=[f"x{i}.jpg" for i in range(50)]))
+    with pytest.raises(RobenchError, match="one cell stores sample ids"):
+        pair_samples(a, outputs(b_logits, labels))
+    with pytest.raises(RobenchError, match="50 vs 49 samples"):
+        pair_samples(outputs(a_logits, labels), outputs(b_logits[:49], labels[:49]))
+    with pytest.raises(RobenchError, match="different labels"):
+        pair_samples(outputs(a_logits, labels), outputs(b_logits, (labels + 1) % C))
+    with pytest.raises(RobenchError, match="groups differ"):
+        pair_samples(outputs(a_logits, labels, groups=["a/1", "a/2"]),
+                     outputs(b_logits, labels, groups=["a/1", "b/1"]))
