@@ -82,19 +82,26 @@ def test_context_weights_follow_the_definition(tiny_backbone, tmp_path):
     assert class_embeddings(tiny_backbone, names, templates[:1], tmp_path).shape == (v.shape[0], 3)
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_backbone):
+def _resume_case(tmp_path, **extra):
+    """A 2-epoch fine-tuning of the tiny ViT on 40 CIFAR images: (source, options, templates,
+    a fresh backbone factory, the uninterrupted result)."""
     from robench.data import cifar
 
     src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
     opts = {**FT.DEFAULTS, "train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
-            "warmup": 1, "workers": 0}
+            "warmup": 1, "workers": 0, **extra}
     templates = ["a photo of a {}."]
 
     def fresh():
         return FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=5)
 
     ref = FT.finetune(fresh(), src, templates, opts, tmp_path / "ref", tmp_path / "cache",
-                         progress=False)
+                      progress=False)
+    return src, opts, templates, fresh, ref
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_backbone):
+    src, opts, templates, fresh, ref = _resume_case(tmp_path)
     calls = {"n": 0}
     real = src.loader
 
@@ -165,18 +172,7 @@ def test_rank_steps_split_every_global_batch_once_with_equal_micro_batch_counts(
 
 
 def test_resume_mid_epoch_from_a_step_checkpoint_gives_the_same_weights(tmp_path, tiny_backbone):
-    from robench.data import cifar
-
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
-    opts = {**FT.DEFAULTS, "train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
-            "warmup": 1, "workers": 0, "checkpoint_every": 1}
-    templates = ["a photo of a {}."]
-
-    def fresh():
-        return FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=5)
-
-    ref = FT.finetune(fresh(), src, templates, opts, tmp_path / "ref", tmp_path / "cache",
-                      progress=False)
+    src, opts, templates, fresh, ref = _resume_case(tmp_path, checkpoint_every=1)
     calls = {"n": 0}
     real = src.loader
 
