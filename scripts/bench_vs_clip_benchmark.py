@@ -10,7 +10,7 @@ size, workers and precision (fp32), for the cold-start cost of the zero-shot tex
     #    sets: one (ImageNet-R layout) | five (ImageNet val, V2, R, Sketch, A in one run)
     #    robench: cold (empty cache) | warm (features and text head cached, cells rescored)
     # 3. or let this script time both in turn (median of N runs, ratio CLIP_benchmark/robench)
-    python scripts/bench_vs_clip_benchmark.py time OUT --runs 3
+    python scripts/bench_vs_clip_benchmark.py time OUT --runs 3 [--cases one-cold five-cold]
 
 CLIP_benchmark runs from its own virtual environment (``--cb-python``, default
 ``/work/bench-venv/bin/python``, made with ``pip install clip-benchmark==1.6.2 "numpy<2.4"``):
@@ -149,11 +149,15 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def time_all(out: Path, runs: int, cb_python: str) -> None:
-    """Median wall seconds of each (tool, set, state), the tools alternating run by run."""
+CASES = ["one-cold", "five-cold", "one-warm", "five-warm"]
+
+
+def time_all(out: Path, runs: int, cb_python: str, cases: list[str]) -> None:
+    """Median wall seconds of each (tool, set, state), the tools alternating run by run, and the
+    range of the pairwise ratios (on a shared machine the pairs see the same load)."""
     me = [sys.executable, str(Path(__file__).resolve()), "run", str(out)]
-    cases = [("one", "cold"), ("five", "cold"), ("one", "warm"), ("five", "warm")]
-    for which, state in cases:
+    for case in cases:
+        which, state = case.split("-")
         if state == "warm":  # fill robench's cache once
             timed([*me, "robench", which, "cold", "--cb-python", cb_python])
         rb, cbt = [], []
@@ -161,8 +165,10 @@ def time_all(out: Path, runs: int, cb_python: str) -> None:
             rb.append(timed([*me, "robench", which, state, "--cb-python", cb_python]))
             cbt.append(timed([*me, "clip_benchmark", which, "cold", "--cb-python", cb_python]))
         r, c = statistics.median(rb), statistics.median(cbt)
+        pairs = sorted(b / a for a, b in zip(rb, cbt, strict=True))
         print(f"{which:4s} {state}: robench {r:6.1f} s, CLIP_benchmark {c:6.1f} s, "
-              f"CLIP_benchmark / robench = {c / r:4.2f}  (medians of {runs})", flush=True)
+              f"CLIP_benchmark / robench = {c / r:4.2f} (medians of {runs}; pairs "
+              f"{pairs[0]:.2f}-{pairs[-1]:.2f})", flush=True)
 
 
 def main() -> None:
@@ -179,6 +185,7 @@ def main() -> None:
     c = sub.add_parser("time")
     c.add_argument("out", type=Path)
     c.add_argument("--runs", type=int, default=3)
+    c.add_argument("--cases", nargs="+", choices=CASES, default=CASES)
     for s in (b, c):
         s.add_argument("--cb-python", default=DEFAULT_CB_PYTHON)
     args = p.parse_args()
@@ -188,7 +195,7 @@ def main() -> None:
     elif args.cmd == "run":
         run(out, args.tool, args.which, args.state, args.cb_python)
     else:
-        time_all(out, args.runs, args.cb_python)
+        time_all(out, args.runs, args.cb_python, args.cases)
 
 
 if __name__ == "__main__":
