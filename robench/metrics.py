@@ -28,7 +28,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import stats
 
 __all__ = [
     "METRIC_INFO",
@@ -262,8 +261,13 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     if n < 1 or not 0 <= k <= n:
         raise ValueError(f"need n >= 1 and 0 <= k <= n; got k={k}, n={n}")
     alpha = _check_alpha(alpha)
-    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
-    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    # B^{-1}(q; a, b) is the inverse regularised incomplete beta function, betaincinv(a, b, q):
+    # the same Boost routine scipy.stats.beta.ppf calls (bit for bit, tested), without the
+    # ~0.8 s that importing scipy.stats adds to every robench run
+    from scipy.special import betaincinv
+
+    low = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, alpha / 2))
+    high = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - alpha / 2))
     return 100.0 * low, 100.0 * high
 
 

@@ -358,7 +358,10 @@ class Runner:
                 source, feats = self.source_and_features(backbone, d)
                 for m in todo:
                     ctx = MethodContext(backbone, self.cfg, self.prepared(m), self)
-                    hk = (m, tuple(source.classnames), self.dataset_specs[d].templates)
+                    # the scored sub-list is part of the key: a zero-shot head for ImageNet-R
+                    # holds R's 200 columns only and cannot serve ImageNet-A
+                    hk = (m, tuple(source.classnames), tuple(source.class_subset or ()),
+                          self.dataset_specs[d].templates)
                     if hk not in heads:
                         method = import_module(METHODS[self.models[m].method])
                         heads[hk] = method.build(ctx, source)

@@ -130,9 +130,10 @@ def scored_columns(source: ImageSource) -> tuple[np.ndarray | None, np.ndarray]:
 
 def stream_logits(head: LinearHead, features: np.ndarray, columns: np.ndarray | None,
                   rows: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
-    """(positions, float32 logits over ``columns``) a block at a time; ``rows`` picks rows."""
-    c = head.weight.shape[1] if columns is None else len(columns)
-    sub = head if columns is None else head.restricted(columns)
+    """(positions, float32 logits over ``columns``, label-space indices; None: all labels) a
+    block at a time; ``rows`` picks rows."""
+    sub = head.restricted(columns)
+    c = sub.weight.shape[1]
     for pos, block in iter_row_blocks(features, block_rows(c), rows):
         yield pos, sub.logits(block)
 
@@ -142,7 +143,7 @@ def cell_outputs(head: LinearHead, feats: FeatureSet, source: ImageSource,
     """Stream the cell through the head into exact per-sample outputs."""
     columns, target = scored_columns(source)
     n = len(source)
-    c = head.weight.shape[1] if columns is None else len(columns)
+    c = len(head.classnames) if columns is None else len(columns)
     samples = M.SampleOutputs.empty(n, min(M.TOPK, c), c)
     logits = None
     for pos, block in stream_logits(head, feats.features, columns):

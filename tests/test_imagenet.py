@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -381,23 +382,34 @@ def test_suite_with_a_wrong_root_fails_before_any_model_is_loaded(tmp_path, monk
 
 
 def test_suite_end_to_end_records_the_scored_classes(tmp_path, samples, monkeypatch, capsys):
-    """A tiny random model through the whole suite: records say which classes were scored.
-    (The 1000 x 80 prompt head is replaced by random class embeddings to keep this quick.)"""
+    """A tiny random model through the whole suite: records say which classes were scored, each
+    class is encoded once, and ImageNet-R/-A alone encode only their own 200 classes.
+    (The text encoder is replaced by random per-class vectors to keep this quick; the per-class
+    cache and the heads assembled from it are the real ones.)"""
+    import hashlib
+
     import robench.models.zeroshot as zs
     from robench.cli import main
 
-    def fake_embeddings(backbone, classnames, templates, cache_dir, progress=True):
-        assert len(classnames) == 1000 and len(templates) == 80
-        w = np.random.default_rng(0).normal(size=(32, len(classnames))).astype(np.float32)
-        return w / np.linalg.norm(w, axis=0, keepdims=True)
+    encoded: list[list[str]] = []
 
-    monkeypatch.setattr(zs, "class_embeddings", fake_embeddings)
+    def fake_encode(backbone, classnames, templates, progress=True, max_prompts=None):
+        assert len(templates) == 80
+        encoded.append(list(classnames))
+        seeds = [int(hashlib.sha256(c.encode()).hexdigest()[:8], 16) for c in classnames]
+        w = np.stack([np.random.default_rng(s).normal(size=32) for s in seeds])
+        return (w / np.linalg.norm(w, axis=1, keepdims=True)).astype(np.float32)
+
+    monkeypatch.setattr(zs, "encode_classes", fake_encode)
     data = make_all(tmp_path / "data", samples[::5])  # 200 classes' images keep it quick
-    rc = main(["run", "suite=imagenet-shifts", "models=[tiny-random]", f"data_root={data}",
-               f"cache_dir={tmp_path / 'cache'}", f"results_dir={tmp_path / 'r'}", "device=cpu",
-               "model.batch_size=64", "model.num_workers=0", "metrics.bootstrap=0",
-               "progress=false"])
+    common = ["models=[tiny-random]", f"data_root={data}", f"cache_dir={tmp_path / 'cache'}",
+              "device=cpu", "model.batch_size=64", "model.num_workers=0", "metrics.bootstrap=0",
+              "progress=false"]
+    rc = main(["run", "suite=imagenet-shifts", f"results_dir={tmp_path / 'r'}", *common])
     assert rc == 0, capsys.readouterr().err[-3000:]
+    names = imagenet.imagenet_classnames()
+    # every class encoded once, whichever dataset met it first
+    assert sorted(c for e in encoded for c in e) == sorted(set(names))
     recs = [json.loads(p.read_text()) for p in (tmp_path / "r").rglob("*.json")
             if p.name != "analysis.json"]  # the suite's analysis sits beside the records
     by_ds = {rec["dataset"]: rec for rec in recs}
@@ -411,6 +423,22 @@ def test_suite_end_to_end_records_the_scored_classes(tmp_path, samples, monkeypa
     for name in ("imagenet", "imagenet-v2-matched-frequency", "imagenet-sketch"):
         assert by_ds[name]["protocol"]["scored_classes"] == "all"
         assert by_ds[name]["protocol"]["n_classes_scored"] == 1000
+
+    # a cold text cache, R and A first: each encodes only the classes it scores and has not seen
+    shutil.rmtree(tmp_path / "cache" / "text")
+    encoded.clear()
+    rc = main(["run", "suite=imagenet-shifts", f"results_dir={tmp_path / 'r2'}", *common,
+               "datasets=[imagenet-r,imagenet-a,imagenet]"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    r, a = ({names[i] for i in imagenet.subset_indices(n)} for n in ("imagenet-r", "imagenet-a"))
+    assert [set(e) for e in encoded] == [r, a - r, set(names) - r - a]
+    for name in ("imagenet-r", "imagenet-a"):  # per-sample outputs as in the first run, ID
+        old = next((tmp_path / "r").rglob(f"{name}.npz"))  # pairing (ood_id_conf) included
+        new = next((tmp_path / "r2").rglob(f"{name}.npz"))
+        with np.load(old) as zo, np.load(new) as zn:
+            assert set(zo.files) == set(zn.files) and "ood_id_conf" in zo.files
+            for k in zo.files:
+                np.testing.assert_array_equal(zo[k], zn[k])
 
 
 def test_registry_entries():

@@ -43,6 +43,8 @@ def _run(tmp: Path, *extra: str):
 def _results(tmp: Path) -> dict:
     out = {}
     for rec in sorted((tmp / "r" / "smoke").rglob("*.json")):
+        if rec.name == "analysis.json":  # the suite's cross-cell analysis, not a cell
+            continue
         data = json.loads(rec.read_text())
         out[rec.relative_to(tmp / "r")] = (data["metrics"], data["groups"], cell_outputs(rec))
     return out
@@ -62,7 +64,7 @@ def _entries(cache: Path) -> dict[str, Path]:
     one = lambda pattern: sorted(cache.glob(pattern))[0]  # noqa: E731
     return {
         "features": max(cache.glob("features/*.npy"), key=lambda p: p.stat().st_size),
-        "text head": one("text/*.npy"),
+        "text head": one("text/*/*.npz"),
         "linear-probe head": one("artifacts/linear-probe/*/head.npz"),
         "fine-tuned checkpoint": one("artifacts/finetune/*/model/open_clip_model.safetensors"),
         "fine-tuned head": one("artifacts/finetune/*/model/robench_head.npz"),

@@ -149,6 +149,20 @@ def test_clopper_pearson_matches_scipy_binomtest():
         assert high == pytest.approx(100 * ci.high, abs=1e-9)
 
 
+def test_clopper_pearson_is_bit_for_bit_the_beta_quantile():
+    """The interval is computed with scipy.special.betaincinv (light to import); it must equal
+    scipy.stats.beta.ppf exactly, so that stored acc1 intervals do not move."""
+    rng = np.random.default_rng(0)
+    ns = [1, 2, 7, 100, 1000, 10_000, 50_000, 3_750_000, *rng.integers(1, 200_000, 60).tolist()]
+    for n in ns:
+        for k in {0, 1, n // 3, n // 2, n - 1, n, *rng.integers(0, n + 1, 4).tolist()}:
+            for alpha in (0.05, 0.01, 0.3173):
+                low = 0.0 if k == 0 else 100.0 * float(sps.beta.ppf(alpha / 2, k, n - k + 1))
+                high = 100.0 if k == n else 100.0 * float(sps.beta.ppf(1 - alpha / 2, k + 1,
+                                                                       n - k))
+                assert M.clopper_pearson(k, n, alpha) == (low, high), (k, n, alpha)
+
+
 @pytest.mark.parametrize(
     ("k", "n", "alpha"), [(3, 2, 0.05), (-1, 5, 0.05), (0, 0, 0.05), (1, 5, 0.0), (1, 5, 1.5)]
 )

@@ -104,7 +104,7 @@ def test_piped_run_log_is_lines_and_quiet_drops_them(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "\r" not in r.stdout
     assert "features cifar10-subset-val: 500 img in" in r.stderr
-    assert "text head (18 templates): 10 class in" in r.stderr
+    assert "text head: 10 classes x 18 templates: 180 prompt in" in r.stderr
     assert "[1/1] tiny-random x cifar10-subset-val" in r.stdout
     assert len(r.stderr) < 1000, r.stderr
 

@@ -111,6 +111,43 @@ def test_lowers_nll_of_an_overconfident_head_and_keeps_accuracy(overconfident):
     assert info["calibration_nll_after"] < info["calibration_nll_before"]
 
 
+def test_sub_list_head_is_calibrated_with_the_full_head_of_the_val_split(overconfident):
+    """A base that builds only the scored columns (zero-shot for ImageNet-R): T is fitted with
+    the base head built for the validation split's own classes -- the T a full head gets -- and
+    the calibrated head keeps its columns and scores as the calibrated full head restricted."""
+    from robench.scoring import cell_outputs
+
+    ctx = overconfident
+    full_module = sys.modules["fake_base"]
+    full_build = full_module.build
+    built = []
+
+    def sub_list_build(ctx, source):
+        built.append(source.name)
+        head = full_build(ctx, source)
+        if source.class_subset is None:
+            return head
+        cols = list(source.class_subset)
+        return LinearHead(head.weight[:, cols], head.scale, head.classnames,
+                          bias=head.bias[cols], info=head.info, columns=cols)
+
+    full_module.build = sub_list_build
+    test_src, test_fs = ctx.feats["test"]
+    keep = np.isin(test_src.labels, [0, 2])
+    sub_src = ImageSource("test-sub", test_src.labels[keep], test_src.classnames, "m", None,
+                          class_subset=[0, 2])
+    feats = FeatureSet(test_fs.features[keep], [], "k", False)
+    full = TS.build(ctx, test_src)
+    built.clear()
+    sub = TS.build(ctx, sub_src)
+    assert built == ["test-sub", "val"]  # the sub-list head could not score val's 4 classes
+    assert sub.columns == [0, 2] and sub.weight.shape[1] == 2
+    assert sub.info["temperature"] == full.info["temperature"]
+    got, want = cell_outputs(sub, feats, sub_src), cell_outputs(full, feats, sub_src)
+    for g, e in zip(got.samples, want.samples, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
 def test_refuses_mismatched_label_space_and_bad_options(overconfident):
     ctx = overconfident
     src, fs = ctx.feats["val"]

@@ -126,7 +126,8 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
 
     opts = options(dict(ctx.spec.options))
     spec = base_spec(ctx.spec)
-    head = import_module(METHODS[spec.method]).build(replace(ctx, spec=spec), source)
+    base = import_module(METHODS[spec.method])
+    head = base.build(replace(ctx, spec=spec), source)
     val_src, val_feats = ctx.features(opts["calibrate_on"])
     if list(val_src.classnames) != list(head.classnames):
         raise RobenchError(
@@ -139,7 +140,11 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
                     "refit: train, or calibrate on another split)", spec.method,
                     opts["calibrate_on"])
     columns, labels = scored_columns(val_src)
-    logits = (head if columns is None else head.restricted(columns)).logits(val_feats.features)
+    # a head built over the evaluated set's sub-list only (zero-shot for ImageNet-R) has no
+    # columns for the rest of a validation split's classes: T is fitted with the base head
+    # built for that split, i.e. the T the full head gets
+    val_head = head if head.can_score(columns) else base.build(replace(ctx, spec=spec), val_src)
+    logits = val_head.restricted(columns).logits(val_feats.features)
     keep = np.ones(len(labels), dtype=bool)
     keep[val_feats.bad] = False
     logits, labels = logits[keep], labels[keep]
@@ -149,4 +154,4 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
             "calibration_nll_before": nll(logits, labels), "calibration_nll_after":
             nll(logits, labels, t)}
     return LinearHead(weight=head.weight, scale=head.scale / t, classnames=list(head.classnames),
-                      bias=head.bias, info=info)
+                      bias=head.bias, info=info, columns=head.columns)
