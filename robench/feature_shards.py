@@ -65,7 +65,7 @@ def extract_shards(backbone: Backbone, dataset: Dataset, folder: Path, world: Wo
                    progress: bool, name: str) -> list[Shard]:
     """Encode this rank's missing shards of ``dataset`` into ``folder``; return every shard of
     the dataset (all ranks'), in index order."""
-    from robench.features import describe, encoded_batches, loader
+    from robench.features import encoded_batches, loader, note_undecodable
 
     n = len(dataset)
     ranges = shard_ranges(n, batch_size)
@@ -89,12 +89,7 @@ def extract_shards(backbone: Backbone, dataset: Dataset, folder: Path, world: Wo
                                                            num_workers, batches), stored):
             if idx[0] != done:  # batches come in order; anything else is a bug
                 raise AssertionError(f"shard batch at {idx[0]}, expected {done}")
-            if not ok.all():
-                bad += idx[~ok].tolist()
-                if strict:
-                    raise RobenchError(
-                        f"{name}: cannot decode image(s) {describe(dataset.source, bad)}",
-                        "replace the files, or run with strict=false to count and skip them")
+            note_undecodable(bad, idx, ok, strict, dataset.source)
             rows.append(f)
             done += len(idx)
             bar.update(len(idx))

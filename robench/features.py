@@ -198,12 +198,7 @@ def _write_entry(backbone: Backbone, source: ImageSource, npy: Path, meta: Path,
                dynamic_ncols=True, leave=False)
     try:
         for idx, f, ok in batches:
-            if not ok.all():
-                bad += idx[~ok].tolist()
-                if strict:
-                    raise RobenchError(
-                        f"{source.name}: cannot decode image(s) {describe(source, bad)}",
-                        "replace the files, or run with strict=false to count and skip them")
+            note_undecodable(bad, idx, ok, strict, source)
             if out is None:
                 shape = (len(source), f.shape[1])
                 out = _open_partial(tmp, stored, shape)
@@ -224,6 +219,17 @@ def _write_entry(backbone: Backbone, source: ImageSource, npy: Path, meta: Path,
     write_json(meta, {"bad": sorted(bad), "dataset": source.name, "n": len(source),
                       "manifest": source.manifest_hash, "backbone": backbone.id()})
     return sorted(bad)
+
+
+def note_undecodable(bad: list[int], idx: np.ndarray, ok: np.ndarray, strict: bool,
+                     source: ImageSource) -> None:
+    """Add a batch's undecodable rows to ``bad``; under ``strict``, fail naming them."""
+    if ok.all():
+        return
+    bad += idx[~ok].tolist()
+    if strict:
+        raise RobenchError(f"{source.name}: cannot decode image(s) {describe(source, bad)}",
+                           "replace the files, or run with strict=false to count and skip them")
 
 
 def _open_partial(tmp: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.memmap:

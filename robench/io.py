@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from robench.errors import RobenchError
 log = logging.getLogger(__name__)
 SUM_SUFFIX = ".sha256"
 LOCK_SUFFIX = ".lock"
-TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<pid>.<random>.tmp
+TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<process_tag>.<random>.tmp
 # errnos of a write that cannot succeed however often it is retried: say which, and the fix
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -297,15 +298,19 @@ def sweep_stale(*folders: Path) -> int:
 def process_tag() -> str:
     """``<pid>-<host hash>``: names a temporary file's writer, so a sweep removes only those of
     dead processes *of this machine* (a cache shared by several nodes has others' files too)."""
+    return f"{os.getpid()}-{_host_tag()}"
+
+
+@functools.cache
+def _host_tag() -> str:
     import socket
 
-    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-    return f"{os.getpid()}-{host}"
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _pid_of(name: str) -> int | None:
     """The pid in a temporary file's name if this machine wrote it (see :func:`process_tag`)."""
-    host = process_tag().split("-")[1]
+    host = _host_tag()
     for part in name.split("."):
         pid, _, tag = part.partition("-")
         if pid.isdigit() and tag == host:

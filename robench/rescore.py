@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robench.errors import RobenchError
-from robench.results import clean, find_records, load_outputs, read_record, write_record
+from robench.results import (
+    check_integrity,
+    clean,
+    find_records,
+    load_outputs,
+    read_record,
+    write_record,
+)
 from robench.scoring import cell_metrics
 
 # the protocol fields a rescore may change, and the metrics-config names they come from
@@ -63,7 +70,7 @@ def rescore_record(path: Path, overrides: dict, out_dir: Path | None = None,
     record = read_record(path, verify=False)
     legacy = "integrity" not in record  # an older robench's record: re-scoring seals it
     if not legacy:
-        read_record(path)  # verified
+        check_integrity(record, path)
     settings = {**settings_of(record), **{k: v for k, v in overrides.items() if v is not None}}
     outputs = load_outputs(path, record)
     headline, groups = cell_metrics(

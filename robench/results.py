@@ -76,14 +76,16 @@ def seal_record(record: dict) -> dict:
     return {**record, "integrity": {"sha256": record_digest(record)}}
 
 
+RERUN_FIX = ("re-run its cell (robench run suite=...: a damaged record's cell is pending) or "
+             "remove the file")
+
+
 def read_record(path: Path, verify: bool = True) -> dict:
     """A result record, checked to be one and (``verify``) to match its checksum."""
-    fix = "re-run its cell (robench run suite=...: a damaged record's cell is pending) or " \
-          "remove the file"
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise RobenchError(f"cannot read result record {path}: {e}", fix) from e
+        raise RobenchError(f"cannot read result record {path}: {e}", RERUN_FIX) from e
     missing = [k for k in ("model", "dataset", "metrics") if not isinstance(record, dict)
                or k not in record]
     if missing:
@@ -91,15 +93,20 @@ def read_record(path: Path, verify: bool = True) -> dict:
                            "keep only robench records (and their .npz outputs) in a results "
                            "folder, or point at the folder that holds them")
     if verify:
-        stored = (record.get("integrity") or {}).get("sha256")
-        if stored is None:
-            raise RobenchError(f"result record {path} has no checksum (written by an older "
-                               "robench)", "robench rescore --dir <folder> rewrites records "
-                               "with checksums; or " + fix)
-        if stored != record_digest(record):
-            raise RobenchError(f"result record {path} fails its checksum: it was edited or "
-                               "damaged after it was written", fix)
+        check_integrity(record, path)
     return record
+
+
+def check_integrity(record: dict, path: Path) -> None:
+    """Refuse a record without a checksum or one that fails it (edited or damaged)."""
+    stored = (record.get("integrity") or {}).get("sha256")
+    if stored is None:
+        raise RobenchError(f"result record {path} has no checksum (written by an older "
+                           "robench)", "robench rescore --dir <folder> rewrites records "
+                           "with checksums; or " + RERUN_FIX)
+    if stored != record_digest(record):
+        raise RobenchError(f"result record {path} fails its checksum: it was edited or "
+                           "damaged after it was written", RERUN_FIX)
 
 
 def verify_outputs(path: Path, record: dict) -> Path:

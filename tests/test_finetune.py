@@ -82,6 +82,22 @@ def test_context_weights_follow_the_definition(tiny_backbone, tmp_path):
     assert class_embeddings(tiny_backbone, names, templates[:1], tmp_path).shape == (v.shape[0], 3)
 
 
+def _die_after(src, n: int):
+    """Make ``src`` raise KeyboardInterrupt on its (n+1)-th image read; returns the real
+    reader to put back."""
+    calls = {"n": 0}
+    real = src.loader
+
+    def dying(i):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return real(i)
+
+    src.loader = dying
+    return real
+
+
 def _resume_case(tmp_path, **extra):
     """A 2-epoch fine-tuning of the tiny ViT on 40 CIFAR images: (source, options, templates,
     a fresh backbone factory, the uninterrupted result)."""
@@ -102,16 +118,7 @@ def _resume_case(tmp_path, **extra):
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_backbone):
     src, opts, templates, fresh, ref = _resume_case(tmp_path)
-    calls = {"n": 0}
-    real = src.loader
-
-    def flaky(i):  # dies during the second epoch, like a killed job
-        calls["n"] += 1
-        if calls["n"] > len(src) + 5:
-            raise KeyboardInterrupt
-        return real(i)
-
-    src.loader = flaky
+    real = _die_after(src, len(src) + 5)  # during the second epoch, like a killed job
     with pytest.raises(KeyboardInterrupt):
         FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
                     progress=False)
@@ -173,16 +180,8 @@ def test_rank_steps_split_every_global_batch_once_with_equal_micro_batch_counts(
 
 def test_resume_mid_epoch_from_a_step_checkpoint_gives_the_same_weights(tmp_path, tiny_backbone):
     src, opts, templates, fresh, ref = _resume_case(tmp_path, checkpoint_every=1)
-    calls = {"n": 0}
-    real = src.loader
-
-    def killed(i):  # dies in the 2nd step of the 2nd epoch (3 steps of 16 per epoch of 40)
-        calls["n"] += 1
-        if calls["n"] > len(src) + 16 + 5:
-            raise KeyboardInterrupt
-        return real(i)
-
-    src.loader = killed
+    # in the 2nd step of the 2nd epoch (3 steps of 16 per epoch of 40)
+    real = _die_after(src, len(src) + 16 + 5)
     with pytest.raises(KeyboardInterrupt):
         FT.finetune(fresh(), src, templates, opts, tmp_path / "int", tmp_path / "cache",
                     progress=False)
