@@ -22,6 +22,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import robench
@@ -222,6 +223,15 @@ def list_entries(what: str) -> list[dict[str, Any]]:
                          "datasets": [d if isinstance(d, str) else d.get("name")
                                       for d in raw.get("datasets", [])]})
         return rows
+    if what == "methods":
+        from robench.methods import METHODS, method_class
+
+        rows = []
+        for name in METHODS:
+            cls = method_class(name)
+            rows.append({"name": name, "summary": cls.summary, "source": cls.source,
+                         "options": [asdict(o) for o in cls.Options.describe()]})
+        return rows
     if what == "datasets":
         return [{"name": name, "family": s.family, "root": s.root, "templates": s.templates,
                  "n_expected": s.n_expected, "description": s.description}
@@ -249,6 +259,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     for r in rows:
         if args.what == "suites":
             print(f"{r['name']:16s} {r['description']}  ({r['path']})")
+        elif args.what == "methods":
+            print(f"{r['name']}: {r['summary']}" + (f"  [{r['source']}]" if r["source"] else ""))
+            for o in r["options"]:
+                print(f"    {o['name']:18s} {o['type']:32s} {json.dumps(o['default']):12s} "
+                      f"{o['help']}")
+            if not r["options"]:
+                print("    (no options)")
         elif args.what == "datasets":
             print(f"{r['name']:30s} {r['family']:15s} {r['description']}")
         else:
@@ -464,9 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--verify", action="store_true",
                     help="exit 1 if a record changes (use without new settings)")
     rs.set_defaults(func=cmd_rescore)
-    ls = sub.add_parser("list", help="list models, datasets or suites",
-                        usage="robench list {models,datasets,suites} [--format json]")
-    ls.add_argument("what", choices=["models", "datasets", "suites"])
+    ls = sub.add_parser("list", help="list models, datasets, methods (with their options) or "
+                        "suites",
+                        usage="robench list {models,datasets,methods,suites} [--format json]")
+    ls.add_argument("what", choices=["models", "datasets", "methods", "suites"])
     ls.add_argument("--format", choices=["table", "json"], default="table")
     ls.set_defaults(func=cmd_list)
     for name in ("env", "doctor"):

@@ -22,8 +22,7 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
-from importlib import import_module
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +33,11 @@ from robench import distributed
 from robench.config import pair_id_dataset
 from robench.data import family_loader
 from robench.data.base import ImageSource
-from robench.errors import RobenchError, unknown
+from robench.errors import RobenchError
 from robench.features import FeatureSet, describe, extract_features, sample_names
 from robench.io import sweep_stale
-from robench.models import METHODS
+from robench.methods import make_method
+from robench.methods.base import HeadContext, Method, Settings
 from robench.models.arch_configs import register_model_configs
 from robench.models.backbone import (
     Backbone,
@@ -48,7 +48,6 @@ from robench.models.backbone import (
 )
 from robench.models.backbone import kernel_family as device_kernel_family
 from robench.models.heads import LinearHead
-from robench.models.options import check_options
 from robench.progress import echo
 from robench.registry import (
     DatasetSpec,
@@ -62,8 +61,6 @@ from robench.results import read_record, record_path, verify_outputs, write_reco
 from robench.scoring import OUTPUTS_VERSION, cell_metrics, cell_outputs, id_confidence
 
 log = logging.getLogger(__name__)
-# method options that name a dataset the method learns from (labels or not)
-DATA_ROLES = ("train_on", "val_on", "calibrate_on")
 PROTOCOL_VERSION = 2  # 2: exact per-sample outputs, ood_auroc over the same classes
 
 
@@ -83,37 +80,12 @@ def load_source(name: str, spec: DatasetSpec, cfg: DictConfig,
 
 
 @dataclass
-class MethodContext:
-    """What a method needs to build its head: the backbone, caches, and other datasets' features
-    (e.g. a training split)."""
-
-    backbone: Backbone
-    cfg: DictConfig
-    spec: ModelSpec
-    runner: Runner
-
-    @property
-    def cache_dir(self) -> str:
-        return self.cfg.cache_dir
-
-    @property
-    def progress(self) -> bool:
-        return bool(self.cfg.progress)
-
-    def template_set(self, source: ImageSource) -> str:
-        return self.runner.dataset_specs[source.name].templates
-
-    def templates(self, source: ImageSource) -> list[str]:
-        return template_set(self.template_set(source))
-
-    def features(self, dataset: str) -> tuple[ImageSource, FeatureSet]:
-        return self.runner.source_and_features(self.backbone, dataset)
-
-
-@dataclass
 class Runner:
+    """Runs a suite; to the methods it is their :class:`robench.methods.base.Bench`."""
+
     cfg: DictConfig
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    methods: dict[str, Method] = field(default_factory=dict)  # options parsed, per model
     _prepared: dict[str, ModelSpec] = field(default_factory=dict)
     dataset_specs: dict[str, DatasetSpec] = field(default_factory=dict)
     sources: dict[str, ImageSource] = field(default_factory=dict)
@@ -129,14 +101,12 @@ class Runner:
         register_model_configs(self.cfg.get("model_configs") or [])  # the suite's own archs
         for item in self.cfg.models:
             name, spec = resolve_model(_plain(item))
-            if spec.method not in METHODS:
-                raise unknown("method", spec.method, METHODS)
-            method = import_module(METHODS[spec.method])
-            check_options(name, spec.method, dict(spec.options), method)
+            method = make_method(spec.method, spec.options, name)  # options checked here
             # a declaration may stand for several models (e.g. one WiSE-FT model per alpha)
-            expanded = method.expand(name, spec) if hasattr(method, "expand") else [(name, spec)]
-            for n, s in expanded:
-                self.models[n] = s
+            for n, declared in method.expand(name, spec.options):
+                self.models[n] = replace(spec, options=declared)
+                self.methods[n] = method if declared == dict(spec.options) else \
+                    make_method(spec.method, declared, n)
         for item in self.cfg.datasets:
             name, spec = resolve_dataset(_plain(item))
             self.dataset_specs[name] = spec
@@ -153,6 +123,21 @@ class Runner:
             self.sources[name] = load_source(name, self.dataset_specs[name], self.cfg,
                                              source_of=self.source)
         return self.sources[name]
+
+    @property
+    def settings(self) -> Settings:
+        c = self.cfg
+        return Settings(cache_dir=c.cache_dir, device=c.device, seed=int(c.seed),
+                        progress=bool(c.progress), strict=bool(c.strict),
+                        batch_size=int(c.model.batch_size), num_workers=int(c.model.num_workers),
+                        allow_download=bool(c.allow_download))
+
+    def features(self, backbone: Backbone, name: str) -> tuple[ImageSource, FeatureSet]:
+        return self.source_and_features(backbone, name)
+
+    def template_set_of(self, dataset: str) -> str:
+        self.source(dataset)  # registers a dataset outside the suite
+        return self.dataset_specs[dataset].templates
 
     def source_and_features(self, backbone: Backbone, name: str, collective: bool = False
                             ) -> tuple[ImageSource, FeatureSet]:
@@ -180,14 +165,18 @@ class Runner:
             _, self.models[name] = resolve_model(name)
         return self.models[name]
 
+    def method_of(self, name: str) -> Method:
+        """A model's method, its options parsed (a model outside the suite: from the registry)."""
+        if name not in self.methods:
+            spec = self.declared(name)
+            self.methods[name] = make_method(spec.method, spec.options, name)
+        return self.methods[name]
+
     def prepared(self, name: str) -> ModelSpec:
         """The spec to load: methods that change the backbone (fine-tuning, WiSE-FT) train or
         reuse their checkpoint here and point the spec at it."""
         if name not in self._prepared:
-            spec = self.declared(name)
-            method = import_module(METHODS[spec.method])
-            self._prepared[name] = (method.prepare(self, name, spec)
-                                    if hasattr(method, "prepare") else spec)
+            self._prepared[name] = self.method_of(name).prepare(self, name, self.declared(name))
         return self._prepared[name]
 
     def templates_for(self, dataset: str) -> list[str]:
@@ -223,9 +212,8 @@ class Runner:
     def model_dependencies(self, name: str) -> list[str]:
         """The models ``name`` is built from (the fine-tuned model of a WiSE-FT mix), deepest
         last."""
-        spec = self.declared(name)
-        ft = spec.options.get("finetuned") if spec.method == "wise-ft" else None
-        return [] if not ft else [str(ft), *self.model_dependencies(str(ft))]
+        return [d for m in self.method_of(name).dependencies()
+                for d in (m, *self.model_dependencies(m))]
 
     def _weights_identity(self, model: str) -> dict:
         if model not in self._weight_ids:
@@ -248,20 +236,13 @@ class Runner:
             return False  # scored without its corrupt images: strict=true must fail on them
         return rec.get("cell_key") == self.cell_key(model, dataset)
 
-    def data_roles(self, name: str, spec: ModelSpec | None = None) -> list[tuple[str, str]]:
+    def data_roles(self, name: str) -> list[tuple[str, str]]:
         """(option, dataset) pairs a model trains, selects or calibrates on, through wrapped
-        bases (temperature scaling) and the fine-tuned model of a WiSE-FT mix."""
-        spec = spec or self.declared(name)
-        opts = dict(spec.options)
-        roles = [(k, str(opts[k])) for k in DATA_ROLES if opts.get(k)]
-        if isinstance(opts.get("base_options"), dict):
-            base = ModelSpec(spec.arch, spec.pretrained, str(opts.get("base", "zeroshot")),
-                             dict(opts["base_options"]))
-            roles += self.data_roles(name, base)
-        if spec.method == "wise-ft" and opts.get("finetuned"):
-            roles += [(f"{opts['finetuned']}.{k}", d)
-                      for k, d in self.data_roles(str(opts["finetuned"]))]
-        return roles
+        bases (temperature scaling) and the models it is built from (``<model>.<option>``)."""
+        method = self.method_of(name)
+        return [*method.data_roles(),
+                *((f"{dep}.{role}", d) for dep in method.dependencies()
+                  for role, d in self.data_roles(dep))]
 
     def check_training_data(self, models: list[str]) -> None:
         """Refuse a method that trains, selects or calibrates on an evaluated dataset (by name
@@ -286,10 +267,7 @@ class Runner:
         """Datasets whose features ``name``'s head reads under its own backbone (a probe's
         train / val splits, a calibration split), not those a fine-tuning method trains on
         from images or the roles of a WiSE-FT mix's fine-tuned model."""
-        spec = self.declared(name)
-        if getattr(import_module(METHODS[spec.method]), "TRAINS_ON_IMAGES", False):
-            return []
-        return [d for role, d in self.data_roles(name) if "." not in role]
+        return self.method_of(name).feature_datasets()
 
     def owners(self, pending: set[tuple[str, str]], evaluated: list[str],
                datasets: list[str]) -> dict[tuple[str, str], int]:
@@ -357,14 +335,13 @@ class Runner:
                     continue
                 source, feats = self.source_and_features(backbone, d)
                 for m in todo:
-                    ctx = MethodContext(backbone, self.cfg, self.prepared(m), self)
+                    ctx = HeadContext(backbone, self.prepared(m), self)
                     # the scored sub-list is part of the key: a zero-shot head for ImageNet-R
                     # holds R's 200 columns only and cannot serve ImageNet-A
                     hk = (m, tuple(source.classnames), tuple(source.class_subset or ()),
                           self.dataset_specs[d].templates)
                     if hk not in heads:
-                        method = import_module(METHODS[self.models[m].method])
-                        heads[hk] = method.build(ctx, source)
+                        heads[hk] = self.method_of(m).build(ctx, source)
                     self.score_cell(m, d, backbone, heads[hk], source, feats)
                     done += 1
                     rec = read_record(record_path(self.cfg.results_dir, self.cfg.name, m, d))

@@ -1,16 +1,5 @@
-"""Backbones (open_clip) and the methods that turn a backbone into a classifier.
-
-``METHODS`` maps a model spec's ``method`` to the module that builds it; adding a method is one
-module plus one line here.
+"""Backbones (open_clip, timm, torchvision, custom modules) and the engines the methods call:
+the text head, the linear-probe solver, LP-CLIP's self-training, the fine-tuning loop, WiSE-FT's
+interpolation and temperature fitting. The methods themselves are declared in
+:mod:`robench.methods`.
 """
-
-METHODS: dict[str, str] = {
-    "zeroshot": "robench.models.zeroshot",
-    "finetune": "robench.models.finetune",
-    "car-ft": "robench.models.car_ft",
-    "wise-ft": "robench.models.wise_ft",
-    "linear-probe": "robench.models.linear_probe",
-    "lp-clip": "robench.models.lp_clip",
-    "temperature-scaling": "robench.models.temperature",
-    "classifier": "robench.models.classifier",  # robench.CustomModel(classifier=...)
-}

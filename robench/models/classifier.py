@@ -11,13 +11,19 @@ any model).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from robench.errors import RobenchError
 from robench.models.heads import LinearHead
 
+if TYPE_CHECKING:
+    from robench.data.base import ImageSource
+    from robench.methods.base import HeadContext
 
-def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
+
+def identity_head(ctx: HeadContext, source: ImageSource) -> LinearHead:
     """The identity head over the cached logit pairs of ``source``."""
     if getattr(ctx.backbone, "kind", None) != "classifier":
         raise RobenchError(f"method 'classifier' needs a network that outputs logits, not "

@@ -45,6 +45,7 @@ import math
 import random
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -71,13 +72,13 @@ from robench.models.zeroshot import class_embeddings
 from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a log
 from robench.registry import ModelSpec
 
-DEFAULTS = {"epochs": 5, "lr": 3e-5, "weight_decay": 0.1, "batch_size": 128, "warmup": 50,
-            "grad_clip": 1.0, "lam": 0.0, "label_smoothing": 0.0, "train_on": "", "workers": 2,
-            "precision": "fp32", "micro_batch": 0, "checkpoint_every": 0}
-# options that change how the work is cut, not what is computed: not in the artifact key
-SCHEDULING = ("workers", "micro_batch", "checkpoint_every")
+if TYPE_CHECKING:
+    from robench.data.base import ImageSource
+    from robench.methods.base import Bench, HeadContext
+    from robench.methods.finetune import FineTuneOptions
+
+# The options and their defaults: robench.methods.finetune.FineTuneOptions
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRAINS_ON_IMAGES = True  # the runner extracts no features for this method's training split
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -193,7 +194,7 @@ def _sum_gradients(state, bucket):  # noqa: ANN001, ANN202 - DDP checks the real
 HEAD_FILE = "robench_head.npz"
 
 
-def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: Path,
+def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOptions, out: Path,
              cache_dir: str | Path, seed: int = 0, progress: bool = True) -> str:
     """Fine-tune ``backbone`` on ``source``; returns the ``local-dir:`` spec of the result.
 
@@ -207,7 +208,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
     final = out / "model"
     if world.all_min(int(intact(final, HEAD_FILE))):
         return f"local-dir:{final}"
-    if opts["precision"] not in PRECISIONS:
+    if opts.precision not in PRECISIONS:
         raise RobenchError(f"unknown fine-tuning precision '{opts['precision']}'",
                            "use options.precision: fp32, bf16 or fp16")
     torch.manual_seed(seed)
@@ -218,8 +219,8 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
     scale = backbone.logit_scale
     w0 = class_embeddings(backbone, source.classnames, templates, cache_dir, progress)
     ctx = context_weights(backbone, source.classnames, templates, cache_dir).to(device) \
-        if opts["lam"] else None
-    frozen = copy.deepcopy(model.visual).eval() if opts["lam"] else None  # theta_0, per rank
+        if opts.lam else None
+    frozen = copy.deepcopy(model.visual).eval() if opts.lam else None  # theta_0, per rank
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.visual.parameters():
@@ -231,23 +232,23 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
         net = torch.nn.parallel.DistributedDataParallel(
             tuned, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
         net.register_comm_hook(None, _sum_gradients)
-    opt = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
-    bsz = opts["batch_size"]
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    bsz = opts.batch_size
     steps_per_epoch = math.ceil(len(source) / bsz)
-    total = opts["epochs"] * steps_per_epoch
+    total = opts.epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < opts["warmup"]:
-            return (step + 1) / opts["warmup"]
-        return 0.5 * (1 + math.cos(math.pi * (step - opts["warmup"]) /
-                                   max(1, total - opts["warmup"])))
+        if step < opts.warmup:
+            return (step + 1) / opts.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - opts.warmup) /
+                                   max(1, total - opts.warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     dev_type = device.split(":")[0]
-    amp = PRECISIONS[opts["precision"]]
+    amp = PRECISIONS[opts.precision]
     autocast = (lambda: torch.autocast(dev_type, dtype=amp)) if amp is not None \
         else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(dev_type, enabled=opts["precision"] == "fp16")
+    scaler = torch.amp.GradScaler(dev_type, enabled=opts.precision == "fp16")
     step = 0
     resume = out / CHECKPOINT
     if (state := load_resume(resume, device)) is not None:  # from its last checkpoint
@@ -274,10 +275,10 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
         epoch, first = divmod(step, steps_per_epoch)
         model.visual.train()
         steps = rank_steps(epoch_order(len(source), seed, epoch), bsz, world,
-                           opts["micro_batch"])[first:]
+                           opts.micro_batch)[first:]
         loader = DataLoader(_Labelled(source, tf, seed, epoch),
                             batch_sampler=[m for _, micro in steps for m, _ in micro],
-                            num_workers=opts["workers"])
+                            num_workers=opts.workers)
         batches = iter(loader)
         for global_size, micro in steps:
             opt.zero_grad(set_to_none=True)
@@ -292,8 +293,8 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
                         if frozen is not None:
                             with torch.no_grad():
                                 feats0 = frozen(x)
-                    loss, kl = car_ft_loss(logits, y, feats, feats0, ctx, scale, opts["lam"],
-                                           opts["label_smoothing"], reduction="sum")
+                    loss, kl = car_ft_loss(logits, y, feats, feats0, ctx, scale, opts.lam,
+                                           opts.label_smoothing, reduction="sum")
                     # sum of this micro-batch's losses over the global batch size: the step's
                     # gradient is the global mean whatever the split
                     loss = loss / global_size
@@ -301,14 +302,14 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: dict, out: 
                         loss = loss * 0.0
                     scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, opts["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.4f}")
             bar.update(1)
-            every = opts["checkpoint_every"]
+            every = opts.checkpoint_every
             if step % steps_per_epoch == 0 or (every and step % every == 0):
                 checkpoint()
     bar.close()
@@ -347,29 +348,16 @@ def load_head(pretrained: str) -> tuple[np.ndarray, list[str]]:
     return z["weight"], [str(c) for c in z["classnames"]]
 
 
-def options(spec: ModelSpec, lam_default: float) -> dict:
-    opts = {**DEFAULTS, "lam": lam_default, **spec.options}
-    unknown_keys = set(opts) - set(DEFAULTS)
-    if unknown_keys:
-        from robench.errors import unknown
-
-        raise unknown("fine-tuning option", sorted(unknown_keys)[0], DEFAULTS)
-    if not opts["train_on"]:
-        raise RobenchError("fine-tuning needs options.train_on (a labelled ID dataset)",
-                           "add options: {train_on: cifar10-subset-probe}")
-    return opts
-
-
-def prepare_finetuned(runner, name: str, spec: ModelSpec, lam_default: float) -> ModelSpec:
+def prepare_finetuned(bench: Bench, name: str, spec: ModelSpec,
+                      opts: FineTuneOptions) -> ModelSpec:
     """Train (or reuse) the fine-tuned checkpoint; return a spec that loads it."""
-    cfg = runner.cfg
-    opts = options(spec, lam_default)
-    source = runner.source(opts["train_on"])
+    cfg = bench.settings
+    source = bench.source(opts.train_on)
     base = load_backbone(spec.arch, spec.pretrained, cfg.device, "fp32",
                          allow_download=cfg.allow_download, seed=cfg.seed)
-    templates = runner.templates_for(opts["train_on"])
+    templates = bench.templates_for(opts.train_on)
     ident = {"weights": base.weights_hash, "train": source.manifest_hash,
-             "opts": {k: v for k, v in opts.items() if k not in SCHEDULING},
+             "opts": opts.identity(),
              "seed": cfg.seed, "templates": templates, "method": spec.method,
              "arch": base.model_cfg, "format": 3}
     out = artifact_dir(cfg.cache_dir, "finetune", ident)
@@ -383,7 +371,7 @@ def prepare_finetuned(runner, name: str, spec: ModelSpec, lam_default: float) ->
     return replace(spec, pretrained=ckpt)
 
 
-def finetuned_head(ctx, source) -> LinearHead:
+def finetuned_head(ctx: HeadContext, source: ImageSource) -> LinearHead:
     """The fine-tuned head saved with the checkpoint, valid for the label space it was trained
     on."""
     w, classnames = load_head(ctx.spec.pretrained)
@@ -393,11 +381,3 @@ def finetuned_head(ctx, source) -> LinearHead:
             "evaluate fine-tuned models on datasets with the training classes")
     return LinearHead(weight=w, scale=ctx.backbone.logit_scale, classnames=list(source.classnames),
                       info={"head": ctx.spec.method, "logit_scale": ctx.backbone.logit_scale})
-
-
-def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
-    return prepare_finetuned(runner, name, spec, lam_default=0.0)
-
-
-def build(ctx, source) -> LinearHead:
-    return finetuned_head(ctx, source)

@@ -49,7 +49,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,16 +59,18 @@ from robench.errors import RobenchError, unknown
 from robench.features import FeatureSet, iter_row_blocks
 from robench.io import load_npz, read_json, write_json, write_npz
 from robench.models.heads import LinearHead
-from robench.models.options import list_of
+
+if TYPE_CHECKING:
+    from robench.data.base import ImageSource
+    from robench.methods.base import HeadContext
+    from robench.methods.linear_probe import ProbeOptions
 
 # 8 log-spaced values of C. Features are L2-normalised (|x| = 1), so useful weights are large and
 # useful C values sit well above scikit-learn's default of 1.
 DEFAULT_GRID: list[float] = [10.0 ** k for k in range(-2, 6)]
-# tol bounds the largest gradient entry of the 1/(C n)-scaled objective (scikit-learn's default on
-# the same scale is 1e-4); max_iter 1000 as in CLIP's published linear-probe example.
-DEFAULTS: dict[str, Any] = {"train_on": "", "val_on": "", "grid": None, "max_iter": 1000,
-                            "tol": 1e-6, "refit": "train+val", "precision": "auto"}
-OPTION_TYPES = {"grid": list_of(float)}  # None: the default sweep
+# The method's options (robench.methods.linear_probe): tol bounds the largest gradient entry of
+# the 1/(C n)-scaled objective (scikit-learn's default on the same scale is 1e-4); max_iter 1000
+# as in CLIP's published linear-probe example.
 REFITS = ("train+val", "train")
 PRECISIONS = ("auto", "float64", "float32")
 # precision "auto": float64 up to this n * d * C (CIFAR-100's 50,000 x 768 x 100 is 3.8e9: still
@@ -401,27 +403,7 @@ def train_probe(x_train: FeatureRows | np.ndarray, y_train: np.ndarray,
                        refit=refit, extra=how.describe())
 
 
-# -- runner integration -----------------------------------------------------------------------
-def options(spec_options: dict[str, Any]) -> dict[str, Any]:
-    """The method's options with defaults filled in; unknown keys are an error."""
-    opts = {**DEFAULTS, **spec_options}
-    extra = set(opts) - set(DEFAULTS)
-    if extra:
-        raise unknown("linear-probe option", sorted(extra)[0], DEFAULTS)
-    if not opts["train_on"] or not opts["val_on"]:
-        raise RobenchError("linear-probe needs options.train_on and options.val_on "
-                           "(labelled ID train and validation datasets)",
-                           "add options: {train_on: cifar10-subset-probe, "
-                           "val_on: cifar10-subset-val}")
-    if opts["grid"] is not None:
-        opts["grid"] = [float(c) for c in opts["grid"]]
-    if opts["refit"] not in REFITS:
-        raise unknown("linear-probe refit", opts["refit"], REFITS)
-    if opts["precision"] not in PRECISIONS:
-        raise unknown("linear-probe precision", opts["precision"], PRECISIONS)
-    return opts
-
-
+# -- the method's head (robench.methods.linear_probe) ---------------------------------------
 def good_rows(source: Any, feats: FeatureSet) -> tuple[FeatureRows, np.ndarray]:
     """(features, labels) of the decodable rows (undecodable ones have zero features); the
     features stay in the cache file and are read a block at a time."""
@@ -438,20 +420,19 @@ def check_label_space(method: str, trained_on: str, trained: list[str], source: 
             f"evaluate {method} models on datasets with the classes of {trained_on}")
 
 
-def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
+def probe_head(ctx: HeadContext, source: ImageSource, opts: ProbeOptions) -> LinearHead:
     """Train (or reuse) the probe on ``train_on`` / ``val_on`` and return it as a head."""
-    opts = options(dict(ctx.spec.options))
-    train_src, train_feats = ctx.features(opts["train_on"])
-    val_src, val_feats = ctx.features(opts["val_on"])
+    train_src, train_feats = ctx.features(opts.train_on)
+    val_src, val_feats = ctx.features(opts.val_on)
     classnames = list(train_src.classnames)
     if list(val_src.classnames) != classnames:
-        raise RobenchError(f"linear-probe: {opts['val_on']} and {opts['train_on']} have "
+        raise RobenchError(f"linear-probe: {opts.val_on} and {opts.train_on} have "
                            "different label spaces", "validate on a split of the same dataset")
-    check_label_space("linear-probe", opts["train_on"], classnames, source)
+    check_label_space("linear-probe", opts.train_on, classnames, source)
     ident = {"method": "linear-probe", "version": VERSION,
              "weights": ctx.backbone.weights_hash, "backbone": ctx.backbone.id(),
              "train": train_feats.key, "val": val_feats.key, "classnames": classnames,
-             "opts": opts, "seed": int(ctx.cfg.seed)}
+             "opts": opts.identity(), "seed": int(ctx.settings.seed)}
     out = artifact_dir(ctx.cache_dir, "linear-probe", ident)
     path = out / "head.npz"
 
@@ -459,9 +440,8 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
         x_tr, y_tr = good_rows(train_src, train_feats)
         x_va, y_va = good_rows(val_src, val_feats)
         t0 = time.time()
-        res = train_probe(x_tr, y_tr, x_va, y_va, len(classnames), opts["grid"],
-                          opts["max_iter"], opts["tol"], opts["refit"], ctx.backbone.device,
-                          opts["precision"])
+        res = train_probe(x_tr, y_tr, x_va, y_va, len(classnames), opts.grid, opts.max_iter,
+                          opts.tol, opts.refit, ctx.backbone.device, opts.precision)
         summary = {"C": res.fit.C, "grid": res.grid, "val_acc": res.val_acc,
                    "val_nll": res.val_nll, "refit": res.refit, "n_iter": res.fit.n_iter,
                    "n_train": int(len(y_tr) + (len(y_va) if res.refit == "train+val" else 0)),
@@ -471,13 +451,13 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
         write_npz(path, weight=res.fit.weight.astype(np.float32),
                   bias=res.fit.bias.astype(np.float32), C=np.float64(res.fit.C))
 
-    ensure(out, path.name, fit, f"the linear probe on {opts['train_on']}")
+    ensure(out, path.name, fit, f"the linear probe on {opts.train_on}")
     z = load_npz(path)
     weight, bias, c = z["weight"], z["bias"], float(z["C"])
     summary = read_json(out / "summary.json")
     return LinearHead(weight=weight, scale=1.0, classnames=classnames, bias=bias,
-                      info={"head": "linear-probe", "train_on": opts["train_on"],
-                            "val_on": opts["val_on"], "C": c, "refit": opts["refit"],
+                      info={"head": "linear-probe", "train_on": opts.train_on,
+                            "val_on": opts.val_on, "C": c, "refit": opts.refit,
                             "grid": summary.get("grid"), "val_acc": summary.get("val_acc"),
                             "artifact": str(out)})
 

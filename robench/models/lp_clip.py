@@ -4,7 +4,7 @@ self-training.
 Paper: Laroudie, Bursuc, Ha, Franchi, "Improving CLIP Robustness with Knowledge Distillation and
 Self-Training", arXiv 2309.10361. The paper's hyper-parameters and augmentation recipe are not
 public, so this is robench's documented re-implementation; every choice below is a knob
-(``ModelSpec.options``) with the default given in ``DEFAULTS``.
+(``robench.methods.lp_clip.LPCLIPOptions``, listed by ``robench list methods``).
 
 Teacher / student (all on frozen, cached, L2-normalised image features f(x)):
 
@@ -56,7 +56,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -71,16 +71,13 @@ from robench.io import load_npz, write_json, write_npz
 from robench.models.backbone import Backbone
 from robench.models.heads import LinearHead
 from robench.models.linear_probe import check_label_space, few_threads
+
+if TYPE_CHECKING:
+    from robench.methods.base import HeadContext
+    from robench.methods.lp_clip import LPCLIPOptions
 from robench.models.zeroshot import class_embeddings, text_key
 
-# lr: the student's logits are s * f @ W with s ~ 100 for real CLIPs, and Adam moves each entry
-# of W (entries ~ 1/sqrt(D) ~ 0.04 for unit-norm columns) by ~lr per step, so 1e-4 keeps the
-# zero-shot initialisation's scale meaningful over thousands of steps; raise it for tiny models.
-DEFAULTS: dict[str, Any] = {
-    "train_on": "", "views": 2, "temperature": 2.0, "tau": 0.9, "ce_weight": 1.0, "rounds": 2,
-    "epochs": 10, "lr": 1e-4, "weight_decay": 0.01, "batch_size": 256, "init": "zeroshot",
-    "bias": False, "crop_scale": 0.35, "jitter": 0.4, "randaugment": 9,
-}
+# The method's options and their defaults: robench.methods.lp_clip.LPCLIPOptions.
 INITS = ("zeroshot", "random")
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when training changes, so stale cached heads are not reused
@@ -152,15 +149,15 @@ def strong_transform(backbone: Backbone, crop_scale: float = 0.35, jitter: float
     return T.Compose(ops)
 
 
-def view_names(opts: dict[str, Any], seed: int) -> list[tuple[str, int]]:
+def view_names(opts: LPCLIPOptions, seed: int) -> list[tuple[str, int]]:
     """(cache view name, extraction seed) of each strong view. The name carries every knob the
     transform depends on plus the seed, so a change yields new cached features."""
-    aug = {k: opts[k] for k in ("crop_scale", "jitter", "randaugment")}
+    aug = {k: getattr(opts, k) for k in ("crop_scale", "jitter", "randaugment")}
     tag = hashlib.sha256(json.dumps(aug, sort_keys=True).encode()).hexdigest()[:10]
-    return [(f"lpclip-strong{k}-s{seed}-{tag}", seed * 1009 + k) for k in range(opts["views"])]
+    return [(f"lpclip-strong{k}-s{seed}-{tag}", seed * 1009 + k) for k in range(opts.views)]
 
 
-def training_features(backbone: Backbone, source: Unlabelled, cache_dir: str, opts: dict,
+def training_features(backbone: Backbone, source: Unlabelled, cache_dir: str, opts: LPCLIPOptions,
                       seed: int, batch_size: int = 256, num_workers: int = 0,
                       progress: bool = False, strict: bool = False
                       ) -> tuple[FeatureSet, list[FeatureSet]]:
@@ -170,7 +167,7 @@ def training_features(backbone: Backbone, source: Unlabelled, cache_dir: str, op
     kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress,
           "strict": strict}
     weak = extract_features(backbone, source, cache_dir, **kw)
-    tf = strong_transform(backbone, opts["crop_scale"], opts["jitter"], opts["randaugment"])
+    tf = strong_transform(backbone, opts.crop_scale, opts.jitter, opts.randaugment)
     strong = [extract_features(backbone, source, cache_dir, transform=tf, view=name, seed=s, **kw)
               for name, s in view_names(opts, seed)]
     return weak, strong
@@ -193,8 +190,8 @@ class LPCLIPConfig:
     bias: bool = False
 
     @classmethod
-    def from_options(cls, opts: dict[str, Any]) -> LPCLIPConfig:
-        return cls(**{k: opts[k] for k in cls.__dataclass_fields__})
+    def from_options(cls, opts: LPCLIPOptions) -> LPCLIPConfig:
+        return cls(**{k: getattr(opts, k) for k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -350,43 +347,27 @@ def _round(r: int, weak: torch.Tensor, strong: torch.Tensor, teacher: torch.Tens
     return w, b
 
 
-# -- runner integration -----------------------------------------------------------------------
-def options(spec_options: dict[str, Any]) -> dict[str, Any]:
-    """The method's options with defaults filled in; unknown keys are an error."""
-    opts = {**DEFAULTS, **spec_options}
-    extra = set(opts) - set(DEFAULTS)
-    if extra:
-        raise unknown("lp-clip option", sorted(extra)[0], DEFAULTS)
-    if not opts["train_on"]:
-        raise RobenchError("lp-clip needs options.train_on (an ID dataset; its labels are not "
-                           "used)", "add options: {train_on: cifar10-subset-probe}")
-    if opts["init"] not in INITS:
-        raise unknown("lp-clip init", opts["init"], INITS)
-    if int(opts["views"]) < 1:
-        raise RobenchError("lp-clip needs views >= 1", "set options.views to 1 or more")
-    return opts
-
-
-def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
+# -- the method's head (robench.methods.lp_clip) ---------------------------------------------
+def lp_clip_head(ctx: HeadContext, source: ImageSource, opts: LPCLIPOptions) -> LinearHead:
     """Train (or reuse) the LP-CLIP student on ``train_on`` and return it as a head."""
-    opts = options(dict(ctx.spec.options))
-    backbone, seed = ctx.backbone, int(ctx.cfg.seed)
-    train = Unlabelled(ctx.runner.source(opts["train_on"]))
-    check_label_space("lp-clip", opts["train_on"], train.classnames, source)
-    templates = ctx.runner.templates_for(opts["train_on"])
+    backbone, seed = ctx.backbone, int(ctx.settings.seed)
+    # the split is read only through its index, never as labelled features
+    train = Unlabelled(ctx.bench.source(opts.train_on))
+    check_label_space("lp-clip", opts.train_on, train.classnames, source)
+    templates = ctx.bench.templates_for(opts.train_on)
     ident = {"method": "lp-clip", "version": VERSION, "weights": backbone.weights_hash,
              "backbone": backbone.id(), "weak": feature_key(backbone, train),
              "strong": [feature_key(backbone, train, v) for v, _ in view_names(opts, seed)],
-             "text": text_key(backbone, train.classnames, templates), "opts": opts,
+             "text": text_key(backbone, train.classnames, templates), "opts": opts.identity(),
              "seed": seed}
     out = artifact_dir(ctx.cache_dir, "lp-clip", ident)
     path = out / "head.npz"
 
     def fit() -> None:
-        mc = ctx.cfg.model
+        run = ctx.settings
         weak, strong = training_features(backbone, train, ctx.cache_dir, opts, seed,
-                                         mc.batch_size, mc.num_workers, ctx.progress,
-                                         bool(ctx.cfg.strict))
+                                         run.batch_size, run.num_workers, ctx.progress,
+                                         run.strict)
         bad = sorted(set(weak.bad).union(*(s.bad for s in strong)))
         keep = np.setdiff1d(np.arange(len(train)), np.asarray(bad, dtype=np.int64))
         w_zs = class_embeddings(backbone, train.classnames, templates, ctx.cache_dir,
@@ -403,14 +384,14 @@ def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
             arrays["bias"] = res.bias
         write_npz(path, **arrays)  # last: its presence marks a complete artifact
 
-    ensure(out, path.name, fit, f"LP-CLIP on {opts['train_on']}")
+    ensure(out, path.name, fit, f"LP-CLIP on {opts.train_on}")
     z = load_npz(path)
     weight, scale = z["weight"], float(z["scale"])
     bias = z.get("bias")
     return LinearHead(weight=weight, scale=scale, classnames=list(train.classnames), bias=bias,
-                      info={"head": "lp-clip", "train_on": opts["train_on"],
+                      info={"head": "lp-clip", "train_on": opts.train_on,
                             "logit_scale": scale, "teacher": "zeroshot (weak view)",
-                            "init": opts["init"], "views": int(opts["views"]),
-                            "rounds": int(opts["rounds"]), "template_set":
-                            ctx.runner.dataset_specs[opts["train_on"]].templates,
+                            "init": opts.init, "views": opts.views,
+                            "rounds": opts.rounds, "template_set":
+                            ctx.bench.template_set_of(opts.train_on),
                             "artifact": str(out)})

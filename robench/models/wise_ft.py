@@ -5,12 +5,14 @@ ensembling of the zero-shot and the fine-tuned model, head included,
     W_alpha     = (1 - alpha) * W_zeroshot     + alpha * W_finetuned.
 
 alpha = 0 is the zero-shot model and alpha = 1 the fine-tuned one, exactly. ``options.alphas``
-expands one declaration into one leaderboard model per alpha (``<name>-a<alpha>``).
+expands one declaration into one leaderboard model per alpha (``<name>-a<alpha>``); the
+options are declared in :mod:`robench.methods.wise_ft`.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,27 +21,12 @@ from robench import distributed
 from robench.artifacts import artifact_dir, ensure
 from robench.errors import RobenchError
 from robench.models.backbone import load_backbone, save_derived
-from robench.models.finetune import HEAD_FILE, finetuned_head, load_head, save_head
-from robench.models.heads import LinearHead
-from robench.models.options import list_of
+from robench.models.finetune import HEAD_FILE, load_head, save_head
 from robench.models.zeroshot import class_embeddings
 from robench.registry import ModelSpec
 
-DEFAULTS = {"finetuned": "", "alpha": 0.5, "alphas": None}
-OPTION_TYPES = {"alphas": list_of(float)}
-
-
-def expand(name: str, spec: ModelSpec) -> list[tuple[str, ModelSpec]]:
-    """One model per alpha of ``options.alphas`` (or the single ``options.alpha``)."""
-    opts = dict(spec.options)
-    if "finetuned" not in opts:
-        raise RobenchError(f"wise-ft model '{name}' needs options.finetuned",
-                           "name the fine-tuned model (finetune or car-ft) to interpolate with")
-    alphas = opts.pop("alphas", None)
-    if alphas is None:
-        return [(name, spec)]
-    return [(f"{name}-a{a:g}", replace(spec, options={**opts, "alpha": float(a)}))
-            for a in alphas]
+if TYPE_CHECKING:
+    from robench.methods.base import Bench
 
 
 def interpolate(zs: dict[str, torch.Tensor], ft: dict[str, torch.Tensor],
@@ -52,17 +39,12 @@ def interpolate(zs: dict[str, torch.Tensor], ft: dict[str, torch.Tensor],
             for k, v in zs.items()}
 
 
-def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
+def prepare_mix(bench: Bench, spec: ModelSpec, ft_name: str, alpha: float) -> ModelSpec:
     """Mix the zero-shot and fine-tuned weights and heads; save the result as a ``local-dir:``
     folder with the zero-shot parent's architecture config and preprocessing."""
-    opts = spec.options
-    alpha = float(opts.get("alpha", 0.5))
-    if not 0.0 <= alpha <= 1.0:
-        raise RobenchError(f"wise-ft alpha {alpha} outside [0, 1]", "use 0 <= alpha <= 1")
-    ft_name = opts["finetuned"]
-    ft_spec = runner.prepared(ft_name)
-    declared = runner.declared(ft_name)
-    cfg = runner.cfg
+    ft_spec = bench.prepared(ft_name)
+    declared = bench.declared(ft_name)
+    cfg = bench.settings
     zs = load_backbone(declared.arch, declared.pretrained, cfg.device, "fp32",
                        allow_download=cfg.allow_download, seed=cfg.seed)
     ft = load_backbone(declared.arch, ft_spec.pretrained, cfg.device, "fp32",
@@ -72,8 +54,8 @@ def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
                            f"({declared.pretrained}): architecture or preprocessing differ",
                            "interpolate a model with the checkpoint it was fine-tuned from")
     w_ft, classnames = load_head(ft_spec.pretrained)
-    train_on = ft_spec.options["train_on"]
-    w_zs = class_embeddings(zs, classnames, runner.templates_for(train_on), cfg.cache_dir,
+    train_on = bench.method_of(ft_name).options.train_on
+    w_zs = class_embeddings(zs, classnames, bench.templates_for(train_on), cfg.cache_dir,
                             progress=False)
     ident = {"zs": zs.weights_hash, "ft": ft.weights_hash, "alpha": alpha, "format": 2}
     out = artifact_dir(cfg.cache_dir, "wise-ft", ident) / "model"
@@ -87,10 +69,3 @@ def prepare(runner, name: str, spec: ModelSpec) -> ModelSpec:
         ensure(out, HEAD_FILE, mix, f"WiSE-FT alpha={alpha:g} of {ft_name}")
     world.barrier()
     return replace(spec, arch=declared.arch, pretrained=f"local-dir:{out}")
-
-
-def build(ctx, source) -> LinearHead:
-    head = finetuned_head(ctx, source)
-    head.info.update({"alpha": ctx.spec.options["alpha"],
-                      "finetuned": ctx.spec.options["finetuned"]})
-    return head

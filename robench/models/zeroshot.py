@@ -280,11 +280,3 @@ def zeroshot_head(backbone: Backbone, classnames: list[str], templates: list[str
                       info={"head": "zeroshot", "template_set": template_set,
                             "n_templates": len(templates), "logit_scale": backbone.logit_scale},
                       columns=None if columns is None else [int(c) for c in columns])
-
-
-def build(ctx, source) -> LinearHead:  # noqa: ANN001 - see runner.MethodContext
-    """Method entry point used by the runner: a head over exactly the classes ``source`` is
-    scored over (its ``class_subset`` when it has one)."""
-    return zeroshot_head(ctx.backbone, source.classnames, ctx.templates(source),
-                         ctx.template_set(source), ctx.cache_dir, ctx.progress,
-                         columns=source.class_subset)
