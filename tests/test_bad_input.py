@@ -90,12 +90,12 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "float labels": (run + _c_args(_c_set(tmp / "float", labels=np.linspace(0, 9, 20))),
                          "integer class indices"),
         "alphas scalar": (run + ["models=" + WISE.replace("{a}", "0.5")],
-                          "alphas=0.5 of wise-ft must be a list of a number values"),
+                          "alphas=0.5 of wise-ft must be a list of numbers (or null)"),
         "epochs abc": (run + [f"models=[{{name: f, arch: {TINY}, method: finetune, options: "
                               "{train_on: cifar10-subset-probe, epochs: abc}}]"],
                        "epochs='abc' of finetune must be an integer"),
         "grid abc": (run + ["models=[" + LP + "val_on: cifar10-subset-val, grid: [abc]}}]"],
-                     "grid=['abc'] of linear-probe must be a list of a number values"),
+                     "grid=['abc'] of linear-probe must be a list of numbers (or null)"),
         "unknown option": (run + ["models=[" + LP + "val_on: cifar10-subset-val, C: 1}}]"],
                            "unknown linear-probe option 'C'"),
         "ts base option": (run + [f"models=[{{name: t, arch: {TINY}, method: temperature-scaling,"

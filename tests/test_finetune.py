@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import cifar_cell, derived_state, run_cifar_suite, same_outputs, write_cifar10
 
 from robench.errors import RobenchError
+from robench.methods import make_method
+from robench.methods.finetune import FineTuneOptions
 from robench.models import finetune as FT
-from robench.models.wise_ft import expand, interpolate
-from robench.registry import ModelSpec
+from robench.models.wise_ft import interpolate
 
 OPTS = "{train_on: cifar10-train, epochs: 2, lr: 1.0e-3, batch_size: 16, warmup: 2, workers: 0}"
 SUITE = f"""
@@ -104,8 +107,8 @@ def _resume_case(tmp_path, **extra):
     from robench.data import cifar
 
     src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
-    opts = {**FT.DEFAULTS, "train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
-            "warmup": 1, "workers": 0, **extra}
+    opts = FineTuneOptions(**{"train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
+                              "warmup": 1, "workers": 0, **extra})
     templates = ["a photo of a {}."]
 
     def fresh():
@@ -131,10 +134,14 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tiny_backbon
 
 
 def test_wise_ft_helpers_and_errors():
-    spec = ModelSpec("x", None, "wise-ft", {"finetuned": "ft", "alphas": [0, 0.25]})
-    assert [n for n, _ in expand("w", spec)] == ["w-a0", "w-a0.25"]
+    declared = {"finetuned": "ft", "alphas": [0, 0.25]}
+    expanded = make_method("wise-ft", declared).expand("w", declared)
+    assert expanded == [("w-a0", {"finetuned": "ft", "alpha": 0.0}),
+                        ("w-a0.25", {"finetuned": "ft", "alpha": 0.25})]
     with pytest.raises(RobenchError, match="options.finetuned"):
-        expand("w", ModelSpec("x", None, "wise-ft", {}))
+        make_method("wise-ft", {})
+    with pytest.raises(RobenchError, match="alphas=.*<= 1"):
+        make_method("wise-ft", {"finetuned": "ft", "alphas": [0.5, 1.5]})
     zs, ft = {"a": torch.ones(2), "n": torch.tensor(3)}, {"a": torch.zeros(2), "n": torch.tensor(3)}
     assert torch.equal(interpolate(zs, ft, 0.25)["a"], torch.full((2,), 0.75))
     with pytest.raises(RobenchError, match="different parameters"):
@@ -143,9 +150,13 @@ def test_wise_ft_helpers_and_errors():
 
 def test_finetune_option_errors():
     with pytest.raises(RobenchError, match="train_on"):
-        FT.options(ModelSpec("x", None, "finetune", {}), 0.0)
+        make_method("finetune", {})
     with pytest.raises(RobenchError, match="Did you mean 'epochs'"):
-        FT.options(ModelSpec("x", None, "finetune", {"train_on": "a", "epoch": 3}), 0.0)
+        make_method("finetune", {"train_on": "a", "epoch": 3})
+    with pytest.raises(RobenchError, match="unknown car-ft precision 'fp8'"):
+        make_method("car-ft", {"train_on": "a", "precision": "fp8"})
+    assert make_method("car-ft", {"train_on": "a"}).options.lam == 1.0
+    assert make_method("finetune", {"train_on": "a"}).options.lam == 0.0
 
 
 def test_epoch_order_is_the_order_a_shuffling_dataloader_draws():
@@ -202,8 +213,8 @@ def test_mixed_precision_training_runs_under_autocast(tmp_path, precision):
     src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c", train=True)
     # fp16: the GradScaler skips the first steps (inf gradients at its initial scale 2^16)
     # until the scale has come down, so the run needs more steps than bf16 to move the weights
-    opts = {**FT.DEFAULTS, "train_on": "c", "epochs": 1, "lr": 1e-3, "batch_size": 2,
-            "warmup": 1, "workers": 0, "lam": 1.0}
+    opts = FineTuneOptions(train_on="c", epochs=1, lr=1e-3, batch_size=2, warmup=1, workers=0,
+                           lam=1.0)
     templates = ["a photo of a {}.", "a sketch of a {}."]
     base = FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=5)
     w0 = {k: v.clone() for k, v in base.model.visual.state_dict().items()}
@@ -216,7 +227,7 @@ def test_mixed_precision_training_runs_under_autocast(tmp_path, precision):
         return out
 
     base.model.visual.forward = spy
-    out = FT.finetune(base, src, templates, {**opts, "precision": precision},
+    out = FT.finetune(base, src, templates, replace(opts, precision=precision),
                       tmp_path / precision, tmp_path / "cache", progress=False)
     state = derived_state(out)
     assert set(seen) == {FT.PRECISIONS[precision]}
@@ -226,5 +237,5 @@ def test_mixed_precision_training_runs_under_autocast(tmp_path, precision):
 
 def test_unknown_training_precision_is_an_error(tmp_path, tiny_backbone):
     with pytest.raises(RobenchError, match="precision"):
-        FT.finetune(tiny_backbone, [], [], {**FT.DEFAULTS, "precision": "fp8"}, tmp_path,
+        FT.finetune(tiny_backbone, [], [], FineTuneOptions(precision="fp8"), tmp_path,
                     tmp_path)

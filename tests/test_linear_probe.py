@@ -15,7 +15,10 @@ from sklearn.linear_model import LogisticRegression
 from robench.data.base import ImageSource
 from robench.errors import RobenchError
 from robench.features import FeatureSet
+from robench.methods import make_method
+from robench.methods.base import Settings
 from robench.models import linear_probe as LP
+from robench.models.heads import LinearHead
 from robench.registry import ModelSpec
 
 
@@ -107,7 +110,7 @@ def test_selection_rule_accuracy_then_nll_then_smaller_c(monkeypatch):
 # -- runner integration, on synthetic cached features -------------------------------------------
 @dataclass
 class FakeCtx:
-    """The parts of runner.MethodContext the probe uses."""
+    """The parts of robench.methods.base.HeadContext the probe uses."""
 
     feats: dict[str, tuple[ImageSource, FeatureSet]]
     options: dict
@@ -122,11 +125,16 @@ class FakeCtx:
         return ModelSpec("robench-tiny-vit", method="linear-probe", options=self.options)
 
     @property
-    def cfg(self) -> SimpleNamespace:
-        return SimpleNamespace(seed=self.seed)
+    def settings(self) -> Settings:
+        return Settings(cache_dir=self.cache_dir, device="cpu", seed=self.seed)
 
     def features(self, name: str) -> tuple[ImageSource, FeatureSet]:
         return self.feats[name]
+
+
+def _build(ctx: FakeCtx, source: ImageSource) -> LinearHead:
+    """The linear-probe method's head, its options parsed as a suite's are."""
+    return make_method("linear-probe", ctx.options, "probe").build(ctx, source)
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, classnames: list[str],
@@ -156,7 +164,7 @@ def test_build_caches_the_head_and_retrains_when_anything_changes(data, tmp_path
     monkeypatch.setattr(LP, "train_probe", counting)
     opts = {"train_on": "tr", "val_on": "va", "grid": [0.1, 10.0]}
     ctx = FakeCtx(data, opts, str(tmp_path))
-    head = LP.build(ctx, data["va"][0])
+    head = _build(ctx, data["va"][0])
     assert calls == [198]  # the two undecodable rows are excluded
     assert head.scale == 1.0 and head.bias is not None and head.weight.shape == (8, 3)
     assert head.classnames == ["a", "b", "c"] and head.info["C"] in (0.1, 10.0)
@@ -166,21 +174,21 @@ def test_build_caches_the_head_and_retrains_when_anything_changes(data, tmp_path
         raise AssertionError("retrained although nothing changed")
 
     monkeypatch.setattr(LP, "train_probe", boom)
-    again = LP.build(FakeCtx(data, dict(opts), str(tmp_path)), data["va"][0])
+    again = _build(FakeCtx(data, dict(opts), str(tmp_path)), data["va"][0])
     np.testing.assert_array_equal(again.weight, head.weight)
     np.testing.assert_array_equal(again.bias, head.bias)
 
     monkeypatch.setattr(LP, "train_probe", counting)
-    LP.build(FakeCtx(data, opts, str(tmp_path), seed=1), data["va"][0])  # seed
-    LP.build(FakeCtx(data, {**opts, "max_iter": 50}, str(tmp_path)), data["va"][0])  # options
+    _build(FakeCtx(data, opts, str(tmp_path), seed=1), data["va"][0])  # seed
+    _build(FakeCtx(data, {**opts, "max_iter": 50}, str(tmp_path)), data["va"][0])  # options
     changed = dict(data)
     src, fs = data["tr"]
     changed["tr"] = (src, FeatureSet(fs.features, fs.bad, "another-key", True))  # train data
-    LP.build(FakeCtx(changed, opts, str(tmp_path)), data["va"][0])
+    _build(FakeCtx(changed, opts, str(tmp_path)), data["va"][0])
     changed["tr"] = data["tr"]
     changed["va"] = (data["va"][0], FeatureSet(data["va"][1].features, [], "val-2", True))
-    LP.build(FakeCtx(changed, opts, str(tmp_path)), data["va"][0])  # val data
-    LP.build(FakeCtx(data, opts, str(tmp_path), backbone=SimpleNamespace(  # weights
+    _build(FakeCtx(changed, opts, str(tmp_path)), data["va"][0])  # val data
+    _build(FakeCtx(data, opts, str(tmp_path), backbone=SimpleNamespace(  # weights
         weights_hash="w1", id=lambda: "bb1", device="cpu")), data["va"][0])
     assert len(calls) == 6
 
@@ -189,19 +197,19 @@ def test_build_refuses_another_label_space_and_bad_options(data, tmp_path):
     ctx = FakeCtx(data, {"train_on": "tr", "val_on": "va"}, str(tmp_path))
     other = ImageSource("other", np.zeros(3, dtype=np.int64), ["x", "y", "z"], "m", None)
     with pytest.raises(RobenchError, match="trained on another label space"):
-        LP.build(ctx, other)
+        _build(ctx, other)
     with pytest.raises(RobenchError, match="val_on"):
-        LP.build(FakeCtx(data, {"train_on": "tr"}, str(tmp_path)), data["va"][0])
+        _build(FakeCtx(data, {"train_on": "tr"}, str(tmp_path)), data["va"][0])
     with pytest.raises(RobenchError, match="Did you mean 'grid'"):
-        LP.build(FakeCtx(data, {"train_on": "tr", "val_on": "va", "grd": [1]}, str(tmp_path)),
+        _build(FakeCtx(data, {"train_on": "tr", "val_on": "va", "grd": [1]}, str(tmp_path)),
                  data["va"][0])
     with pytest.raises(RobenchError, match="refit"):
-        LP.build(FakeCtx(data, {"train_on": "tr", "val_on": "va", "refit": "val"},
+        _build(FakeCtx(data, {"train_on": "tr", "val_on": "va", "refit": "val"},
                          str(tmp_path)), data["va"][0])
 
 
 def test_head_artifact_holds_the_fit(data, tmp_path):
-    head = LP.build(FakeCtx(data, {"train_on": "tr", "val_on": "va", "refit": "train",
+    head = _build(FakeCtx(data, {"train_on": "tr", "val_on": "va", "refit": "train",
                                    "grid": [3.0]}, str(tmp_path)), data["va"][0])
     x, y = data["tr"][1].features.astype(np.float64), data["tr"][0].labels
     keep = np.setdiff1d(np.arange(len(y)), [0, 5])
@@ -318,13 +326,13 @@ def test_build_streams_cached_features_and_records_the_plan(tmp_path):
         splits[name] = (src, FeatureSet(cache_file(tmp_path / f"{name}.npy", x), bad,
                                         f"k-{name}", cached=True))
     opts = {"train_on": "tr", "val_on": "va", "grid": [1.0, 100.0], "precision": "float32"}
-    head = LP.build(FakeCtx(splits, opts, str(tmp_path / "cache")), splits["va"][0])
+    head = _build(FakeCtx(splits, opts, str(tmp_path / "cache")), splits["va"][0])
     summary = json.loads(Path(head.info["artifact"], "summary.json").read_text())
     assert summary["precision"] == "float32" and summary["n_train"] == 299 + 120
-    exact = LP.build(FakeCtx(splits, {**opts, "precision": "auto"}, str(tmp_path / "cache")),
+    exact = _build(FakeCtx(splits, {**opts, "precision": "auto"}, str(tmp_path / "cache")),
                      splits["va"][0])
     assert exact.info["artifact"] != head.info["artifact"]  # precision is part of the key
     assert np.abs(exact.weight - head.weight).max() < 1e-2 * np.abs(exact.weight).max()
     with pytest.raises(RobenchError, match="Did you mean 'float32'"):
-        LP.build(FakeCtx(splits, {**opts, "precision": "floa32"}, str(tmp_path)),
+        _build(FakeCtx(splits, {**opts, "precision": "floa32"}, str(tmp_path)),
                  splits["va"][0])

@@ -13,6 +13,8 @@ from conftest import same_outputs
 from robench.config import load_suite
 from robench.data.folder import load as load_folder
 from robench.errors import RobenchError
+from robench.methods.base import HeadContext
+from robench.methods.lp_clip import LPCLIPOptions
 from robench.models import lp_clip as LPC
 from robench.models.heads import LinearHead
 from robench.registry import ASSETS, DatasetSpec
@@ -183,7 +185,7 @@ def feature_cache(tmp_path_factory):
 
 def test_label_free_split_trains_on_real_images(tiny_backbone, feature_cache, tmp_path):
     train = LPC.Unlabelled(LabelFree(_val_source()))
-    opts = {**LPC.DEFAULTS, "views": 1}
+    opts = LPCLIPOptions(train_on="val", views=1)
     # seed 123 = the seed of both tiny_backbone and the runner below, so they share the cache
     weak, strong = LPC.training_features(tiny_backbone, train, str(feature_cache), opts, seed=123)
     assert len(strong) == 1 and strong[0].features.shape == weak.features.shape == (500, 32)
@@ -273,8 +275,6 @@ def test_evaluating_on_another_label_space_is_refused(tmp_path):
     runner = _runner(tmp_path)
     other = load_folder(ASSETS / "cifar10-subset" / "val", name="x")
     other.classnames = [c.upper() for c in other.classnames]
-    from robench.runner import MethodContext
-
-    ctx = MethodContext(None, runner.cfg, runner.models["lpc"], runner)
+    ctx = HeadContext(None, runner.models["lpc"], runner)
     with pytest.raises(RobenchError, match="trained on another label space"):
-        LPC.build(ctx, other)
+        runner.method_of("lpc").build(ctx, other)

@@ -6,7 +6,6 @@ import json
 import sys
 import types
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ from robench.config import load_suite
 from robench.data.base import ImageSource
 from robench.errors import RobenchError
 from robench.features import FeatureSet
-from robench.models import METHODS
+from robench.methods import METHODS, make_method
+from robench.methods.base import HeadContext, Method, Options, Settings, option
+from robench.methods.temperature import TemperatureScaling
 from robench.models import temperature as TS
 from robench.models.heads import LinearHead
 from robench.registry import ModelSpec
@@ -49,25 +50,67 @@ def test_temperature_is_clipped_when_the_data_are_separable():
 
 
 # -- build() on synthetic features, with a stand-in base method -----------------------------------
-@dataclass
-class FakeCtx:
-    spec: ModelSpec
-    feats: dict
-    cache_dir: str = ""
-    progress: bool = False
-    backbone: object = None
-    cfg: object = None
+@dataclass(frozen=True)
+class FakeOptions(Options):
+    scale: float = option(1.0, "multiplies the fake head's over-confident scale")
 
-    def features(self, name: str):
+
+class FakeBase(Method):
+    """A base method whose head is a fixed classifier made 10x over-confident."""
+
+    name = "fake"
+    summary = "test stand-in"
+    Options = FakeOptions
+    weight: np.ndarray
+    built: list[str] = []
+
+    def build(self, ctx: HeadContext, source: ImageSource) -> LinearHead:
+        self.built.append(source.name)
+        return LinearHead(self.weight.astype(np.float32), 10.0 * self.options.scale,
+                          ["a", "b", "c", "d"], bias=np.full(4, 0.5, dtype=np.float32),
+                          info={"head": "fake"})
+
+
+class FakeFineTune(Method):
+    """A backbone-changing base: prepare() points the spec at a checkpoint."""
+
+    name = "fake-ft"
+    summary = "test stand-in"
+    Options = FakeOptions
+    trains_on_images = True
+
+    def prepare(self, bench, name: str, spec: ModelSpec) -> ModelSpec:
+        return replace(spec, arch="derived-arch", pretrained="/ckpt.pt")
+
+    def build(self, ctx: HeadContext, source: ImageSource) -> LinearHead:
+        raise AssertionError("not built in this test")
+
+
+@dataclass
+class FakeBench:
+    feats: dict
+    settings: Settings = Settings(cache_dir="", device="cpu", progress=False)
+
+    def features(self, backbone, name: str):
         return self.feats[name]
 
 
 @pytest.fixture()
-def overconfident(monkeypatch):
-    """A base method whose head is a decent classifier made 10x over-confident, plus val/test
-    features labelled by its calibrated version."""
+def fakes(monkeypatch):
+    module = types.ModuleType("fake_methods")
+    module.FakeBase, module.FakeFineTune = FakeBase, FakeFineTune
+    monkeypatch.setitem(sys.modules, "fake_methods", module)
+    monkeypatch.setitem(METHODS, "fake", "fake_methods:FakeBase")
+    monkeypatch.setitem(METHODS, "fake-ft", "fake_methods:FakeFineTune")
+
+
+@pytest.fixture()
+def overconfident(fakes, monkeypatch):
+    """The fake base method plus val/test features labelled by its calibrated version."""
     rng = np.random.default_rng(1)
     w = rng.normal(size=(8, 4))
+    monkeypatch.setattr(FakeBase, "weight", w, raising=False)
+    monkeypatch.setattr(FakeBase, "built", [])
     names = ["a", "b", "c", "d"]
 
     def split(name: str, n: int):
@@ -75,14 +118,14 @@ def overconfident(monkeypatch):
         y = _softmax_sample(x @ w, rng)
         return ImageSource(name, y, names, f"m-{name}", None), FeatureSet(x, [0], f"k-{name}", 1)
 
-    module = types.ModuleType("fake_base")
-    module.build = lambda ctx, source: LinearHead(w.astype(np.float32), 10.0 * ctx.spec.options[
-        "scale"], names, bias=np.full(4, 0.5, dtype=np.float32), info={"head": "fake"})
-    monkeypatch.setitem(sys.modules, "fake_base", module)
-    monkeypatch.setitem(METHODS, "fake", "fake_base")
     spec = ModelSpec("x", method="temperature-scaling", options={
         "base": "fake", "base_options": {"scale": 1.0}, "calibrate_on": "val"})
-    return FakeCtx(spec, {"val": split("val", 3000), "test": split("test", 3000)})
+    return HeadContext(None, spec, FakeBench({"val": split("val", 3000),
+                                              "test": split("test", 3000)}))
+
+
+def _ts(ctx: HeadContext) -> TemperatureScaling:
+    return make_method("temperature-scaling", ctx.spec.options, "m")
 
 
 def _nll_acc(head: LinearHead, split) -> tuple[float, float]:
@@ -93,17 +136,20 @@ def _nll_acc(head: LinearHead, split) -> tuple[float, float]:
 
 def test_lowers_nll_of_an_overconfident_head_and_keeps_accuracy(overconfident):
     ctx = overconfident
-    test_src = ctx.feats["test"][0]
-    base = sys.modules["fake_base"].build(replace(ctx, spec=TS.base_spec(ctx.spec)), test_src)
-    head = TS.build(ctx, test_src)
+    feats = ctx.bench.feats
+    test_src = feats["test"][0]
+    ts = _ts(ctx)
+    assert isinstance(ts.base, FakeBase) and ts.base.options.scale == 1.0
+    base = ts.base.build(ctx, test_src)
+    head = ts.build(ctx, test_src)
     t = head.info["temperature"]
     assert t == pytest.approx(10.0, rel=0.1)
     assert head.scale == pytest.approx(base.scale / t)
     np.testing.assert_array_equal(head.weight, base.weight)
-    x = ctx.feats["test"][1].features
+    x = feats["test"][1].features
     np.testing.assert_allclose(head.logits(x), base.logits(x) / t, rtol=1e-5, atol=1e-5)
-    nll_base, acc_base = _nll_acc(base, ctx.feats["test"])
-    nll_ts, acc_ts = _nll_acc(head, ctx.feats["test"])  # held-out: not the calibration split
+    nll_base, acc_base = _nll_acc(base, feats["test"])
+    nll_ts, acc_ts = _nll_acc(head, feats["test"])  # held-out: not the calibration split
     assert nll_ts < 0.5 * nll_base
     assert acc_ts == acc_base
     info = head.info
@@ -111,36 +157,35 @@ def test_lowers_nll_of_an_overconfident_head_and_keeps_accuracy(overconfident):
     assert info["calibration_nll_after"] < info["calibration_nll_before"]
 
 
-def test_sub_list_head_is_calibrated_with_the_full_head_of_the_val_split(overconfident):
+def test_sub_list_head_is_calibrated_with_the_full_head_of_the_val_split(overconfident,
+                                                                         monkeypatch):
     """A base that builds only the scored columns (zero-shot for ImageNet-R): T is fitted with
     the base head built for the validation split's own classes -- the T a full head gets -- and
     the calibrated head keeps its columns and scores as the calibrated full head restricted."""
     from robench.scoring import cell_outputs
 
     ctx = overconfident
-    full_module = sys.modules["fake_base"]
-    full_build = full_module.build
-    built = []
+    full_build = FakeBase.build
 
-    def sub_list_build(ctx, source):
-        built.append(source.name)
-        head = full_build(ctx, source)
+    def sub_list_build(self, ctx, source):
+        head = full_build(self, ctx, source)
         if source.class_subset is None:
             return head
         cols = list(source.class_subset)
         return LinearHead(head.weight[:, cols], head.scale, head.classnames,
                           bias=head.bias[cols], info=head.info, columns=cols)
 
-    full_module.build = sub_list_build
-    test_src, test_fs = ctx.feats["test"]
+    monkeypatch.setattr(FakeBase, "build", sub_list_build)
+    test_src, test_fs = ctx.bench.feats["test"]
     keep = np.isin(test_src.labels, [0, 2])
     sub_src = ImageSource("test-sub", test_src.labels[keep], test_src.classnames, "m", None,
                           class_subset=[0, 2])
     feats = FeatureSet(test_fs.features[keep], [], "k", False)
-    full = TS.build(ctx, test_src)
-    built.clear()
-    sub = TS.build(ctx, sub_src)
-    assert built == ["test-sub", "val"]  # the sub-list head could not score val's 4 classes
+    ts = _ts(ctx)
+    full = ts.build(ctx, test_src)
+    FakeBase.built.clear()
+    sub = ts.build(ctx, sub_src)
+    assert FakeBase.built == ["test-sub", "val"]  # the sub-list head cannot score val's 4
     assert sub.columns == [0, 2] and sub.weight.shape[1] == 2
     assert sub.info["temperature"] == full.info["temperature"]
     got, want = cell_outputs(sub, feats, sub_src), cell_outputs(full, feats, sub_src)
@@ -150,31 +195,36 @@ def test_sub_list_head_is_calibrated_with_the_full_head_of_the_val_split(overcon
 
 def test_refuses_mismatched_label_space_and_bad_options(overconfident):
     ctx = overconfident
-    src, fs = ctx.feats["val"]
+    src, fs = ctx.bench.feats["val"]
     other = ImageSource("val", src.labels, ["w", "x", "y", "z"], "m", None)
-    ctx.feats["val"] = (other, fs)
+    ctx.bench.feats["val"] = (other, fs)
     with pytest.raises(RobenchError, match="another label space"):
-        TS.build(ctx, ctx.feats["test"][0])
+        _ts(ctx).build(ctx, ctx.bench.feats["test"][0])
     with pytest.raises(RobenchError, match="calibrate_on"):
-        TS.options({"base": "zeroshot"})
+        make_method("temperature-scaling", {"base": "zeroshot"})
     with pytest.raises(RobenchError, match="Did you mean 'linear-probe'"):
-        TS.options({"base": "linear-prob", "calibrate_on": "v"})
+        make_method("temperature-scaling", {"base": "linear-prob", "calibrate_on": "v"})
+    with pytest.raises(RobenchError, match="scale=.*must be a number.*base_options"):
+        make_method("temperature-scaling", {"base": "fake", "base_options": {"scale": "x"},
+                                            "calibrate_on": "v"})
+    with pytest.raises(RobenchError, match="cannot wrap itself"):
+        make_method("temperature-scaling", {"base": "temperature-scaling", "calibrate_on": "v"})
 
 
-def test_prepare_delegates_to_a_backbone_changing_base(monkeypatch):
-    module = types.ModuleType("fake_ft")
-    module.prepare = lambda runner, name, spec: replace(
-        spec, pretrained="/ckpt.pt", options={**spec.options, "_head": "/head.npy"})
-    monkeypatch.setitem(sys.modules, "fake_ft", module)
-    monkeypatch.setitem(METHODS, "fake-ft", "fake_ft")
+def test_prepare_delegates_to_a_backbone_changing_base(fakes):
     spec = ModelSpec("a", method="temperature-scaling", options={
-        "base": "fake-ft", "base_options": {"train_on": "t"}, "calibrate_on": "v"})
-    ready = TS.prepare(SimpleNamespace(), "m", spec)
-    assert ready.pretrained == "/ckpt.pt" and ready.method == "temperature-scaling"
-    assert ready.options["base_options"] == {"train_on": "t", "_head": "/head.npy"}
-    assert TS.base_spec(ready).options["_head"] == "/head.npy"
+        "base": "fake-ft", "base_options": {"scale": 2.0}, "calibrate_on": "v"})
+    ts = make_method(spec.method, spec.options)
+    ready = ts.prepare(None, "m", spec)
+    assert (ready.arch, ready.pretrained) == ("derived-arch", "/ckpt.pt")
+    assert ready.method == "temperature-scaling" and ready.options == spec.options
+    base = ts.base_spec(ready)
+    assert base.method == "fake-ft" and base.options == {"scale": 2.0}
+    assert base.pretrained == "/ckpt.pt"
+    # its training split is read as images: no features of it, only of the calibration split
+    assert ts.feature_datasets() == ["v"]
     zs = replace(spec, options={"base": "zeroshot", "calibrate_on": "v"})
-    assert TS.prepare(SimpleNamespace(), "m", zs) is zs
+    assert make_method(zs.method, zs.options).prepare(None, "m", zs) == zs
 
 
 # -- end to end: a suite with the three methods --------------------------------------------------

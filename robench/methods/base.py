@@ -104,6 +104,9 @@ class Options:
                 raise unknown(f"{method} option", key, fields,
                               fix=f"use one of the {method} options (robench list methods)")
             kind = hints[key]
+            if get_origin(kind) is Literal and isinstance(value, str) and not fits(value, kind):
+                raise unknown(f"{method} {key}", value, [str(a) for a in get_args(kind)],
+                              fix=f"set options.{key} to one of them")
             if not fits(value, kind):
                 default = _default(fields[key])
                 raise RobenchError(
@@ -212,8 +215,9 @@ def type_name(kind: Any, short: bool = False) -> str:
             " or ".join(parts) + (" (or null)" if optional else "")
     if origin is list:
         (item,) = get_args(kind) or (Any,)
-        return f"list[{type_name(item, True)}]" if short else \
-            f"a list of {type_name(item, True)} values"
+        plural = {float: "numbers", int: "integers", str: "strings",
+                  bool: "true/false values"}.get(item, f"{type_name(item, True)} values")
+        return f"list[{type_name(item, True)}]" if short else f"a list of {plural}"
     if origin is dict or kind is dict:
         return "mapping" if short else "a mapping"
     names = {int: ("int", "an integer"), float: ("float", "a number"), str: ("str", "a string"),

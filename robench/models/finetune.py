@@ -209,7 +209,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     if world.all_min(int(intact(final, HEAD_FILE))):
         return f"local-dir:{final}"
     if opts.precision not in PRECISIONS:
-        raise RobenchError(f"unknown fine-tuning precision '{opts['precision']}'",
+        raise RobenchError(f"unknown fine-tuning precision '{opts.precision}'",
                            "use options.precision: fp32, bf16 or fp16")
     torch.manual_seed(seed)
     random.seed(seed)
@@ -270,7 +270,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
 
     tf = train_transform(backbone)
     bar = tqdm(total=total, initial=step, unit="step", disable=not (progress and world.is_lead),
-               desc=f"{'car-ft' if opts['lam'] else 'finetune'} {source.name}", leave=False)
+               desc=f"{'car-ft' if opts.lam else 'finetune'} {source.name}", leave=False)
     while step < total:
         epoch, first = divmod(step, steps_per_epoch)
         model.visual.train()
