@@ -18,13 +18,11 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from robench.data.base import ImageSource
-from robench.distributed import World
 from robench.errors import RobenchError
 from robench.io import (
     CorruptEntry,
@@ -39,8 +37,14 @@ from robench.io import (
     write_error,
     write_json,
 )
-from robench.models.backbone import Backbone
 from robench.progress import progress_bar as tqdm  # a bar on a TTY, lines in a log
+
+if TYPE_CHECKING:  # torch is imported only by extraction: reading cached features needs numpy
+    import torch
+    from torch.utils.data import DataLoader
+
+    from robench.distributed import World
+    from robench.models.backbone import Backbone
 
 log = logging.getLogger(__name__)
 # Decoding errors PIL raises for corrupt or truncated files.
@@ -68,8 +72,9 @@ class FeatureSet:
     cached: bool
 
 
-class _Preprocessed(Dataset):
-    """(preprocessed image or None, index): a corrupt image is reported, not raised."""
+class _Preprocessed:
+    """(preprocessed image or None, index): a corrupt image is reported, not raised. A
+    map-style dataset for torch's DataLoader (``__len__`` + ``__getitem__``)."""
 
     def __init__(self, source: ImageSource, transform: object, seed: int | None = None) -> None:
         self.source, self.transform, self.seed = source, transform, seed
@@ -79,6 +84,8 @@ class _Preprocessed(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         if self.seed is not None:  # random views: the same view of image i whatever the worker
+            import torch
+
             torch.manual_seed((self.seed * 1_000_003 + i) % (2**63))
         try:
             return self.transform(self.source.load_image(i)), i  # type: ignore[operator]
@@ -91,6 +98,8 @@ class _Collate:
         self.shape = (3, image_size, image_size)
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        import torch
+
         good = next((x for x, _ in batch if x is not None), None)
         fill = torch.zeros_like(good) if good is not None else torch.zeros(self.shape)
         xs = torch.stack([fill if x is None else x for x, _ in batch])
@@ -241,10 +250,11 @@ def _open_partial(tmp: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.memm
     return out
 
 
-def loader(dataset: Dataset, backbone: Backbone, batch_size: int, num_workers: int,
+def loader(dataset: _Preprocessed, backbone: Backbone, batch_size: int, num_workers: int,
            batch_sampler: list[list[int]] | None = None) -> DataLoader:
     """The decoding DataLoader of an extraction: ``batch_size`` consecutive indices per batch,
     or the given ``batch_sampler`` (a shard's batches)."""
+    from torch.utils.data import DataLoader
     batching = {"batch_sampler": batch_sampler} if batch_sampler is not None \
         else {"batch_size": batch_size}
     return DataLoader(

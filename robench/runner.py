@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -39,15 +41,8 @@ from robench.io import sweep_stale
 from robench.methods import make_method
 from robench.methods.base import HeadContext, Method, Settings
 from robench.models.arch_configs import register_model_configs
-from robench.models.backbone import (
-    Backbone,
-    check_loadable,
-    load_backbone,
-    resolve_device,
-    weights_identity,
-)
-from robench.models.backbone import kernel_family as device_kernel_family
 from robench.models.heads import LinearHead
+from robench.models.weights import weights_identity
 from robench.progress import echo
 from robench.registry import (
     DatasetSpec,
@@ -59,6 +54,9 @@ from robench.registry import (
 )
 from robench.results import read_record, record_path, verify_outputs, write_record
 from robench.scoring import OUTPUTS_VERSION, cell_metrics, cell_outputs, id_confidence
+
+if TYPE_CHECKING:  # torch and open_clip are imported only when a model is loaded
+    from robench.models.backbone import Backbone
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 2  # 2: exact per-sample outputs, ood_auroc over the same classes
@@ -288,25 +286,29 @@ class Runner:
 
     def run(self) -> list[Path]:
         """Run every pending cell; return the record paths of all cells of the suite."""
-        device = resolve_device(self.cfg.device)  # an unknown or absent device fails first
-        self.world = distributed.init(device)  # a process group only under a launcher
-        if self.world.distributed:
-            self.cfg.device = distributed.rank_device(device, self.world)
+        if distributed.env_world().distributed or self.cfg.device not in ("auto", "cpu"):
+            self.start_device()  # an unknown or absent device fails first; ranks meet here
         cache = Path(self.cfg.cache_dir).expanduser()
         sweep_stale(*(cache / d for d in ("features", "text", "artifacts", "content-index")),
                     Path(self.cfg.results_dir) / self.cfg.name)
-        for m in self._evaluated:  # so do missing weights (before hashing 1.28M files)
-            spec = self.declared(m)
-            if (spec.arch, spec.pretrained) not in self.backbones:
-                check_loadable(spec.arch, spec.pretrained, self.cfg.allow_download)
+        evaluated = [m for m in self.models if m in self._evaluated]
+        for m in evaluated:  # missing weights files fail before any data is hashed
+            check_weights_file(self.declared(m))
         for name in self.evaluated_datasets:  # a wrong root fails before any model is loaded
             self.source(name)
-        self.check_training_data([m for m in self.models if m in self._evaluated])
+        self.check_training_data(evaluated)
         datasets = list(self.evaluated_datasets)
-        evaluated = [m for m in self.models if m in self._evaluated]
         paths = [record_path(self.cfg.results_dir, self.cfg.name, m, d)
                  for m in evaluated for d in datasets]
         pending = {(m, d) for m in evaluated for d in datasets if not self.is_done(m, d)}
+        if pending:  # only now torch and open_clip: a run with every cell done needs neither
+            from robench.models.backbone import check_loadable
+
+            self.start_device()
+            for m in {m for m, _ in pending}:
+                spec = self.declared(m)
+                if (spec.arch, spec.pretrained) not in self.backbones:
+                    check_loadable(spec.arch, spec.pretrained, self.cfg.allow_download)
         self.world.barrier()  # every rank has seen the records before any is written
         total, done = len(paths), len(paths) - len(pending)
         if done and self.world.is_lead:
@@ -321,6 +323,8 @@ class Runner:
         who = f"rank {self.world.rank}: " if self.world.distributed else ""
         t0 = time.time()
         for (arch, pretrained), names in groups.items():
+            from robench.models.backbone import load_backbone
+
             backbone = self.backbones.get((arch, pretrained)) or load_backbone(
                 arch, pretrained, self.cfg.device, self.cfg.model.precision,
                 allow_download=self.cfg.allow_download, seed=self.cfg.seed)
@@ -357,6 +361,19 @@ class Runner:
             self.analyze()
         self.world.barrier()
         return paths
+
+    def start_device(self) -> None:
+        """Resolve the device (an unknown or absent one is an error) and, under a launcher, join
+        the process group; once per run."""
+        if getattr(self, "_device_started", False):
+            return
+        from robench.models.backbone import resolve_device
+
+        device = resolve_device(self.cfg.device)
+        self.world = distributed.init(device)  # a process group only under a launcher
+        self.cfg.device = distributed.rank_device(device, self.world) \
+            if self.world.distributed else device
+        self._device_started = True
 
     def analyze(self) -> None:
         """Cross-cell analyses of the suite's records (paired comparisons, effective
@@ -468,6 +485,8 @@ def provenance(backbone: Backbone, cfg: DictConfig, spec: ModelSpec) -> dict:
 
 def kernel_family(backbone: Backbone) -> str:
     """The backbone's device's kernel family (see :func:`robench.models.backbone.kernel_family`)."""
+    from robench.models.backbone import kernel_family as device_kernel_family
+
     return device_kernel_family(backbone.device)
 
 
@@ -478,6 +497,19 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def check_weights_file(spec: ModelSpec) -> None:
+    """A checkpoint named by path must exist (checked without loading anything; tags, hub names
+    and folders are checked with open_clip when the model has cells to compute)."""
+    from robench.models.weights import resolve_assets
+
+    path = resolve_assets(spec.pretrained)
+    if not path or path.startswith(("hf-hub:", "local-dir:")) or os.path.isfile(path):
+        return
+    if os.sep in path or path.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
+        raise RobenchError(f"checkpoint {path} (model {spec.arch}) does not exist",
+                           "fix the path in pretrained=, or name an open_clip tag")
 
 
 def _plain(item: object) -> object:

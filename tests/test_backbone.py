@@ -103,3 +103,29 @@ def test_reduced_precision_autocast(tiny_backbone, precision):
     assert f.dtype == np.float32
     np.testing.assert_allclose(f, _feats(tiny_backbone), atol=0.05)
     assert bb.id() != tiny_backbone.id()  # precision is part of the feature cache key
+
+
+def test_light_config_reader_agrees_with_open_clip(tmp_path):
+    """Cell keys hold the architecture config; a run with every cell done reads it without
+    importing open_clip (robench.models.weights), so both readers must give the same dicts."""
+    import json
+    import subprocess
+    import sys
+
+    import open_clip
+
+    from robench.models import weights
+
+    configs = weights.model_configs()
+    assert set(configs) == set(open_clip.list_models())
+    for name in open_clip.list_models():
+        assert configs[name] == open_clip.get_model_config(name), name
+    code = ("import json, sys; from robench.models.weights import model_config; "
+            "print(json.dumps(model_config(sys.argv[1]))); "
+            "assert 'open_clip' not in sys.modules and 'torch' not in sys.modules")
+    for arch in ("ViT-B-32", "robench-tiny-clip", "ViT-B-16-quickgelu"):
+        out = subprocess.run([sys.executable, "-c", code, arch], capture_output=True, text=True,
+                             check=True)
+        assert json.loads(out.stdout) == open_clip.get_model_config(arch)
+    assert weights.model_config("timm:resnet50") is None
+    assert weights.model_config("no-such-arch") is None

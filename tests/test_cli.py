@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -77,6 +80,19 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
         if p.name != "cifar10.json" or p.parent.name != "tiny-random":
             assert p.stat().st_mtime_ns == m, f"{p} was recomputed"
     assert (out / "tiny-random" / "cifar10.json").is_file()
+
+    # every cell done: the run only checks records, and imports neither torch nor open_clip
+    code = ("import sys; from robench.cli import main; rc = main(sys.argv[1:]); print('HEAVY', "
+            "sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules)); "
+            "sys.exit(rc)")
+    warm = subprocess.run([sys.executable, "-c", code, *_args(tmp_path, suite)],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert warm.returncode == 0, warm.stderr
+    assert "4 of 4 cell(s) already done" in warm.stdout and "HEAVY []" in warm.stdout
+    for p, m in mtimes.items():
+        if p.name != "cifar10.json" or p.parent.name != "tiny-random":
+            assert p.stat().st_mtime_ns == m, f"{p} was recomputed"
 
     r3 = run_cli(*_args(tmp_path, suite, "force=true", "progress=false"))
     assert r3.returncode == 0, r3.stderr

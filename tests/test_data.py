@@ -137,3 +137,17 @@ def test_folder_family_skips_what_is_not_a_class_and_says_so(tmp_path, caplog):
     assert "loop (a broken or looping link)" in caplog.text
     with pytest.raises(RobenchError, match="has no class folders with images"):
         folder.load(root / "empty", name="d")
+
+
+def test_cifar_release_table_is_torchvisions():
+    """robench keeps the release's file list and md5 sums as data (importing torchvision costs
+    seconds); they must be torchvision's."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    from robench.data.cifar import RELEASES
+
+    for name, tv in (("cifar10", CIFAR10), ("cifar100", CIFAR100)):
+        ours = RELEASES[name]
+        assert ours.base_folder == tv.base_folder and ours.meta == tv.meta
+        assert [list(f) for f in ours.train_list] == tv.train_list
+        assert [list(f) for f in ours.test_list] == tv.test_list

@@ -4,18 +4,52 @@ from __future__ import annotations
 
 import logging
 import pickle
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets import CIFAR10, CIFAR100
 
 from robench.data.base import ImageSource, file_digests, hash_manifest
 from robench.errors import RobenchError
 
 log = logging.getLogger(__name__)
-_CLASSES = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+
+
+@dataclass(frozen=True)
+class Release:
+    """The files of a CIFAR release in the python-pickle layout and their md5 sums: the table
+    torchvision's ``CIFAR10`` / ``CIFAR100`` classes carry (``base_folder``, ``train_list``,
+    ``test_list``, ``meta``), as data here because importing torchvision costs seconds of
+    start-up (it imports torch); ``tests/test_data.py`` checks it equals torchvision's."""
+
+    base_folder: str
+    train_list: tuple[tuple[str, str], ...]
+    test_list: tuple[tuple[str, str], ...]
+    meta: dict
+
+
+RELEASES = {
+    "cifar10": Release(
+        "cifar-10-batches-py",
+        (("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+         ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+         ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+         ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+         ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
+        (("test_batch", "40351d587109b95175f43aff81a1287e"),),
+        {"filename": "batches.meta", "key": "label_names",
+         "md5": "5ff9c542aee3614f3951f8cda6e48888"}),
+    "cifar100": Release(
+        "cifar-100-python",
+        (("train", "16019d7e3df5f24257cddd939b257f8d"),),
+        (("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+        {"filename": "meta", "key": "fine_label_names",
+         "md5": "7973b15100ade9c7d40fb424638fde48"}),
+}
+
+
 # The only globals a CIFAR batch may name: numpy's array reconstructors (its arrays) and nothing
 # that can run code. torchvision's loader calls pickle.load, which runs whatever a crafted file's
 # __reduce__ names (os.system, ...), before any checksum; robench reads the batches itself with
@@ -49,16 +83,16 @@ def read_batch(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
-def md5_mismatches(cls: type, folder: Path, files: list[str]) -> list[str]:
+def md5_mismatches(cls: Release, folder: Path, files: list[str]) -> list[str]:
     """The files of ``files`` whose md5 differs from torchvision's table of the release."""
     from robench.io import file_digest
 
-    table = {f: md5 for f, md5 in cls.train_list + cls.test_list} | \
+    table = {f: md5 for f, md5 in (*cls.train_list, *cls.test_list)} | \
         {cls.meta["filename"]: cls.meta["md5"]}
     return [f for f in files if file_digest(folder / f, "md5") != table[f]]
 
 
-def _read_split(cls: type, folder: Path, train: bool) -> tuple[np.ndarray, list[int], list[str]]:
+def _read_split(cls: Release, folder: Path, train: bool) -> tuple[np.ndarray, list[int], list[str]]:
     """(N, 32, 32, 3) uint8 pixels, labels and class names, as torchvision's CIFAR10 has them."""
     data, labels = [], []
     for f, _ in cls.train_list if train else cls.test_list:
@@ -86,7 +120,7 @@ def _pixel(data: np.ndarray, i: int) -> Image.Image:
 def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
          cache_dir: str = "", progress: bool = False, **_: object) -> ImageSource:
     """Load the CIFAR test (or train) split; ``root`` holds ``cifar-10-batches-py`` (or is it)."""
-    cls = _CLASSES[variant]
+    cls = RELEASES[variant]
     if root.name == cls.base_folder:  # user pointed at the batches folder itself
         root = root.parent
     folder = root / cls.base_folder

@@ -230,11 +230,9 @@ def _check_classes(report: VerifyReport, source: ImageSource) -> None:
 
 
 def _check_cifar_md5(report: VerifyReport, spec: DatasetSpec, root: Path) -> None:
-    from torchvision.datasets import CIFAR10, CIFAR100
+    from robench.data.cifar import RELEASES, md5_mismatches
 
-    from robench.data.cifar import md5_mismatches
-
-    cls = {"cifar10": CIFAR10, "cifar100": CIFAR100}[spec.options.get("variant", "cifar10")]
+    cls = RELEASES[spec.options.get("variant", "cifar10")]
     folder = (root if root.name == cls.base_folder else root / cls.base_folder)
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     present = [f for f in files if (folder / f).is_file()]

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
-
-import open_clip
 
 from robench.errors import RobenchError
 
 ENV = "ROBENCH_MODEL_CONFIGS"
 REQUIRED = ("embed_dim", "vision_cfg", "text_cfg")
 _registered: dict[Path, list[str]] = {}  # resolved path -> the architecture names it added
+_applied: set[Path] = set()  # the registered paths open_clip has been given
 
 HOW_TO_REGISTER = (
     "register its config: model_configs: [path/to/configs] in the suite (a folder of <arch>.json "
@@ -46,27 +46,47 @@ def config_paths(paths: Iterable[str | Path] = ()) -> list[Path]:
 
 def register_model_configs(paths: Iterable[str | Path] = ()) -> list[str]:
     """Register the architecture configs at ``paths`` and ``$ROBENCH_MODEL_CONFIGS`` with
-    open_clip; return the architecture names they provide. Registering a path again is free."""
+    open_clip (now if it is imported, else when a model is loaded); return the architecture
+    names they provide. Registering a path again is free."""
     names: list[str] = []
     for path in config_paths(paths):
         key = path.resolve()
         if key not in _registered:
             _registered[key] = _register(path)
         names += _registered[key]
+    if "open_clip" in sys.modules:
+        apply_to_open_clip()
     return names
 
 
+def registered_paths() -> list[Path]:
+    """The config paths registered so far, in order."""
+    return list(_registered)
+
+
+def apply_to_open_clip() -> None:
+    """Give open_clip the registered paths it does not have yet (called when open_clip is
+    imported to load a model; registering does not import it)."""
+    import open_clip
+
+    for path in _registered:
+        if path not in _applied:
+            open_clip.add_model_config(path)
+            _applied.add(path)
+
+
 def _register(path: Path) -> list[str]:
+    from robench.models.weights import model_configs
+
     files = _config_files(path)
     configs = {f.stem: _read_config(f) for f in files}
-    known = set(open_clip.list_models())
+    known = model_configs()
     for name, cfg in configs.items():
-        if name in known and open_clip.get_model_config(name) != cfg:
+        if name in known and known[name] != cfg:
             raise RobenchError(
                 f"model config {path / (name + '.json') if path.is_dir() else path} is named "
                 f"'{name}', which is already a different open_clip architecture",
                 "rename the file (the architecture name is the file name without .json)")
-    open_clip.add_model_config(path)
     return sorted(configs)
 
 

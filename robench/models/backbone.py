@@ -17,11 +17,12 @@ import open_clip
 import torch
 
 from robench.errors import RobenchError, unknown
-from robench.models.arch_configs import HOW_TO_REGISTER, register_model_configs
+from robench.models.arch_configs import HOW_TO_REGISTER, apply_to_open_clip, register_model_configs
+from robench.models.weights import CONFIG_DIR, weights_identity  # noqa: F401  (re-exported)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# robench's own tiny architectures become ordinary open_clip model names.
+# robench's own tiny architectures, and any registered earlier, become open_clip model names.
 open_clip.add_model_config(CONFIG_DIR)
+apply_to_open_clip()
 
 SCHEMAS = ("hf-hub:", "local-dir:")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -141,36 +142,6 @@ def check_architecture(arch: str) -> None:
     if arch not in open_clip.list_models():
         raise unknown("open_clip architecture", arch, open_clip.list_models(), limit=5,
                       fix=f"use a name from open_clip.list_models(), or {HOW_TO_REGISTER}")
-
-
-def weights_identity(arch: str, pretrained: str | None, cache_dir: str | Path | None = None
-                     ) -> dict:
-    """What a model's numbers depend on before it is loaded: the content (sha256, through the
-    dataset content index) of its checkpoint file or ``local-dir:`` folder, not its path, so a
-    checkpoint replaced at the same path is a new model; plus the architecture config. A tag or
-    ``hf-hub:`` model is identified by name (the hub cache stores immutable revisions)."""
-    from robench.data.base import file_digests
-
-    if pretrained and pretrained.startswith("assets:"):
-        from robench.registry import ASSETS
-
-        pretrained = str(ASSETS / pretrained.removeprefix("assets:"))
-    files: list[Path] = []
-    if pretrained and pretrained.startswith("local-dir:"):
-        folder = Path(pretrained.removeprefix("local-dir:")).expanduser()
-        files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin",
-                                                                   ".pth", ".json", ".npz"))
-    elif pretrained and os.path.isfile(pretrained):
-        files = [Path(pretrained)]
-    elif pretrained and (cfg := open_clip.get_pretrained_cfg(arch, pretrained)).get("file"):
-        files = [Path(cfg["file"])]
-    ident: dict = {"arch": arch, "arch_cfg": None if arch.startswith(("timm:", "torchvision:"))
-                   else open_clip.get_model_config(arch)}
-    if files:
-        ident["files"] = {p.name: h for p, (_, h) in file_digests(files, cache_dir).items()}
-    else:
-        ident["pretrained"] = pretrained
-    return ident
 
 
 def check_weights_available(arch: str, pretrained: str | None) -> None:
