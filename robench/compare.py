@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import bdtr
 
 from robench.errors import RobenchError
 from robench.metrics import NLL_EPS, _bin_index, percentile_interval
@@ -210,6 +209,8 @@ def mcnemar_exact(model_correct: np.ndarray, reference_correct: np.ndarray) -> d
     m, r = np.asarray(model_correct, bool), np.asarray(reference_correct, bool)
     c = int(np.count_nonzero(m & ~r))  # only the model right
     b = int(np.count_nonzero(~m & r))  # only the reference right
+    from scipy.special import bdtr  # imported here: a run with nothing to compare skips it
+
     p = 1.0 if b + c == 0 else min(1.0, 2.0 * float(bdtr(min(b, c), b + c, 0.5)))
     return {"model_only_correct": c, "reference_only_correct": b, "n_discordant": b + c,
             "p_value": p, "test": "McNemar, exact (two-sided binomial on discordant pairs)"}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import subprocess
 import time
@@ -292,23 +291,22 @@ class Runner:
         sweep_stale(*(cache / d for d in ("features", "text", "artifacts", "content-index")),
                     Path(self.cfg.results_dir) / self.cfg.name)
         evaluated = [m for m in self.models if m in self._evaluated]
-        for m in evaluated:  # missing weights files fail before any data is hashed
-            check_weights_file(self.declared(m))
-        for name in self.evaluated_datasets:  # a wrong root fails before any model is loaded
-            self.source(name)
-        self.check_training_data(evaluated)
         datasets = list(self.evaluated_datasets)
         paths = [record_path(self.cfg.results_dir, self.cfg.name, m, d)
                  for m in evaluated for d in datasets]
+        # Missing weights fail before any data is hashed. That check needs open_clip (its tag
+        # registry), which a run whose records are all on disk (likely all done) leaves
+        # unimported until a cell turns out to be pending.
+        unchecked = set(evaluated)
+        if self.cfg.force or not all(p.is_file() for p in paths):
+            self.check_weights(unchecked)
+        for name in self.evaluated_datasets:  # a wrong root fails before any model is loaded
+            self.source(name)
+        self.check_training_data(evaluated)
         pending = {(m, d) for m in evaluated for d in datasets if not self.is_done(m, d)}
         if pending:  # only now torch and open_clip: a run with every cell done needs neither
-            from robench.models.backbone import check_loadable
-
             self.start_device()
-            for m in {m for m, _ in pending}:
-                spec = self.declared(m)
-                if (spec.arch, spec.pretrained) not in self.backbones:
-                    check_loadable(spec.arch, spec.pretrained, self.cfg.allow_download)
+            self.check_weights({m for m, _ in pending} & unchecked)
         self.world.barrier()  # every rank has seen the records before any is written
         total, done = len(paths), len(paths) - len(pending)
         if done and self.world.is_lead:
@@ -361,6 +359,17 @@ class Runner:
             self.analyze()
         self.world.barrier()
         return paths
+
+    def check_weights(self, models: set[str]) -> None:
+        """The architecture exists and the weights are at hand, for each of ``models`` (those
+        given as in-memory backbones need nothing); removes them from ``models``."""
+        from robench.models.backbone import check_loadable
+
+        for m in [m for m in self.models if m in models]:  # in the suite's order
+            spec = self.declared(m)
+            if (spec.arch, spec.pretrained) not in self.backbones:
+                check_loadable(spec.arch, spec.pretrained, self.cfg.allow_download)
+        models.clear()
 
     def start_device(self) -> None:
         """Resolve the device (an unknown or absent one is an error) and, under a launcher, join
@@ -497,19 +506,6 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def check_weights_file(spec: ModelSpec) -> None:
-    """A checkpoint named by path must exist (checked without loading anything; tags, hub names
-    and folders are checked with open_clip when the model has cells to compute)."""
-    from robench.models.weights import resolve_assets
-
-    path = resolve_assets(spec.pretrained)
-    if not path or path.startswith(("hf-hub:", "local-dir:")) or os.path.isfile(path):
-        return
-    if os.sep in path or path.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
-        raise RobenchError(f"checkpoint {path} (model {spec.arch}) does not exist",
-                           "fix the path in pretrained=, or name an open_clip tag")
 
 
 def _plain(item: object) -> object:

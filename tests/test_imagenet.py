@@ -362,13 +362,13 @@ def test_suite_declares_the_shifts_and_resolves_roots(tmp_path, samples, monkeyp
 
 def test_suite_with_a_wrong_root_fails_before_any_model_is_loaded(tmp_path, monkeypatch,
                                                                   capsys):
-    import robench.runner
+    import robench.models.backbone
     from robench.cli import main
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(robench.runner, "load_backbone", no_model)
+    monkeypatch.setattr(robench.models.backbone, "load_backbone", no_model)
     # (tiny-random: the openai weights are not cached here, and missing weights fail first)
     rc = main(["run", "suite=imagenet-shifts", "models=[tiny-random]",
                f"data_root={tmp_path / 'none'}",
