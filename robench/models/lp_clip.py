@@ -263,10 +263,13 @@ class Budget:
       ``images x views x dim x itemsize`` bytes on disk;
     * ``online``: ``images x views`` encodings per epoch, ``x epochs x rounds`` in all, no disk.
 
-    Time = encodings / rate, where rate is the weak view's measured images per second (decode,
-    preprocess and encode at this run's device, batch size and workers: a lower bound, since
-    the strong views' augmentation adds CPU time), or unknown when the weak view's entry carries
-    no timing (written by a sharded run or an older robench).
+    Time >= encodings / rate, where rate is the weak view's measured images per second (decode,
+    preprocess and encode at this run's device, batch size and workers), or unknown when the
+    weak view's entry carries no timing (written by a sharded run or an older robench). A lower
+    bound: the strong views' augmentation adds CPU time (on the 2-core CPU with the tiny model,
+    where decoding and augmenting dominate, strong views took 4x the weak view's time per image:
+    tests/benchmarks/test_bench_lp_clip.py); with a large model on a GPU fed by enough workers,
+    encoding dominates and the bound is close.
     """
 
     mode: str
@@ -332,7 +335,8 @@ class Budget:
                     f"{_bytes(self.disk_bytes)}")
         when = "time unknown (the weak view's cache entry has no measured rate)" \
             if self.seconds is None else \
-            f"~{_duration(self.seconds)} at the weak view's measured {self.rate:,.1f} img/s"
+            (f"time >= {_duration(self.seconds)} at the weak view's measured "
+             f"{self.rate:,.1f} img/s (augmentation adds CPU time)")
         return f"lp-clip strong views ({self.mode}) of {self.name}: {what}; {when}"
 
 
@@ -643,7 +647,12 @@ def _training_threads(views: CachedViews | OnlineViews, device: str, work: float
 
 
 def _tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return a if torch.is_tensor(a) else torch.tensor(np.asarray(a))
+    """A tensor of ``a``: a read-only array (a memory-mapped cache entry) is copied, a
+    writable one (the stacked strong views: 5.2 GB at ImageNet scale) is shared, not copied."""
+    if torch.is_tensor(a):
+        return a
+    a = np.asarray(a)
+    return torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
 
 
 def _round(r: int, weak: torch.Tensor, views: CachedViews | OnlineViews, teacher: torch.Tensor,
