@@ -159,6 +159,36 @@ def test_cached_views_are_the_same_features_every_epoch():
         assert sorted(seen) == [(k, r) for k in range(2) for r in range(50)]  # each pair once
 
 
+class Broken(LabelFree):
+    """The images at ``bad`` cannot be decoded."""
+
+    def __init__(self, source, bad: tuple[int, ...]) -> None:
+        super().__init__(source)
+        self.bad = bad
+
+    def load_image(self, i: int):
+        if i in self.bad:
+            raise OSError("truncated file")
+        return super().load_image(i)
+
+
+def test_undecodable_images_are_left_out_of_online_training(tiny_backbone, tmp_path):
+    from robench.methods.base import Settings
+
+    split = LPC.Unlabelled(Broken(_val_source(), bad=(3, 7)))
+    views = _online(tiny_backbone, split.subset(np.arange(10)))
+    assert sorted(_epoch(views, 0)) == [0, 1, 2, 4, 5, 6, 8, 9]  # rows 3 and 7 yield nothing
+    assert views.encoded == 8 * 2
+    rows = LPC.subset_rows(500, 40, seed=2)
+    train = LPC.training_split(LPC.Unlabelled(Broken(_val_source(), bad=(rows[5], rows[11]))),
+                               40, seed=2)
+    run = Settings(cache_dir=str(tmp_path), device="cpu", batch_size=64, num_workers=0)
+    weak, keep, online = LPC._online_training(tiny_backbone, train, str(tmp_path), _opts(),
+                                              0, run, False)
+    assert weak.bad == [5, 11] and 5 not in keep and 11 not in keep
+    assert len(keep) == online.n == 38  # teacher rows and online views: the same 38 images
+
+
 def _reachable(root: object) -> list[object]:
     """Every object reachable from ``root`` (the garbage collector's view), not descending into
     modules, classes or module globals."""

@@ -434,9 +434,12 @@ class OnlineViews:
             keep = ok.repeat_interleave(self.views)
             if not bool(keep.any()):
                 continue
-            f = self.backbone.encode_images(xs.flatten(0, 1)[keep])
-            self.encoded += int(keep.sum())
-            yield f, idx.repeat_interleave(self.views)[keep].to(device)
+            xs, rows = xs.flatten(0, 1), idx.repeat_interleave(self.views)
+            if not bool(keep.all()):  # (indexing would unpin the batch: only when needed)
+                xs, rows = xs[keep], rows[keep]
+            f = self.backbone.encode_images(xs)
+            self.encoded += len(rows)
+            yield f, rows.to(device)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
