@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +71,9 @@ class FeatureSet:
     bad: list[int]  # rows whose image could not be decoded (their features are zeros)
     key: str
     cached: bool
+    # wall time of the single-process extraction that wrote the entry (decode + encode), from
+    # which methods estimate the cost of further passes; None when unknown (sharded, older)
+    seconds: float | None = None
 
 
 class _Preprocessed:
@@ -166,13 +170,25 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
         with entry_lock(npy, f"the features of {source.name}"):
             if (found := _cached(npy, meta, source)) is not None:  # built while we waited
                 return found
+            started = time.perf_counter()
             batches = encoded_batches(backbone, loader(dataset, backbone, batch_size,
                                                        num_workers), stored)
-            bad = _write_entry(backbone, source, npy, meta, batches, strict, progress, stored)
+            bad = _write_entry(backbone, source, npy, meta, batches, strict, progress, stored,
+                               started)
     if bad:
         log.warning("%s: %d image(s) could not be decoded and are excluded: %s",
                     source.name, len(bad), describe(source, bad))
-    return FeatureSet(load_npy(npy, mmap_mode="r"), bad, key, cached=False)
+    seconds = None if sharded else read_json(meta).get("seconds")
+    return FeatureSet(load_npy(npy, mmap_mode="r"), bad, key, cached=False, seconds=seconds)
+
+
+def cached_features(backbone: Backbone, source: ImageSource, cache_dir: str | Path,
+                    view: str = "", dtype: str = "auto") -> FeatureSet | None:
+    """The cache entry :func:`extract_features` would return, if it is there; never extracts
+    (to tell a user what a pass will cost before it starts)."""
+    cache = Path(cache_dir).expanduser() / "features"
+    key = feature_key(backbone, source, view, dtype)
+    return _cached(cache / f"{key}.npy", cache / f"{key}.json", source)
 
 
 def _cached(npy: Path, meta: Path, source: ImageSource) -> FeatureSet | None:
@@ -187,16 +203,18 @@ def _cached(npy: Path, meta: Path, source: ImageSource) -> FeatureSet | None:
     except CorruptEntry as e:
         discard(npy, meta, reason=f"features of {source.name}: {e.problem}")
         return None
-    return FeatureSet(feats, [int(i) for i in info["bad"]], npy.stem, cached=True)
+    return FeatureSet(feats, [int(i) for i in info["bad"]], npy.stem, cached=True,
+                      seconds=info.get("seconds"))
 
 
 def _write_entry(backbone: Backbone, source: ImageSource, npy: Path, meta: Path,
                  batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], strict: bool,
-                 progress: bool, stored: np.dtype) -> list[int]:
+                 progress: bool, stored: np.dtype, started: float | None = None) -> list[int]:
     """Write the encoded ``batches`` into ``npy`` through a reserved, memory-mapped partial file
     (renamed when complete, then sealed), then ``meta`` (its presence marks the entry complete);
     returns the rows that could not be decoded. Partial files of killed runs are removed first
-    (the caller holds the entry's lock, or is the only writer of a sharded run)."""
+    (the caller holds the entry's lock, or is the only writer of a sharded run). ``started``
+    (``time.perf_counter()`` before the batches were made) records the wall time in ``meta``."""
     for stale in npy.parent.glob(f"{npy.stem}.*.partial.npy"):
         stale.unlink(missing_ok=True)
     bad: list[int] = []
@@ -225,8 +243,11 @@ def _write_entry(backbone: Backbone, source: ImageSource, npy: Path, meta: Path,
     finally:
         tmp.unlink(missing_ok=True)
     seal_file(npy, shape=list(shape), dtype=stored.str)
-    write_json(meta, {"bad": sorted(bad), "dataset": source.name, "n": len(source),
-                      "manifest": source.manifest_hash, "backbone": backbone.id()})
+    info = {"bad": sorted(bad), "dataset": source.name, "n": len(source),
+            "manifest": source.manifest_hash, "backbone": backbone.id()}
+    if started is not None:
+        info["seconds"] = round(time.perf_counter() - started, 3)
+    write_json(meta, info)
     return sorted(bad)
 
 

@@ -19,7 +19,14 @@ if TYPE_CHECKING:
 class LPCLIPOptions(Options):
     train_on: str = option("", "training split; only its pixels are read, never its labels",
                            role="train", required=True)
-    views: int = option(2, "strong views per image, K (precomputed, cached)", minimum=1)
+    views: int = option(2, "strong views per image, K (cached: in total; online: per epoch)",
+                        minimum=1)
+    views_mode: Literal["cached", "online"] = option(
+        "cached", "cached: K views encoded once and stored (K passes, N*K*D*itemsize bytes on "
+        "disk); online: K fresh views per epoch encoded in the training loop (epochs x rounds "
+        "x K passes, no disk)")
+    subset: int = option(0, "train on this many images of train_on, a seeded uniform choice "
+                         "(not stratified: that needs labels); 0: all", minimum=0)
     temperature: float = option(2.0, "distillation temperature T (T^2-scaled KL)",
                                 minimum=1e-6)
     tau: float = option(0.9, "teacher confidence above which the hard pseudo-label term counts",
@@ -48,6 +55,11 @@ class LPCLIP(Method):
                "with self-training")
     source = "Laroudie et al., arXiv 2309.10361 (robench.models.lp_clip)"
     Options = LPCLIPOptions
+
+    def feature_datasets(self) -> list[str]:
+        # with a subset, lp-clip extracts the weak view of the chosen images itself: the runner
+        # must not encode the whole split for it
+        return [] if self.options.subset else super().feature_datasets()
 
     def build(self, ctx: HeadContext, source: ImageSource) -> LinearHead:
         from robench.models.lp_clip import lp_clip_head
