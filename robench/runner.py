@@ -109,7 +109,8 @@ class Runner:
             self.dataset_specs[name] = spec
         self._evaluated = set(self.models)
         self.evaluated_datasets = list(self.dataset_specs)  # not helpers loaded later
-        if note := pair_id_dataset(self.cfg, list(self.dataset_specs)):
+        note = pair_id_dataset(self.cfg, list(self.dataset_specs))
+        if note and distributed.env_world().is_lead:  # said once, not by every rank
             echo(note)  # a subset of the suite leaves its ID set out: no ood_auroc
 
     # -- data ---------------------------------------------------------------------------------
