@@ -271,7 +271,7 @@ def flyp_finetune(backbone: Backbone, source, templates: list[str], opts: FLYPOp
                 model.logit_scale.clamp_(low, high)
             step += 1
             bar.set_postfix(loss=f"{loss.item() * global_size / max(1, len(x)):.3f}",
-                            scale=f"{float(scale):.2f}")
+                            scale=f"{float(scale.detach()):.2f}")
             bar.update(1)
             every = opts.checkpoint_every
             if step % steps_per_epoch == 0 or (every and step % every == 0):
