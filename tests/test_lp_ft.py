@@ -224,3 +224,19 @@ def test_an_initial_head_of_the_wrong_shape_is_refused(tmp_path):
     bad = FT.HeadInit(np.zeros((3, 10), np.float32), None, 1.0)
     with pytest.raises(RobenchError, match="initial head"):
         FT.finetune(base, src, [], opts, Path(tmp_path / "o"), tmp_path, init=bad)
+
+
+def test_grad_clip_0_means_no_clipping(tmp_path):
+    """A max norm of 0 would scale every gradient to 0 (no learning); 0 turns clipping off."""
+    from robench.data import cifar
+
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c", train=True)
+    opts = make_method("lp-ft", {"train_on": "c", "val_on": "c", "epochs": 1, "lr": 1e-3,
+                                 "batch_size": 10, "warmup": 1, "workers": 0,
+                                 "grad_clip": 0.0, "weight_decay": 0.0}).options
+    base = FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=0)
+    before = {k: v.clone() for k, v in base.model.visual.state_dict().items()}
+    init = FT.HeadInit(np.eye(base.model.visual.output_dim, 10, dtype=np.float32), None, 1.0)
+    state = derived_state(FT.finetune(base, src, [], opts, tmp_path / "o", tmp_path,
+                                      progress=False, init=init))
+    assert any(not torch.equal(state[f"visual.{k}"], v) for k, v in before.items())

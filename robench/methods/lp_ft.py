@@ -39,7 +39,7 @@ class LPFTOptions(Options):
     weight_decay: float = option(0.1, "AdamW decoupled weight decay", minimum=0.0)
     batch_size: int = option(128, "GLOBAL batch size (split over torchrun ranks)", minimum=1)
     warmup: int = option(50, "linear warm-up steps", minimum=0)
-    grad_clip: float = option(1.0, "gradient-norm clip", minimum=0.0)
+    grad_clip: float = option(1.0, "gradient-norm clip (0: none)", minimum=0.0)
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", minimum=0.0,
                                     maximum=1.0)
     precision: Literal["fp32", "bf16", "fp16"] = option(

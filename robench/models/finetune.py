@@ -348,7 +348,8 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
                         loss = loss * 0.0
                     scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+            if opts.grad_clip > 0:  # 0 is no clipping (a max norm of 0 would zero every step)
+                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
