@@ -31,6 +31,11 @@ seed gives the same weights with 1 or N ranks, up to float summation order. The 
 pre-trained encoder of CAR-FT is replicated on every rank. ``precision`` runs the forward under
 autocast (``bf16``, or ``fp16`` with a GradScaler); weights and optimiser stay float32.
 
+LP-FT (:mod:`robench.models.lp_ft`) runs this loop from a linear probe's head instead of the
+zero-shot one (:class:`HeadInit`: weight, bias, scale 1): logits = s * (<normalize(f), W> + b).
+FLYP (:mod:`robench.models.flyp`) reuses its sample order, rank split, schedule, checkpoints and
+gradient-sum hook around a contrastive step over both towers.
+
 Training checkpoints into the artifact folder after every epoch (and every
 ``checkpoint_every`` steps) and resumes from the last checkpoint, mid-epoch included, to the
 same weights as an uninterrupted run; the final checkpoint (the whole CLIP state dict) is then

@@ -16,11 +16,13 @@ The paper's point is the initialisation: a head that already fits the features m
 gradients into the encoder at the start of fine-tuning, so the features are distorted less (and
 the fine-tuning stage is run with a smaller lr than plain fine-tuning).
 
-At zero steps (``epochs: 0`` or ``lr: 0``) the checkpoint is the pre-trained encoder bit for
-bit (AdamW at lr 0 multiplies each weight by 1 - 0 * wd = 1 and adds 0 times a finite step)
-and the head is the probe's float32 arrays, so the image features, and hence the logits of
-every cell, are the linear probe's EXACTLY (same network, same kernels, same arithmetic),
-not merely to float32 rounding.
+At zero steps the checkpoint is the pre-trained encoder bit for bit and the head is the probe's
+float32 arrays, so the image features, and hence the logits of every cell, are the linear
+probe's EXACTLY (same network, same kernels, same arithmetic), not merely to float32 rounding:
+always with ``epochs: 0``; with ``lr: 0`` (AdamW multiplies each weight by 1 - 0 * wd = 1 and
+adds 0 times a finite step) for image towers without BatchNorm (ViTs), since a BatchNorm tower
+(ModifiedResNet, the quickstart's tiny CLIP) re-estimates its running statistics on the
+training views in training mode, whatever the lr.
 
 The probe is fitted on features of the fp32 backbone, the network that is then fine-tuned; it
 is shared with a ``linear-probe`` model of a suite run at ``model.precision: fp32`` (the
