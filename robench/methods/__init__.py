@@ -22,6 +22,8 @@ METHODS: dict[str, str] = {
     "lp-clip": "robench.methods.lp_clip:LPCLIP",
     "finetune": "robench.methods.finetune:FineTune",
     "car-ft": "robench.methods.finetune:CarFT",
+    "lp-ft": "robench.methods.lp_ft:LPFT",
+    "flyp": "robench.methods.flyp:FLYP",
     "wise-ft": "robench.methods.wise_ft:WiseFT",
     "temperature-scaling": "robench.methods.temperature:TemperatureScaling",
     "classifier": "robench.methods.classifier:Classifier",  # robench.CustomModel(classifier=)

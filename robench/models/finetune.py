@@ -31,6 +31,11 @@ seed gives the same weights with 1 or N ranks, up to float summation order. The 
 pre-trained encoder of CAR-FT is replicated on every rank. ``precision`` runs the forward under
 autocast (``bf16``, or ``fp16`` with a GradScaler); weights and optimiser stay float32.
 
+LP-FT (:mod:`robench.models.lp_ft`) runs this loop from a linear probe's head instead of the
+zero-shot one (:class:`HeadInit`: weight, bias, scale 1): logits = s * (<normalize(f), W> + b).
+FLYP (:mod:`robench.models.flyp`) reuses its sample order, rank split, schedule, checkpoints and
+gradient-sum hook around a contrastive step over both towers.
+
 Training checkpoints into the artifact folder after every epoch (and every
 ``checkpoint_every`` steps) and resumes from the last checkpoint, mid-epoch included, to the
 same weights as an uninterrupted run; the final checkpoint (the whole CLIP state dict) is then
@@ -43,7 +48,7 @@ import contextlib
 import copy
 import math
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,18 +141,35 @@ def car_ft_loss(logits: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor,
     return ce + lam * kl, kl
 
 
+@dataclass(frozen=True)
+class HeadInit:
+    """The head fine-tuning starts from, when it is not the zero-shot one: ``weight`` (D, C),
+    an optional ``bias`` (C,) and the fixed ``scale`` of its logits (LP-FT: a linear probe's,
+    scale 1 and a bias)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    scale: float
+
+
 class _Tuned(torch.nn.Module):
     """What fine-tuning trains, as one module for DistributedDataParallel: the image tower and
-    the linear head, logits = s * <normalize(f(x)), W>."""
+    the linear head, logits = s * <normalize(f(x)), W> (fine-tuning, CAR-FT), or
+    s * (<normalize(f(x)), W> + b) when the head has a bias (LP-FT: s = 1)."""
 
-    def __init__(self, visual: torch.nn.Module, head: torch.Tensor, scale: float) -> None:
+    def __init__(self, visual: torch.nn.Module, head: torch.Tensor, scale: float,
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.visual, self.scale = visual, scale
         self.head = torch.nn.Parameter(head)
+        self.bias = None if bias is None else torch.nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.visual(x)
-        return feats, self.scale * F.normalize(feats, dim=-1) @ self.head
+        if self.bias is None:  # this exact expression: plain fine-tuning's numbers stay put
+            return feats, self.scale * F.normalize(feats, dim=-1) @ self.head
+        # the order of robench.models.heads.LinearHead.logits: (f W + b) * s
+        return feats, (F.normalize(feats, dim=-1) @ self.head + self.bias) * self.scale
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -194,15 +216,30 @@ def _sum_gradients(state, bucket):  # noqa: ANN001, ANN202 - DDP checks the real
 HEAD_FILE = "robench_head.npz"
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine
+    to 0 at ``total`` (the WiSE-FT / open_clip schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOptions, out: Path,
-             cache_dir: str | Path, seed: int = 0, progress: bool = True) -> str:
+             cache_dir: str | Path, seed: int = 0, progress: bool = True,
+             init: HeadInit | None = None, label: str | None = None) -> str:
     """Fine-tune ``backbone`` on ``source``; returns the ``local-dir:`` spec of the result.
+
+    The head starts from the zero-shot weights of ``templates`` at the logit scale, or from
+    ``init`` (LP-FT: a linear probe, with its bias and scale). ``opts`` is a
+    :class:`~robench.methods.finetune.FineTuneOptions` or any options object with its training
+    fields (LP-FT's have no ``lam``: no context term). ``label`` names the run in the progress
+    bar.
 
     Under ``torchrun`` every rank calls this together (DistributedDataParallel); the lead rank
     writes the checkpoints and the result. The result is an open_clip folder
     (:func:`robench.models.backbone.save_derived`) that reloads with the parent's architecture
-    config and preprocessing, plus the trained head (``robench_head.npz``: weight (D, C) and
-    the class names of its label space).
+    config and preprocessing, plus the trained head (``robench_head.npz``: weight (D, C), the
+    class names of its label space, and for an ``init`` head its bias and scale).
     """
     world = distributed.current()
     final = out / "model"
@@ -211,22 +248,37 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     if opts.precision not in PRECISIONS:
         raise RobenchError(f"unknown fine-tuning precision '{opts.precision}'",
                            "use options.precision: fp32, bf16 or fp16")
+    lam = getattr(opts, "lam", 0.0)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     model = backbone.model
     device = backbone.device
-    scale = backbone.logit_scale
-    w0 = class_embeddings(backbone, source.classnames, templates, cache_dir, progress)
+    if init is None:
+        scale = backbone.logit_scale
+        w0 = class_embeddings(backbone, source.classnames, templates, cache_dir, progress)
+        b0 = None
+    else:
+        scale = float(init.scale)
+        w0 = np.asarray(init.weight, dtype=np.float32)
+        b0 = None if init.bias is None else np.asarray(init.bias, dtype=np.float32)
+        if w0.shape != (model.visual.output_dim, len(source.classnames)):
+            raise RobenchError(f"the initial head is {w0.shape[0]} x {w0.shape[1]}, not "
+                               f"{model.visual.output_dim} features x "
+                               f"{len(source.classnames)} classes of {source.name}",
+                               "start from a head fitted on this backbone and label space")
     ctx = context_weights(backbone, source.classnames, templates, cache_dir).to(device) \
-        if opts.lam else None
-    frozen = copy.deepcopy(model.visual).eval() if opts.lam else None  # theta_0, per rank
+        if lam else None
+    frozen = copy.deepcopy(model.visual).eval() if lam else None  # theta_0, per rank
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.visual.parameters():
         p.requires_grad_(True)
-    tuned = _Tuned(model.visual, torch.tensor(w0, device=device), scale)
+    tuned = _Tuned(model.visual, torch.tensor(w0, device=device), scale,
+                   None if b0 is None else torch.tensor(b0, device=device))
     params = [p for p in model.visual.parameters()] + [tuned.head]
+    if tuned.bias is not None:
+        params.append(tuned.bias)
     net: torch.nn.Module = tuned
     if world.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -237,13 +289,8 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     steps_per_epoch = math.ceil(len(source) / bsz)
     total = opts.epochs * steps_per_epoch
 
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < opts.warmup:
-            return (step + 1) / opts.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - opts.warmup) /
-                                   max(1, total - opts.warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: warmup_cosine(step, opts.warmup, total))
     dev_type = device.split(":")[0]
     amp = PRECISIONS[opts.precision]
     autocast = (lambda: torch.autocast(dev_type, dtype=amp)) if amp is not None \
@@ -254,6 +301,8 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     if (state := load_resume(resume, device)) is not None:  # from its last checkpoint
         model.load_state_dict(state["model"])
         tuned.head.data.copy_(state["head"])
+        if tuned.bias is not None:
+            tuned.bias.data.copy_(state["bias"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         scaler.load_state_dict(state["scaler"])
@@ -264,13 +313,15 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
             state = {"model": model.state_dict(), "head": tuned.head.detach(),
                      "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "scaler": scaler.state_dict(), "step": step}
+            if tuned.bias is not None:
+                state["bias"] = tuned.bias.detach()
             atomic_write(resume, lambda tmp: torch.save(state, tmp))
             seal_file(resume)
         world.barrier()
 
     tf = train_transform(backbone)
     bar = tqdm(total=total, initial=step, unit="step", disable=not (progress and world.is_lead),
-               desc=f"{'car-ft' if opts.lam else 'finetune'} {source.name}", leave=False)
+               desc=f"{label or ('car-ft' if lam else 'finetune')} {source.name}", leave=False)
     while step < total:
         epoch, first = divmod(step, steps_per_epoch)
         model.visual.train()
@@ -293,7 +344,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
                         if frozen is not None:
                             with torch.no_grad():
                                 feats0 = frozen(x)
-                    loss, kl = car_ft_loss(logits, y, feats, feats0, ctx, scale, opts.lam,
+                    loss, kl = car_ft_loss(logits, y, feats, feats0, ctx, scale, lam,
                                            opts.label_smoothing, reduction="sum")
                     # sum of this micro-batch's losses over the global batch size: the step's
                     # gradient is the global mean whatever the split
@@ -302,7 +353,8 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
                         loss = loss * 0.0
                     scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+            if opts.grad_clip > 0:  # 0 is no clipping (a max norm of 0 would zero every step)
+                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -316,7 +368,12 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     model.eval()
     if world.is_lead:
         save_derived(backbone, model.state_dict(), final)
-        save_head(final, tuned.head.detach().cpu().numpy(), list(source.classnames))
+        if init is None:
+            save_head(final, tuned.head.detach().cpu().numpy(), list(source.classnames))
+        else:
+            save_head(final, tuned.head.detach().cpu().numpy(), list(source.classnames),
+                      bias=tuned.bias.detach().cpu().numpy() if tuned.bias is not None else None,
+                      scale=scale)
         discard(resume)
     world.barrier()  # the result is on disk for every rank
     return f"local-dir:{final}"
@@ -335,17 +392,63 @@ def load_resume(path: Path, device: str) -> dict | None:
         return None
 
 
-def save_head(folder: Path, weight: np.ndarray, classnames: list[str]) -> None:
-    """The trained head beside the derived checkpoint; written last, it marks the folder done."""
-    write_npz(folder / HEAD_FILE, weight=np.asarray(weight, dtype=np.float32),
-              classnames=np.asarray(classnames, dtype=str))
+HEAD_KINDS = ("linear", "text")
+
+
+@dataclass(frozen=True)
+class SavedHead:
+    """The head saved beside a derived checkpoint (``robench_head.npz``).
+
+    ``kind="linear"``: logits = s * (<normalize(f), W> + b), ``weight`` W (D, C) over the label
+    space ``classnames``; ``scale`` s None means the checkpoint's own ``exp(logit_scale)``
+    (fine-tuning, CAR-FT), ``bias`` b None means no bias. ``kind="text"`` (FLYP): no weight;
+    the head is the prompt ensemble of the checkpoint's own text tower, for any label space.
+    """
+
+    kind: str
+    classnames: list[str]
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    scale: float | None = None
+
+
+def save_head(folder: Path, weight: np.ndarray | None, classnames: list[str],
+              bias: np.ndarray | None = None, scale: float | None = None,
+              kind: str = "linear") -> None:
+    """The trained head beside the derived checkpoint; written last, it marks the folder done.
+    Only the fields that are set are written (a fine-tuned head: weight and class names)."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {kind!r}")
+    arrays: dict[str, np.ndarray] = {"classnames": np.asarray(classnames, dtype=str)}
+    if weight is not None:
+        arrays["weight"] = np.asarray(weight, dtype=np.float32)
+    if bias is not None:
+        arrays["bias"] = np.asarray(bias, dtype=np.float32)
+    if scale is not None:
+        arrays["scale"] = np.float64(scale)
+    if kind != "linear":
+        arrays["kind"] = np.asarray(kind)
+    write_npz(folder / HEAD_FILE, **arrays)
+
+
+def read_head(pretrained: str) -> SavedHead:
+    """The head saved with a derived ``local-dir:`` checkpoint."""
+    folder = Path(pretrained.removeprefix("local-dir:"))
+    z = load_npz(folder / HEAD_FILE)
+    return SavedHead(kind=str(z["kind"]) if "kind" in z else "linear",
+                     classnames=[str(c) for c in z["classnames"]],
+                     weight=z["weight"] if "weight" in z else None,
+                     bias=z["bias"] if "bias" in z else None,
+                     scale=float(z["scale"]) if "scale" in z else None)
 
 
 def load_head(pretrained: str) -> tuple[np.ndarray, list[str]]:
-    """(weight, class names) of the head saved with a derived ``local-dir:`` checkpoint."""
-    folder = Path(pretrained.removeprefix("local-dir:"))
-    z = load_npz(folder / HEAD_FILE)
-    return z["weight"], [str(c) for c in z["classnames"]]
+    """(weight, class names) of the linear head saved with a derived ``local-dir:`` checkpoint."""
+    head = read_head(pretrained)
+    if head.weight is None:
+        raise RobenchError(f"{pretrained} holds a {head.kind} head, not a weight matrix",
+                           "read it with robench.models.finetune.read_head")
+    return head.weight, head.classnames
 
 
 def prepare_finetuned(bench: Bench, name: str, spec: ModelSpec,
@@ -372,12 +475,23 @@ def prepare_finetuned(bench: Bench, name: str, spec: ModelSpec,
 
 
 def finetuned_head(ctx: HeadContext, source: ImageSource) -> LinearHead:
-    """The fine-tuned head saved with the checkpoint, valid for the label space it was trained
-    on."""
-    w, classnames = load_head(ctx.spec.pretrained)
-    if list(source.classnames) != classnames:
+    """The head saved with the checkpoint: a linear head, valid for the label space it was
+    trained on (at its saved scale, else the checkpoint's logit scale); or, for a ``text`` head
+    (FLYP and its WiSE-FT mixes), the prompt ensemble of the checkpoint's own text tower over
+    ``source``'s classes and templates."""
+    saved = read_head(ctx.spec.pretrained)
+    if saved.kind == "text":
+        from robench.models.zeroshot import zeroshot_head
+
+        head = zeroshot_head(ctx.backbone, source.classnames, ctx.templates(source),
+                             ctx.template_set(source), ctx.cache_dir, ctx.progress,
+                             columns=source.class_subset)
+        head.info["head"] = ctx.spec.method
+        return head
+    if list(source.classnames) != saved.classnames:
         raise RobenchError(
             f"{ctx.spec.method} head was trained on another label space than {source.name}'s",
             "evaluate fine-tuned models on datasets with the training classes")
-    return LinearHead(weight=w, scale=ctx.backbone.logit_scale, classnames=list(source.classnames),
-                      info={"head": ctx.spec.method, "logit_scale": ctx.backbone.logit_scale})
+    scale = ctx.backbone.logit_scale if saved.scale is None else saved.scale
+    return LinearHead(weight=saved.weight, scale=scale, classnames=list(source.classnames),
+                      bias=saved.bias, info={"head": ctx.spec.method, "logit_scale": scale})
