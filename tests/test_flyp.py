@@ -86,34 +86,37 @@ def test_duplicates_of_a_class_are_negatives_as_in_flyps_code():
     assert per_image[0].item() >= np.log(2) - 1e-6 and per_image[1].item() >= np.log(2) - 1e-6
 
 
-def _rank_loss_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
-    """One gloo rank: its part of a global batch through a shared linear 'encoder' W, FLYP's
-    rank loss, backward; the gradient of W is summed over the ranks (as the DDP hook does)."""
+def _rank_loss_worker(rank: int, world: int, port: int, cases: list[list[int]], queue) -> None:
+    """One gloo rank: for each case (the ranks' part sizes), its part of a global batch through
+    a shared linear 'encoder' W, FLYP's rank loss, backward; the gradient of W is summed over
+    the ranks (as the DDP hook does). One process group serves every case (spawning is the
+    slow part)."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    n = sum(sizes)
-    x, y = _features(n, seed=1)
-    w = torch.eye(8).requires_grad_()
-    start = sum(sizes[:rank])
-    mine = slice(start, start + max(sizes[rank], 1)) if sizes[rank] else slice(0, 1)
-    loss = FL.rank_loss(x[mine] @ w, y[mine] @ w.T, torch.tensor(9.0), sizes, rank, n)
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    dist.all_reduce(w.grad)
-    # open_clip's own gathered loss (equal parts only): every rank computes the global loss
-    oc = None
-    if len(set(sizes)) == 1:
-        w2 = torch.eye(8).requires_grad_()
-        clip = ClipLoss(gather_with_grad=True, rank=rank, world_size=world)
-        part = clip(F.normalize(x[mine] @ w2, dim=-1), F.normalize(y[mine] @ w2.T, dim=-1),
-                    torch.tensor(9.0))
-        part.backward()
-        dist.all_reduce(w2.grad)
-        oc = (part.item(), (w2.grad / world).numpy())  # DDP's mean over ranks
-    queue.put((rank, total.item(), w.grad.numpy(), oc))
+    for case, sizes in enumerate(cases):
+        n = sum(sizes)
+        x, y = _features(n, seed=1)
+        w = torch.eye(8).requires_grad_()
+        start = sum(sizes[:rank])
+        mine = slice(start, start + max(sizes[rank], 1)) if sizes[rank] else slice(0, 1)
+        loss = FL.rank_loss(x[mine] @ w, y[mine] @ w.T, torch.tensor(9.0), sizes, rank, n)
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        dist.all_reduce(w.grad)
+        # open_clip's own gathered loss (equal parts only): every rank computes the global loss
+        oc = None
+        if len(set(sizes)) == 1:
+            w2 = torch.eye(8).requires_grad_()
+            clip = ClipLoss(gather_with_grad=True, rank=rank, world_size=world)
+            part = clip(F.normalize(x[mine] @ w2, dim=-1), F.normalize(y[mine] @ w2.T, dim=-1),
+                        torch.tensor(9.0))
+            part.backward()
+            dist.all_reduce(w2.grad)
+            oc = (part.item(), (w2.grad / world).numpy())  # DDP's mean over ranks
+        queue.put((case, rank, total.item(), w.grad.numpy(), oc))
     dist.destroy_process_group()
 
 
@@ -123,34 +126,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sizes", [[3, 3], [3, 2], [1, 0]])
-def test_under_two_ranks_the_loss_and_gradient_are_the_global_batchs(sizes):
+def test_under_two_ranks_the_loss_and_gradient_are_the_global_batchs():
     """Gathered with gradient, the ranks' shares sum to the loss of the whole batch and their
     summed gradients to its gradient -- uneven parts and a placeholder rank included; with
     equal parts, also open_clip's ClipLoss(gather_with_grad=True) under DDP's averaging."""
+    cases = [[3, 3], [3, 2], [1, 0]]
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_loss_worker, args=(r, 2, port, sizes, queue))
+    procs = [ctx.Process(target=_rank_loss_worker, args=(r, 2, port, cases, queue))
              for r in range(2)]
     for p in procs:
         p.start()
-    got = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
+    got: dict[int, list] = {}
+    for _ in range(len(cases) * len(procs)):
+        case, _rank, *rest = queue.get(timeout=180)
+        got.setdefault(case, []).append(rest)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    n = sum(sizes)
-    x, y = _features(n, seed=1)
-    w = torch.eye(8).requires_grad_()
-    ref = FL.clip_loss(F.normalize(x @ w, dim=-1), F.normalize(y @ w.T, dim=-1),
-                       torch.tensor(9.0))
-    ref.backward()
-    for total, grad, oc in got.values():
-        assert total == pytest.approx(ref.item(), rel=1e-6)
-        np.testing.assert_allclose(grad, w.grad.numpy(), rtol=1e-5, atol=1e-6)
-        if oc is not None:
-            assert oc[0] == pytest.approx(ref.item(), rel=1e-6)
-            np.testing.assert_allclose(oc[1], w.grad.numpy(), rtol=1e-5, atol=1e-6)
+    for case, sizes in enumerate(cases):
+        n = sum(sizes)
+        x, y = _features(n, seed=1)
+        w = torch.eye(8).requires_grad_()
+        ref = FL.clip_loss(F.normalize(x @ w, dim=-1), F.normalize(y @ w.T, dim=-1),
+                           torch.tensor(9.0))
+        ref.backward()
+        assert len(got[case]) == 2, sizes
+        for total, grad, oc in got[case]:
+            assert total == pytest.approx(ref.item(), rel=1e-6), sizes
+            np.testing.assert_allclose(grad, w.grad.numpy(), rtol=1e-5, atol=1e-6)
+            if oc is not None:
+                assert oc[0] == pytest.approx(ref.item(), rel=1e-6)
+                np.testing.assert_allclose(oc[1], w.grad.numpy(), rtol=1e-5, atol=1e-6)
+        assert (oc is not None) == (len(set(sizes)) == 1)
 
 
 # -- captions -------------------------------------------------------------------------------
