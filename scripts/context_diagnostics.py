@@ -26,6 +26,8 @@ features, ``finetune.context_weights`` and ``finetune.car_ft_loss``. Examples:
 
     python scripts/context_diagnostics.py --cache-dir /tmp/diag          # shipped model
     python scripts/context_diagnostics.py --checkpoint old.pt --templates cifar --cache-dir ...
+    python scripts/context_diagnostics.py --cache-dir /tmp/diag \
+        --datasets cifar10-subset-test cifar10-subset-test-c          # also under corruption
 
 A cache_dir that a ``robench run suite=quickstart`` already filled makes it take seconds.
 """
@@ -76,10 +78,13 @@ def find_model(runner: Runner, method: str) -> str:
     return names[0]
 
 
-def diagnose(suite: str, cache_dir: str, checkpoint: str | None, templates: str | None,
-             datasets: list[str] | None, device: str = "cpu") -> dict:
-    """The figures above, as a dict (see the module docstring)."""
-    cfg = load_suite(suite, [f"cache_dir={cache_dir}", f"device={device}", "progress=false"])
+def diagnose(suite: str, cache_dir: str, checkpoint: str | None = None,
+             templates: str | None = None, datasets: list[str] | None = None,
+             device: str = "cpu", overrides: list[str] | None = None) -> dict:
+    """The figures above, as a dict (see the module docstring). ``overrides``: more
+    ``key=value`` settings of the suite, as ``robench run`` takes them (e.g. ``data_root=``)."""
+    cfg = load_suite(suite, [f"cache_dir={cache_dir}", f"device={device}", "progress=false",
+                             *(overrides or [])])
     runner = Runner(cfg)
     ft_name, car_name = find_model(runner, "finetune"), find_model(runner, "car-ft")
     if checkpoint is not None:  # every fine-tuning starts from this checkpoint instead
@@ -144,9 +149,11 @@ def main() -> None:
                     help="splits to measure the KL on (default: the suite's id_dataset)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="suite settings, as robench run takes them (e.g. data_root=/data)")
     args = ap.parse_args()
     out = diagnose(args.suite, args.cache_dir, args.checkpoint, args.templates, args.datasets,
-                   args.device)
+                   args.device, args.overrides)
     c = out["context_cosine"]
     print(f"checkpoint {out['checkpoint']} (weights {out['weights_hash'][:12]}), template set "
           f"'{out['template_set']}' ({out['n_contexts']} contexts), logit scale "
