@@ -51,16 +51,20 @@ DATASETS: dict[str, DatasetSpec] = {
                                   options={"variant": "cifar100", "train": True},
                                   n_expected=50000, description="CIFAR-100 train split"),
     "cifar10-subset-test": DatasetSpec(
-        "folder", "assets:cifar10-subset/test", n_expected=2000,
+        "folder", "assets:cifar10-subset/test", templates="cifar-context",
+        n_expected=2000,
         description="2,000 real CIFAR-10 test images shipped with robench (quickstart test split)"),
     "cifar10-subset-probe": DatasetSpec(
-        "folder", "assets:cifar10-subset/probe", n_expected=1500,
+        "folder", "assets:cifar10-subset/probe", templates="cifar-context",
+        n_expected=1500,
         description="1,500 real CIFAR-10 test images shipped with robench (probe-train split)"),
     "cifar10-subset-val": DatasetSpec(
-        "folder", "assets:cifar10-subset/val", n_expected=500,
+        "folder", "assets:cifar10-subset/val", templates="cifar-context",
+        n_expected=500,
         description="500 real CIFAR-10 test images shipped with robench (validation split)"),
     "cifar10-subset-test-c": DatasetSpec(
-        "generated-c", "", options={"base": "cifar10-subset-test", "stride": 4},
+        "generated-c", "", templates="cifar-context",
+        options={"base": "cifar10-subset-test", "stride": 4},
         n_expected=500 * 15 * 5,
         description="15 corruptions x 5 severities (imagecorruptions) of every 4th image of "
                     "cifar10-subset-test, generated on first use and cached"),
@@ -130,19 +134,26 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+# template sets read from robench/data/metadata/ (one ``str.format`` pattern per line)
+TEMPLATE_FILES = {"cifar": "cifar_templates.txt", "cifar-context": "cifar_context_templates.txt"}
+
+
 def template_set(name: str) -> list[str]:
     """Prompt templates as ``str.format`` patterns with one ``{}`` for the class name.
 
     ``imagenet`` is the 80-template ensemble shipped by open_clip; ``cifar`` the 18 templates
-    OpenAI published for CIFAR-10/100.
+    OpenAI published for CIFAR-10/100; ``cifar-context`` one template per context the shipped
+    tiny CLIP was trained to name (clean, blurry, noisy, pixelated, JPEG, low contrast, black and
+    white, dark, bright: ``scripts/train_tiny_clip.py``), the quickstart's prompts, so that
+    CAR-FT's context vectors differ.
     """
     if name == "imagenet":
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-    if name == "cifar":
-        return (METADATA / "cifar_templates.txt").read_text().strip().splitlines()
-    raise unknown("template set", name, ["cifar", "imagenet"])
+    if name in TEMPLATE_FILES:
+        return (METADATA / TEMPLATE_FILES[name]).read_text().strip().splitlines()
+    raise unknown("template set", name, ["imagenet", *TEMPLATE_FILES])
 
 
 # A name becomes a folder or file name of the results (results_dir/suite/model/dataset.json):

@@ -1,9 +1,16 @@
 """Train robench's tiny CLIP-style model from scratch on the shipped CIFAR-10 subset.
 
 Contrastive image/caption training (symmetric InfoNCE, as in CLIP) on the ``pretrain`` split
-only. Captions are the 18 CIFAR prompt templates filled with the class name, one template drawn
-at random per image per step. Zero-shot top-1 (prompt ensemble of the same 18 templates) is
-reported on ``val`` (model selection) and ``test``. Seeded and deterministic on a given machine:
+only. Captions name a *context* and the class: per image and step, a context is drawn (the clean
+image with probability ``p_clean``, else one of the others, uniformly), applied to the image and
+named in the caption -- "a blurry photo of a cat." for a Gaussian-blurred cat, "a photo of a
+cat." for a clean one. The contexts (``CONTEXTS``) are cheap tensor ops on 32x32 images chosen
+to overlap the corruption families of CIFAR-10-C (blur, noise, digital: pixelate / JPEG /
+contrast, weather-ish: brightness) plus two styles (black and white, dark); their captions are
+the quickstart's template set ``cifar-context`` (``robench/data/metadata/
+cifar_context_templates.txt``), so CAR-FT's context vectors (one per template) are ones the text
+tower learned to tell apart. Zero-shot top-1 (prompt ensemble of the same templates) is reported
+on ``val`` (model selection) and ``test``. Seeded and deterministic on a given machine:
 
     python scripts/train_tiny_clip.py
 
@@ -21,6 +28,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,24 +38,28 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from PIL import Image
+from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms.functional import rgb_to_grayscale
 
 import robench.models.backbone  # noqa: F401  (registers robench's configs with open_clip)
 from robench.data.folder import scan
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATES = REPO / "robench" / "data" / "metadata" / "cifar_templates.txt"
+TEMPLATES = REPO / "robench" / "data" / "metadata" / "cifar_context_templates.txt"
 
 
 @dataclass
 class TrainConfig:
     model: str = "robench-tiny-clip"
-    epochs: int = 25
+    epochs: int = 40
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     pad: int = 4  # random-crop padding (pixels)
+    p_clean: float = 0.5  # probability of the clean context ("a photo of a {}.")
+    ensemble_weight: float = 1.0  # weight of the prompt-ensemble cross-entropy (0: CLIP loss only)
     seed: int = 0
     threads: int = 2
     max_steps: int | None = None  # stop early (tests)
@@ -79,8 +91,10 @@ def normalizer(preprocess: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,3,H,W) -> float, normalised exactly like ToTensor() + Normalize()."""
-    return (images.float() / 255.0 - mean) / std
+    """uint8 (N,3,H,W) -> float, normalised exactly like ToTensor() + Normalize(); a float
+    batch is taken as already in [0, 1]."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    return (x - mean) / std
 
 
 def augment(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -96,6 +110,131 @@ def augment(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
         images = images.gather(3, cols)
     flip = torch.rand(n, generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+# -- contexts: image ops on float (n, 3, H, W) batches in [0, 1], severities drawn per image ----
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian blur, sigma ~ U[0.7, 1.5] px per image (7-tap separable kernel, reflected at
+    the border); CIFAR-10-C's blur family (defocus, glass, motion, zoom). Each image's blur is
+    one (H, H) matrix B applied as B X B^T (square images), a batched matmul."""
+    n, _, h, w = x.shape
+    assert h == w, "square images"
+    sigma = _uniform(n, 0.7, 1.5, gen)
+    taps = torch.arange(-3, 4)
+    k = torch.exp(-taps[None].to(x.dtype) ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (n, 7)
+    src = torch.arange(h)[:, None] + taps[None]  # (H, 7) source row of each tap, reflected
+    src = src.abs()
+    src = torch.where(src > h - 1, 2 * (h - 1) - src, src)
+    mat = torch.zeros(n, h, h, dtype=x.dtype).scatter_add_(
+        2, src[None].expand(n, h, 7), k[:, None, :].expand(n, h, 7))
+    return mat[:, None] @ x @ mat.transpose(1, 2)[:, None]
+
+
+def noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Additive Gaussian noise, std ~ U[0.04, 0.12] per image (CIFAR-10-C's noise family)."""
+    std = _uniform(len(x), 0.04, 0.12, gen)[:, None, None, None]
+    return (x + std * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+def pixelate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Box-downsample to s x s, s in {8, 10, 12, 16} per image, then nearest-upsample back."""
+    sides = torch.tensor([8, 10, 12, 16])[torch.randint(0, 4, (len(x),), generator=gen)]
+    out = x.clone()
+    for s in sides.unique().tolist():
+        m = sides == s
+        small = F.interpolate(x[m], size=(s, s), mode="area")
+        out[m] = F.interpolate(small, size=x.shape[-2:], mode="nearest")
+    return out
+
+
+def jpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """JPEG round trip (libjpeg through torchvision) at quality ~ U{8..30} per image."""
+    quality = torch.randint(8, 31, (len(x),), generator=gen).tolist()
+    u8 = (x * 255).round().to(torch.uint8)
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency);
+    # they are what the shipped model was trained with, so they stay (with the warning muted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = [decode_jpeg(encode_jpeg(img, quality=q))
+               for img, q in zip(u8, quality, strict=True)]
+    return torch.stack(out).float() / 255
+
+
+def low_contrast(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Contrast scaled by c ~ U[0.25, 0.55] about the image mean (CIFAR-10-C contrast, fog)."""
+    c = _uniform(len(x), 0.25, 0.55, gen)[:, None, None, None]
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return mean + (x - mean) * c
+
+
+def grayscale(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Luma (ITU-R 601) in all three channels."""
+    return rgb_to_grayscale(x, num_output_channels=3)
+
+
+def dark(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Intensities scaled by b ~ U[0.25, 0.55] per image."""
+    return x * _uniform(len(x), 0.25, 0.55, gen)[:, None, None, None]
+
+
+def bright(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """HSV value + b, b ~ U[0.2, 0.45], hue and saturation kept (CIFAR-10-C brightness adds
+    0.1-0.5 to V the same way): RGB scaled by min(V + b, 1) / V; black pixels become grey."""
+    b = _uniform(len(x), 0.2, 0.45, gen)[:, None, None, None]
+    v = x.amax(dim=1, keepdim=True)
+    new_v = (v + b).clamp(max=1)
+    return torch.where(v > 1e-3, x * new_v / v.clamp(min=1e-3), new_v.expand_as(x)).clamp(0, 1)
+
+
+CLEAN = "a photo of a {}."
+# caption template -> the op that makes an image fit it (None: the clean image)
+CONTEXTS: dict[str, object] = {
+    CLEAN: None,
+    "a blurry photo of a {}.": blur,
+    "a noisy photo of a {}.": noise,
+    "a pixelated photo of a {}.": pixelate,
+    "a jpeg compressed photo of a {}.": jpeg,
+    "a low contrast photo of a {}.": low_contrast,
+    "a black and white photo of a {}.": grayscale,
+    "a dark photo of a {}.": dark,
+    "a bright photo of a {}.": bright,
+}
+
+
+def context_ops(templates: list[str]) -> list[object]:
+    """The op of each template, in the template file's order; the file and ``CONTEXTS`` must
+    name the same contexts (a template without an op could not be trained on)."""
+    if sorted(templates) != sorted(CONTEXTS) or templates.count(CLEAN) != 1:
+        raise SystemExit(f"{TEMPLATES.name} must list exactly the templates of CONTEXTS: "
+                         f"{list(CONTEXTS)}; it lists {templates}")
+    return [CONTEXTS[t] for t in templates]
+
+
+def draw_contexts(n: int, templates: list[str], p_clean: float,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Per image, the index of its context template: clean with probability ``p_clean``, else
+    one of the others uniformly."""
+    clean = templates.index(CLEAN)
+    others = torch.tensor([i for i in range(len(templates)) if i != clean])
+    pick = others[torch.randint(0, len(others), (n,), generator=gen)]
+    is_clean = torch.rand(n, generator=gen) < p_clean
+    return torch.where(is_clean, torch.full_like(pick, clean), pick)
+
+
+def apply_contexts(images: torch.Tensor, which: torch.Tensor, ops: list[object],
+                   gen: torch.Generator) -> torch.Tensor:
+    """uint8 (n,3,H,W) -> float in [0, 1], image k passed through ``ops[which[k]]``."""
+    x = images.float() / 255.0
+    for i, op in enumerate(ops):
+        m = which == i
+        if op is not None and bool(m.any()):
+            x[m] = op(x[m], gen).to(x.dtype)
+    return x
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -143,6 +282,7 @@ def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classna
            templates: list[str], log) -> tuple[torch.nn.Module, object, object]:
     model, preprocess, tokenizer = create_model(cfg.model, cfg.seed)
     mean, std = normalizer(preprocess)
+    ops = context_ops(templates)
     gen = torch.Generator().manual_seed(cfg.seed)
     # All captions tokenised once: (C, T, context_length).
     captions = tokenizer([t.format(c) for c in classnames for t in templates])
@@ -173,12 +313,16 @@ def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classna
             if step >= total:
                 break
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = to_input(augment(images[idx], cfg.pad, gen), mean, std)
             y = labels[idx]
-            t_idx = torch.randint(0, len(templates), (len(idx),), generator=gen)
-            text = captions[y, t_idx]
+            t_idx = draw_contexts(len(idx), templates, cfg.p_clean, gen)
+            x = to_input(apply_contexts(augment(images[idx], cfg.pad, gen), t_idx, ops, gen),
+                         mean, std)
+            text = captions[y, t_idx]  # the caption names the context the image was given
             img_f, txt_f, scale = model(x, text)[:3]
             loss = loss_fn(img_f, txt_f, scale)
+            if cfg.ensemble_weight:
+                loss = loss + cfg.ensemble_weight * ensemble_loss(model, img_f, y, captions,
+                                                                  scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -196,6 +340,20 @@ def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classna
             break
     model.eval()
     return model, preprocess, tokenizer
+
+
+def ensemble_loss(model: torch.nn.Module, img_f: torch.Tensor, labels: torch.Tensor,
+                  captions: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the prompt-ensemble head built from the current text tower:
+    w_c = normalize(mean_t normalize(g(template_t(c)))) over all (C, T) captions, logits =
+    scale * <img_f, w_c> -- the zero-shot classifier robench evaluates. Contrastive training
+    alone lets a caption's embedding entangle context and class (on val, the ensemble head then
+    lost 10-20 points on blurred / pixelated images against the matching template alone); this
+    term asks the class directions to be shared across contexts."""
+    n_cls, n_tpl, length = captions.shape
+    emb = model.encode_text(captions.view(n_cls * n_tpl, length), normalize=True)
+    w = F.normalize(emb.view(n_cls, n_tpl, -1).mean(1), dim=-1)
+    return F.cross_entropy(scale * img_f @ w.T, labels)
 
 
 @torch.no_grad()
@@ -233,6 +391,10 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     ap.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels")
+    ap.add_argument("--p-clean", type=float, default=d.p_clean,
+                    help="probability that an image is left clean (else a context is applied)")
+    ap.add_argument("--ensemble-weight", type=float, default=d.ensemble_weight,
+                    help="weight of the prompt-ensemble cross-entropy term (0: CLIP loss only)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
     ap.add_argument("--max-steps", type=int, default=None)
@@ -241,7 +403,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                      pad=args.pad, seed=args.seed, threads=args.threads,
+                      pad=args.pad, p_clean=args.p_clean,
+                      ensemble_weight=args.ensemble_weight, seed=args.seed, threads=args.threads,
                       max_steps=args.max_steps)
 
     t0, c0 = time.time(), time.process_time()
@@ -280,7 +443,10 @@ def main() -> None:
         "train_config": asdict(cfg),
         "seed": cfg.seed,
         "data": {"train": "cifar10-subset/pretrain", "n_train": len(labels),
-                 "classnames": classnames, "templates": "cifar (18)"},
+                 "classnames": classnames,
+                 "templates": f"cifar-context ({len(templates)}): {TEMPLATES.name}",
+                 "contexts": {t: (op.__name__ if op else "clean")
+                              for t, op in zip(templates, context_ops(templates), strict=True)}},
         "train_wall_s": round(train_s, 1),  # decode + training, on the machine below
         "train_cpu_s": round(train_cpu_s, 1),
         "machine": {"cpu_count": os.cpu_count(), "threads": cfg.threads,

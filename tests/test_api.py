@@ -18,6 +18,7 @@ import robench
 from robench.errors import RobenchError
 from robench.models.backbone import state_dict_hash
 from robench.models.heads import LinearHead
+from robench.registry import get_dataset, template_set
 
 TF = T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)])
 VAL = "cifar10-subset-val"  # 500 real CIFAR-10 images shipped with robench
@@ -191,7 +192,8 @@ def test_custom_image_and_text_encoders_give_a_zero_shot_head(where):
                                logit_scale=20.0)
     df = robench.evaluate(model=mine, datasets=[VAL], device="cpu", metrics={"bootstrap": 0})
     rec = json.loads((where / "runs" / "evaluate" / "my-clip" / f"{VAL}.json").read_text())
-    assert df.iloc[0]["method"] == "zeroshot" and rec["protocol"]["n_templates"] == 18
+    n_templates = len(template_set(get_dataset(VAL).templates))  # the split's prompt set
+    assert df.iloc[0]["method"] == "zeroshot" and rec["protocol"]["n_templates"] == n_templates
     assert rec["method"]["head"]["logit_scale"] == 20.0
 
 

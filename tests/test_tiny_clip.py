@@ -42,7 +42,7 @@ def test_zeroshot_on_test_split_through_robench(tmp_path):
     from robench.features import extract_features
     from robench.models.backbone import load_backbone
     from robench.models.zeroshot import zeroshot_head
-    from robench.registry import template_set
+    from robench.registry import get_dataset, template_set
 
     bb = load_backbone(ARCH, str(CKPT), device="cpu")
     # fp16 on disk, loaded into the fp32 model by open_clip
@@ -50,7 +50,8 @@ def test_zeroshot_on_test_split_through_robench(tmp_path):
     assert bb.image_size == 32
     source = load(SUBSET / "test", "cifar10-subset-test")
     assert len(source) == 2000
-    head = zeroshot_head(bb, source.classnames, template_set("cifar"), "cifar", tmp_path,
+    tset = get_dataset("cifar10-subset-test").templates  # the quickstart's: cifar-context
+    head = zeroshot_head(bb, source.classnames, template_set(tset), tset, tmp_path,
                          progress=False)
     feats = extract_features(bb, source, tmp_path, batch_size=500, num_workers=0,
                              progress=False, strict=True)
