@@ -102,3 +102,74 @@ def test_random_views_are_seeded_per_image(tiny_backbone, tmp_path):
     assert a.key != c.key and not np.allclose(a.features, c.features, atol=1e-2)
     with pytest.raises(ValueError, match="view name"):
         extract_features(tiny_backbone, src, tmp_path / "a", transform=aug)
+
+
+def _per_image(backbone, src, idx) -> torch.Tensor:
+    return torch.stack([backbone.preprocess(src.load_image(i)) for i in idx])
+
+
+def test_array_sources_convert_whole_batches_bit_identically(tiny_backbone, tmp_path):
+    """CIFAR's and CIFAR-C's uint8 rows skip the per-image PIL path when the preprocessing is
+    ToTensor + Normalize at the images' size: the batches equal the per-image transform's bits,
+    in order, shards included; the features are the same whichever path made them."""
+    from robench.data import cifar_c
+    from robench.features import _ArrayBatches, _Preprocessed, array_normalization, loader
+
+    src = cifar.load(write_cifar10(tmp_path / "c"), name="c10")
+    ds = _Preprocessed(src, tiny_backbone.preprocess)
+    assert array_normalization(ds) is not None
+    batches = loader(ds, tiny_backbone, batch_size=16, num_workers=2)
+    assert isinstance(batches, _ArrayBatches) and len(batches) == 3  # 40 images
+    seen = []
+    for xs, idx, ok in batches:
+        assert xs.dtype == torch.float32 and bool(ok.all())
+        assert torch.equal(xs, _per_image(tiny_backbone, src, idx.tolist()))
+        seen += idx.tolist()
+    assert seen == list(range(len(src)))
+    shard = [[5, 3, 39], [0]]  # a rank's batches (any order)
+    got = [(xs, idx.tolist()) for xs, idx, _ in loader(ds, tiny_backbone, 16, 0, shard)]
+    assert [i for _, i in got] == shard
+    assert all(torch.equal(xs, _per_image(tiny_backbone, src, i)) for xs, i in got)
+    # the features: identical to the DataLoader's (forced by a loader without ``batch``)
+    fast = extract_features(tiny_backbone, src, tmp_path / "a", batch_size=16, num_workers=0,
+                            progress=False)
+    slow_src = cifar.load(tmp_path / "c", name="c10")
+    pixels = slow_src.loader.pixels
+    slow_src.loader = lambda i: Image.fromarray(pixels[i])
+    assert array_normalization(_Preprocessed(slow_src, tiny_backbone.preprocess)) is None
+    slow = extract_features(tiny_backbone, slow_src, tmp_path / "b", batch_size=16,
+                            num_workers=0, progress=False)
+    np.testing.assert_array_equal(fast.features, slow.features)
+    # CIFAR-C rows span several corruption files
+    root = tmp_path / "c10c"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(root / "labels.npy", np.repeat(np.arange(5), 2).astype(np.int64))
+    for c in cifar_c.STANDARD_CORRUPTIONS:
+        np.save(root / f"{c}.npy", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    csrc = cifar_c.load(root, name="c10c", corruptions="standard")
+    idx = np.array([0, 9, 10, 149, 77, 11])
+    np.testing.assert_array_equal(csrc.loader.batch(idx),
+                                  np.stack([np.asarray(csrc.load_image(i)) for i in idx]))
+    xs = next(iter(loader(_Preprocessed(csrc, tiny_backbone.preprocess), tiny_backbone, 0, 0,
+                          [idx.tolist()])))[0]
+    assert torch.equal(xs, _per_image(tiny_backbone, csrc, idx))
+
+
+def test_other_preprocessing_decodes_image_by_image(tiny_backbone, tmp_path):
+    """A resize to another size, an augmentation, a seeded view or an unknown step: no array
+    shortcut (its arithmetic would not be the transform's)."""
+    import torchvision.transforms as T
+
+    from robench.features import _Preprocessed, array_normalization
+
+    src = cifar.load(write_cifar10(tmp_path / "c"), name="c10")
+    pre = tiny_backbone.preprocess
+    norm = pre.transforms[-1]
+    for transform in (T.Compose([T.Resize(48), T.ToTensor(), norm]),
+                      T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+                      T.Compose([T.ToTensor(), T.Lambda(lambda x: x * 2), norm]),
+                      T.Compose([T.ToTensor()]), lambda im: pre(im)):
+        assert array_normalization(_Preprocessed(src, transform)) is None, transform
+    assert array_normalization(_Preprocessed(src, pre, seed=0)) is None
+    assert array_normalization(_Preprocessed(src, pre)) is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import pickle
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +112,19 @@ def _read_split(cls: Release, folder: Path, train: bool) -> tuple[np.ndarray, li
     return np.ascontiguousarray(pixels), labels, classes
 
 
-def _pixel(data: np.ndarray, i: int) -> Image.Image:
-    return Image.fromarray(data[i])
+class PixelRows:
+    """Image ``i`` of an (N, H, W, 3) uint8 array as PIL (``__call__``, the loader protocol), or
+    rows of it as the array itself (``batch``), which feature extraction converts a whole batch
+    at a time (``robench.features``)."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+
+    def __call__(self, i: int) -> Image.Image:
+        return Image.fromarray(self.pixels[i])
+
+    def batch(self, idx: np.ndarray) -> np.ndarray:
+        return self.pixels[idx]
 
 
 def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
@@ -149,7 +159,7 @@ def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
         # CLIP's CIFAR class names are torchvision's with '_' replaced by spaces
         classnames=[c.replace("_", " ") for c in classes],
         manifest_hash=hash_manifest([(p.name, *digests[p]) for p in files]),
-        loader=partial(_pixel, pixels),
+        loader=PixelRows(pixels),
         info={"root": str(root), "split": "train" if train else "test",
               "md5_matches_release": not bad},
     )

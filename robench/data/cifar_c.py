@@ -40,9 +40,21 @@ class NpyRows:
 
     def __call__(self, i: int) -> Image.Image:
         f, r = divmod(int(i), self.rows)
+        return Image.fromarray(np.ascontiguousarray(self._map(f)[r]))
+
+    def _map(self, f: int) -> np.ndarray:
         if f not in self._maps:
             self._maps[f] = np.load(self.paths[f], mmap_mode="r")
-        return Image.fromarray(np.ascontiguousarray(self._maps[f][r]))
+        return self._maps[f]
+
+    def batch(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` as one (B, 32, 32, 3) uint8 array (extraction converts it at once)."""
+        f, r = np.divmod(np.asarray(idx, dtype=np.int64), self.rows)
+        out = np.empty((len(f), 32, 32, 3), np.uint8)
+        for file in np.unique(f):
+            at = f == file
+            out[at] = self._map(int(file))[r[at]]
+        return out
 
 
 def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "all",

@@ -69,3 +69,40 @@ def test_robench_extract(benchmark, backbone, tmp_path):
     fs = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
     assert fs.features.shape[0] == 2000 and not fs.cached
     benchmark.extra_info["images"] = 2000
+
+
+# -- array sources (CIFAR, CIFAR-C): whole batches vs the per-image PIL path --------------------
+N_ARRAY = 20_000
+
+
+@pytest.fixture(scope="module")
+def array_source():
+    """20,000 CIFAR-shaped images as one uint8 array (the CIFAR / CIFAR-C loaders' layout)."""
+    import numpy as np
+
+    from robench.data.base import ImageSource
+    from robench.data.cifar import PixelRows
+
+    pixels = np.random.default_rng(0).integers(0, 256, (N_ARRAY, 32, 32, 3), dtype=np.uint8)
+    return ImageSource(name="bench-array", labels=np.zeros(N_ARRAY, np.int64),
+                       classnames=["a", "b"], manifest_hash="bench", loader=PixelRows(pixels))
+
+
+@pytest.mark.parametrize("path", ["array-batches", "per-image"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_array_source_extract(benchmark, backbone, array_source, tmp_path, path, workers):
+    """``array-batches``: robench's path for array sources; ``per-image``: the same source
+    with a loader that only has ``__call__`` (PIL per image, as before), same workers."""
+    from dataclasses import replace
+
+    src = array_source if path == "array-batches" else \
+        replace(array_source, loader=array_source.loader.__call__)
+    counter = iter(range(100))
+
+    def run():
+        return extract_features(backbone, src, tmp_path / str(next(counter)), batch_size=512,
+                                num_workers=workers, progress=False)
+
+    fs = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    assert fs.features.shape[0] == N_ARRAY
+    benchmark.extra_info["images"] = N_ARRAY
