@@ -83,6 +83,43 @@ def test_paired_bootstrap_matches_a_naive_loop() -> None:
             assert reps[k][r] == pytest.approx(want, abs=1e-12), (k, r)
 
 
+def test_paired_ood_auroc_replicates_match_sklearn_on_the_drawn_multisets() -> None:
+    """ood_auroc's replicates: the ID set is drawn first, then each group; a group's value is
+    the AUROC of -MSP with the group's samples positive against the drawn ID samples (ties in
+    the confidences included), here recomputed by scikit-learn on the expanded multisets."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, a_logits, b_logits = pair_of_models(3, n=240)
+    groups = ["fog/1", "fog/2", "fog/3"]
+    rng = np.random.default_rng(4)
+    id_a = np.round(rng.uniform(0.2, 1, 90), 2)  # rounded: ties with the OOD confidences
+    id_b = np.round(rng.uniform(0.2, 1, 90), 2)
+    a = outputs(a_logits, labels, groups=groups, id_conf=id_a)
+    b = outputs(b_logits, labels, groups=groups, id_conf=id_b)
+    for o in (a, b):  # confidences on the same 0.01 grid as the ID ones
+        o.samples.conf[:] = np.round(o.samples.conf, 2)
+    point, reps, _ = paired_bootstrap(a, b, summary_groups=groups, n_bins=15, n_bootstrap=3,
+                                      seed=11)
+    rng = np.random.default_rng(np.random.SeedSequence(11))
+    members = [np.flatnonzero(a.group == g) for g in range(3)]
+
+    def ood(id_conf, conf, draw_id, draws) -> float:
+        per = [roc_auc_score(np.r_[np.zeros(draw_id.size), np.ones(d.size)],
+                             -np.r_[id_conf[draw_id], conf[d]]) for d in draws]
+        return float(np.mean(per))
+
+    everyone = np.arange(90)
+    want = ood(id_a, a.samples.conf, everyone, members) - \
+        ood(id_b, b.samples.conf, everyone, members)
+    assert point["ood_auroc"] == pytest.approx(want, abs=1e-12)
+    for r in range(3):
+        draw_id = rng.integers(0, 90, 90)
+        draws = [m[rng.integers(0, m.size, m.size)] for m in members]
+        want = ood(id_a, a.samples.conf, draw_id, draws) - \
+            ood(id_b, b.samples.conf, draw_id, draws)
+        assert reps["ood_auroc"][r] == pytest.approx(want, abs=1e-12), r
+
+
 def test_pairing_shrinks_the_interval_of_a_small_real_difference() -> None:
     """Model B = model A with 6 of 1000 wrong answers fixed: +0.6 points, far inside either
     model's own Clopper-Pearson interval (+-3 points), yet the paired interval excludes 0."""
