@@ -140,8 +140,10 @@ class Options:
     @classmethod
     def describe(cls) -> list[OptionInfo]:
         hints = typing.get_type_hints(cls)
+        # the datasets first (an inherited option comes before a subclass's in field order)
+        fields = sorted(dataclasses.fields(cls), key=lambda f: not f.metadata.get("role"))
         return [OptionInfo(f.name, type_name(hints[f.name], short=True), _default(f),
-                           f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
+                           f.metadata.get("help", "")) for f in fields]
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,17 @@ if TYPE_CHECKING:
 # Defaults follow the WiSE-FT line for real CLIPs (AdamW, lr 3e-5, wd 0.1, warm-up, cosine,
 # grad-clip 1); the quickstart's tiny model overrides lr and batch_size.
 @dataclass(frozen=True)
-class FineTuneOptions(Options):
-    train_on: str = option("", "labelled ID training split (read as images)", role="train",
-                           required=True)
+class LoopOptions(Options):
+    """The options of the supervised fine-tuning loop (``robench.models.finetune.finetune``),
+    shared by ``finetune``, ``car-ft`` and ``lp-ft``."""
+
     epochs: int = option(5, "epochs over train_on", minimum=0)
     lr: float = option(3e-5, "AdamW peak learning rate (linear warm-up, then cosine to 0)",
                        minimum=0.0)
     weight_decay: float = option(0.1, "AdamW decoupled weight decay", minimum=0.0)
     batch_size: int = option(128, "GLOBAL batch size (split over torchrun ranks)", minimum=1)
     warmup: int = option(50, "linear warm-up steps", minimum=0)
-    grad_clip: float = option(1.0, "gradient-norm clip", minimum=0.0)
-    lam: float = option(0.0, "weight of CAR-FT's context KL (0: plain fine-tuning)",
-                        minimum=0.0)
+    grad_clip: float = option(1.0, "gradient-norm clip (0: none)", minimum=0.0)
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", minimum=0.0,
                                     maximum=1.0)
     precision: Literal["fp32", "bf16", "fp16"] = option(
@@ -37,6 +36,14 @@ class FineTuneOptions(Options):
                               "(0: the rank's whole part)", minimum=0, scheduling=True)
     checkpoint_every: int = option(0, "also checkpoint every this many steps (0: per epoch)",
                                    minimum=0, scheduling=True)
+
+
+@dataclass(frozen=True)
+class FineTuneOptions(LoopOptions):
+    train_on: str = option("", "labelled ID training split (read as images)", role="train",
+                           required=True)
+    lam: float = option(0.0, "weight of CAR-FT's context KL (0: plain fine-tuning)",
+                        minimum=0.0)
 
 
 @dataclass(frozen=True)

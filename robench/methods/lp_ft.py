@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from robench.methods.base import Bench, HeadContext, Method, Options, option
+from robench.methods.base import Bench, HeadContext, Method, option
+from robench.methods.finetune import LoopOptions
 
 if TYPE_CHECKING:
     from robench.data.base import ImageSource
@@ -16,9 +17,9 @@ if TYPE_CHECKING:
 
 # The probe options are linear-probe's (same names, defaults and meaning, so that the probe
 # stage is the artifact of a linear-probe model with the same options); the fine-tuning options
-# are finetune's without CAR-FT's lam, with a smaller default lr (see the README's defaults).
+# are the fine-tuning loop's, with a smaller default lr (see the README's defaults).
 @dataclass(frozen=True)
-class LPFTOptions(Options):
+class LPFTOptions(LoopOptions):
     train_on: str = option("", "labelled ID training split: the probe's features, then the "
                            "fine-tuning images", role="train", required=True)
     val_on: str = option("", "labelled validation split that selects the probe's C",
@@ -36,19 +37,6 @@ class LPFTOptions(Options):
     epochs: int = option(5, "fine-tuning epochs over train_on (0: the probe itself)", minimum=0)
     lr: float = option(1e-5, "AdamW peak learning rate of the fine-tuning stage (linear "
                        "warm-up, then cosine to 0)", minimum=0.0)
-    weight_decay: float = option(0.1, "AdamW decoupled weight decay", minimum=0.0)
-    batch_size: int = option(128, "GLOBAL batch size (split over torchrun ranks)", minimum=1)
-    warmup: int = option(50, "linear warm-up steps", minimum=0)
-    grad_clip: float = option(1.0, "gradient-norm clip (0: none)", minimum=0.0)
-    label_smoothing: float = option(0.0, "cross-entropy label smoothing", minimum=0.0,
-                                    maximum=1.0)
-    precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", "autocast precision of the forward (weights and optimiser stay fp32)")
-    workers: int = option(2, "data-loader worker processes", minimum=0, scheduling=True)
-    micro_batch: int = option(0, "samples per forward on a rank, gradients accumulated "
-                              "(0: the rank's whole part)", minimum=0, scheduling=True)
-    checkpoint_every: int = option(0, "also checkpoint every this many steps (0: per epoch)",
-                                   minimum=0, scheduling=True)
 
     def __post_init__(self) -> None:
         if self.grid is not None:  # YAML ints and floats give the same artifact key

@@ -48,6 +48,7 @@ import contextlib
 import copy
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -224,6 +225,50 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+@dataclass
+class Schedule:
+    """The optimisation every fine-tuning method shares: AdamW over ``params``, a per-step
+    linear warm-up then cosine to 0 (:func:`warmup_cosine`), the autocast of ``precision`` and
+    the gradient scaler (active for fp16 only)."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    steps_per_epoch: int
+    total: int
+
+
+def schedule(params: list[torch.nn.Parameter], opts: object, n_samples: int,
+             device: str) -> Schedule:
+    """:class:`Schedule` of ``opts`` (``lr``, ``weight_decay``, ``batch_size``, ``epochs``,
+    ``warmup``, ``precision``: the fields finetune's, LP-FT's and FLYP's options share) for an
+    epoch of ``n_samples`` at the global batch size."""
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    steps_per_epoch = math.ceil(n_samples / opts.batch_size)
+    total = opts.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: warmup_cosine(step, opts.warmup, total))
+    dev_type = device.split(":")[0]
+    amp = PRECISIONS[opts.precision]
+    autocast = (lambda: torch.autocast(dev_type, dtype=amp)) if amp is not None \
+        else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(dev_type, enabled=opts.precision == "fp16")
+    return Schedule(opt, sched, scaler, autocast, steps_per_epoch, total)
+
+
+def data_parallel(module: torch.nn.Module, device: str,
+                  world: distributed.World) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel under torchrun (gradients summed, then divided by
+    the global batch in the loss: :func:`_sum_gradients`), itself otherwise."""
+    if not world.distributed:
+        return module
+    net = torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    net.register_comm_hook(None, _sum_gradients)
+    return net
+
+
 def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOptions, out: Path,
              cache_dir: str | Path, seed: int = 0, progress: bool = True,
              init: HeadInit | None = None, label: str | None = None) -> str:
@@ -279,23 +324,10 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     params = [p for p in model.visual.parameters()] + [tuned.head]
     if tuned.bias is not None:
         params.append(tuned.bias)
-    net: torch.nn.Module = tuned
-    if world.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            tuned, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-        net.register_comm_hook(None, _sum_gradients)
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    bsz = opts.batch_size
-    steps_per_epoch = math.ceil(len(source) / bsz)
-    total = opts.epochs * steps_per_epoch
-
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: warmup_cosine(step, opts.warmup, total))
-    dev_type = device.split(":")[0]
-    amp = PRECISIONS[opts.precision]
-    autocast = (lambda: torch.autocast(dev_type, dtype=amp)) if amp is not None \
-        else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(dev_type, enabled=opts.precision == "fp16")
+    net = data_parallel(tuned, device, world)
+    plan = schedule(params, opts, len(source), device)
+    opt, sched, scaler, autocast = plan.opt, plan.sched, plan.scaler, plan.autocast
+    bsz, steps_per_epoch, total = opts.batch_size, plan.steps_per_epoch, plan.total
     step = 0
     resume = out / CHECKPOINT
     if (state := load_resume(resume, device)) is not None:  # from its last checkpoint
@@ -359,7 +391,9 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
             scaler.update()
             sched.step()
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.4f}")
+            # the last micro-batch's means (``car_ft_loss`` summed them over its samples)
+            bar.set_postfix(loss=f"{loss.item() * global_size / len(y):.3f}",
+                            kl=f"{kl.item() / len(y):.4f}")
             bar.update(1)
             every = opts.checkpoint_every
             if step % steps_per_epoch == 0 or (every and step % every == 0):

@@ -68,13 +68,13 @@ from robench.models.finetune import (
     HEAD_FILE,
     PRECISIONS,
     _Labelled,
-    _sum_gradients,
+    data_parallel,
     epoch_order,
     load_resume,
     rank_steps,
     save_head,
+    schedule,
     train_transform,
-    warmup_cosine,
 )
 from robench.progress import progress_bar as tqdm
 from robench.registry import ModelSpec
@@ -207,22 +207,10 @@ def flyp_finetune(backbone: Backbone, source, templates: list[str], opts: FLYPOp
         p.requires_grad_(True)
     params = list(model.parameters())
     towers = _Towers(model)
-    net: torch.nn.Module = towers
-    if world.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            towers, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-        net.register_comm_hook(None, _sum_gradients)
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    bsz = opts.batch_size
-    steps_per_epoch = math.ceil(len(source) / bsz)
-    total = opts.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: warmup_cosine(step, opts.warmup, total))
-    dev_type = device.split(":")[0]
-    amp = PRECISIONS[opts.precision]
-    autocast = (lambda: torch.autocast(dev_type, dtype=amp)) if amp is not None \
-        else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(dev_type, enabled=opts.precision == "fp16")
+    net = data_parallel(towers, device, world)
+    plan = schedule(params, opts, len(source), device)
+    opt, sched, scaler, autocast = plan.opt, plan.sched, plan.scaler, plan.autocast
+    bsz, steps_per_epoch, total = opts.batch_size, plan.steps_per_epoch, plan.total
     # the temperature's range: CLIP's [0, ln 100], widened to hold a pre-trained value outside
     # it, so a model is never changed by the clamp alone
     start = float(model.logit_scale.detach())
