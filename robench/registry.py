@@ -64,9 +64,9 @@ DATASETS: dict[str, DatasetSpec] = {
         description="500 real CIFAR-10 test images shipped with robench (validation split)"),
     "cifar10-subset-test-c": DatasetSpec(
         "generated-c", "", templates="cifar-context",
-        options={"base": "cifar10-subset-test", "stride": 4},
-        n_expected=500 * 15 * 5,
-        description="15 corruptions x 5 severities (imagecorruptions) of every 4th image of "
+        options={"base": "cifar10-subset-test", "stride": 8},
+        n_expected=250 * 15 * 5,
+        description="15 corruptions x 5 severities (imagecorruptions) of every 8th image of "
                     "cifar10-subset-test, generated on first use and cached"),
     "cifar10-c": DatasetSpec("cifar-c", "CIFAR-10-C", options={"variant": "cifar10"},
                              n_expected=19 * 50000,

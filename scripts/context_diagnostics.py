@@ -45,7 +45,7 @@ import torch
 
 from robench.config import load_suite
 from robench.models.backbone import Backbone, load_backbone
-from robench.models.finetune import car_ft_loss, context_weights, options
+from robench.models.finetune import car_ft_loss, context_weights
 from robench.registry import ModelSpec, get_dataset
 from robench.runner import Runner
 
@@ -91,9 +91,9 @@ def diagnose(suite: str, cache_dir: str, checkpoint: str | None = None,
         for name in (ft_name, car_name):
             runner.models[name] = replace(runner.models[name], pretrained=checkpoint)
     ft_spec, car_spec = runner.models[ft_name], runner.models[car_name]
-    ft_opts, car_opts = options(ft_spec, 0.0), options(car_spec, 1.0)
-    train_on = ft_opts["train_on"]
-    if car_opts["train_on"] != train_on or car_spec.pretrained != ft_spec.pretrained:
+    ft_opts, car_opts = runner.method_of(ft_name).options, runner.method_of(car_name).options
+    train_on = ft_opts.train_on
+    if car_opts.train_on != train_on or car_spec.pretrained != ft_spec.pretrained:
         sys.exit(f"{ft_name} and {car_name} must start from one checkpoint and train on one "
                  "split to be compared")
     if templates is not None:  # the fine-tuning split's prompts (CAR-FT's contexts) replaced
@@ -123,7 +123,7 @@ def diagnose(suite: str, cache_dir: str, checkpoint: str | None = None,
     return {
         "suite": cfg.name, "checkpoint": ft_spec.pretrained, "weights_hash": base.weights_hash,
         "template_set": template_set, "n_contexts": len(prompts), "train_on": train_on,
-        "logit_scale": scale, "car_ft_lam": car_opts["lam"],
+        "logit_scale": scale, "car_ft_lam": car_opts.lam,
         "context_cosine": {"mean": float(cos.mean()), "min": float(cos.min()),
                            "max": float(cos.max())},
         "context_kl": kls,

@@ -140,7 +140,7 @@ def test_every_method_is_compared_with_zero_shot_of_its_backbone(analysis: dict,
             assert delta["ci_low"] <= delta["value"] <= delta["ci_high"], (m, d, k)
     assert rows[("tiny-clip-lp-clip", ID)]["pairing"] == "sample_id"  # shipped JPEG paths
     assert rows[("tiny-clip-lp-clip", OOD)]["pairing"] == "row index"  # generated -C arrays
-    assert rows[("tiny-clip-lp-clip", OOD)]["n_paired"] == 37500
+    assert rows[("tiny-clip-lp-clip", OOD)]["n_paired"] == 18750
     assert "ood_auroc" in rows[("tiny-clip-lp-clip", OOD)]["delta"]
     # temperature scaling never changes a prediction: no discordant pair, a zero-width interval
     ts = rows[("tiny-clip-ts", ID)]
@@ -181,7 +181,7 @@ def test_reliability_bins_reproduce_the_records_ece(analysis: dict, results: Pat
             b = analysis["reliability"][m][d]
             assert b["n_bins"] == 15 and len(b["count"]) == 15
             n = sum(b["count"])
-            assert n == (2000 if d == ID else 37500)
+            assert n == (2000 if d == ID else 18750)
             if d == ID:  # one pool of samples: ECE is the weighted gap of the bins
                 ece = sum(c * abs(a - f) for c, a, f in zip(b["count"], b["accuracy"],
                                                             b["confidence"], strict=True)

@@ -17,7 +17,7 @@ from robench.methods.base import HeadContext
 from robench.methods.lp_clip import LPCLIPOptions
 from robench.models import lp_clip as LPC
 from robench.models.heads import LinearHead
-from robench.registry import ASSETS, DatasetSpec
+from robench.registry import ASSETS, DatasetSpec, get_dataset
 from robench.runner import Runner
 
 SCALE = 14.3
@@ -234,7 +234,8 @@ def _runner(tmp_path, *extra, suite: str = SUITE, cache=None):
         # the training split "hidden": the shipped val images (same manifest, so shared weak
         # features) behind a source whose labels raise, so reading a training label fails the run
         if name == "hidden" and name not in runner.sources:
-            runner.dataset_specs[name] = DatasetSpec("folder", "assets:cifar10-subset/val")
+            runner.dataset_specs[name] = DatasetSpec("folder", "assets:cifar10-subset/val",
+                                                     templates=get_dataset("cifar10-subset-val").templates)
             runner.sources[name] = LabelFree(_val_source())
         return real(name)
 

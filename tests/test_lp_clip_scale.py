@@ -23,7 +23,7 @@ from robench.features import cached_features, extract_features
 from robench.methods.lp_clip import LPCLIP, LPCLIPOptions
 from robench.models import lp_clip as LPC
 from robench.models.zeroshot import class_embeddings
-from robench.registry import ASSETS, DatasetSpec, template_set
+from robench.registry import ASSETS, DatasetSpec, get_dataset, template_set
 from robench.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +303,8 @@ def _runner(tmp_path: Path, extra: str, *over: str, cache: Path | None = None) -
 
     def source(name: str):  # "hidden": the val images behind a source whose labels raise
         if name == "hidden" and name not in runner.sources:
-            runner.dataset_specs[name] = DatasetSpec("folder", "assets:cifar10-subset/val")
+            runner.dataset_specs[name] = DatasetSpec("folder", "assets:cifar10-subset/val",
+                                                     templates=get_dataset("cifar10-subset-val").templates)
             runner.sources[name] = LabelFree(_val_source())
         return real(name)
 
