@@ -8,6 +8,7 @@ import pytest
 from conftest import run_cli
 
 from robench import progress as P  # noqa: N812
+from robench.registry import get_dataset, template_set
 
 
 class Clock:
@@ -104,7 +105,8 @@ def test_piped_run_log_is_lines_and_quiet_drops_them(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "\r" not in r.stdout
     assert "features cifar10-subset-val: 500 img in" in r.stderr
-    assert "text head: 10 classes x 18 templates: 180 prompt in" in r.stderr
+    n = len(template_set(get_dataset("cifar10-subset-val").templates))
+    assert f"text head: 10 classes x {n} templates: {10 * n} prompt in" in r.stderr
     assert "[1/1] tiny-random x cifar10-subset-val" in r.stdout
     assert len(r.stderr) < 1000, r.stderr
 
