@@ -128,7 +128,8 @@ class Runner:
         return Settings(cache_dir=c.cache_dir, device=c.device, seed=int(c.seed),
                         progress=bool(c.progress), strict=bool(c.strict),
                         batch_size=int(c.model.batch_size), num_workers=int(c.model.num_workers),
-                        allow_download=bool(c.allow_download))
+                        allow_download=bool(c.allow_download),
+                        features_dtype=str(c.model.features_dtype))
 
     def features(self, backbone: Backbone, name: str) -> tuple[ImageSource, FeatureSet]:
         return self.source_and_features(backbone, name)

@@ -279,3 +279,37 @@ def test_evaluating_on_another_label_space_is_refused(tmp_path):
     ctx = HeadContext(None, runner.models["lpc"], runner)
     with pytest.raises(RobenchError, match="trained on another label space"):
         runner.method_of("lpc").build(ctx, other)
+
+
+def test_the_teacher_is_computed_per_step_never_as_an_n_by_c_matrix(clusters, monkeypatch):
+    """Self-training asks its teacher (and the student, for the agreement statistics) for at
+    most a block of rows at a time; the logits are those of the whole-set product, and a round
+    trained against a precomputed (N, C) teacher ends at the same weights."""
+    weak, strong, w_zs, _ = clusters
+    weak_t = torch.tensor(weak, dtype=torch.float32)
+    teacher = LPC.Teacher(weak_t, torch.tensor(w_zs), None, SCALE)
+    full = SCALE * (weak_t @ torch.tensor(w_zs))
+    rows = torch.tensor([3, 0, 599, 17])
+    torch.testing.assert_close(teacher[rows], full[rows], rtol=0, atol=1e-5)
+    monkeypatch.setattr(LPC.Teacher, "BLOCK", 64)
+    assert torch.equal(teacher.labels(), full.argmax(1))
+
+    asked: list[int] = []
+    real = LPC.Teacher.__getitem__
+
+    def spy(self, idx):
+        out = real(self, idx)
+        asked.append(len(out))
+        return out
+
+    monkeypatch.setattr(LPC.Teacher, "__getitem__", spy)
+    cfg = LPC.LPCLIPConfig(lr=0.01, rounds=2, epochs=2, batch_size=32, bias=True)
+    LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=0)
+    assert asked and max(asked) <= 64 < len(weak)  # blocks of 64 rows, steps of 32 pairs
+
+    views = LPC.CachedViews(torch.tensor(strong))
+    w0 = torch.tensor(w_zs)
+    streamed = LPC.train_student(views, teacher, w0, SCALE, cfg, seed=5, weak=weak_t)
+    held = LPC.train_student(views, full, w0, SCALE, cfg, seed=5, weak=weak_t)
+    torch.testing.assert_close(streamed[0], held[0], rtol=0, atol=1e-4)
+    assert streamed[2]["agreement_after"] == pytest.approx(held[2]["agreement_after"], abs=0.01)

@@ -357,6 +357,21 @@ def test_cached_subset_run_prints_its_budget_before_extracting(tmp_path, monkeyp
     assert len(_entries(cache)) == 4
 
 
+def test_views_are_stored_in_the_runs_features_dtype(tmp_path, capsys):
+    """model.features_dtype=float16 halves the strong views' disk as it does the eval features':
+    LP-CLIP's weak view is the eval run's own (shared) entry and its strong views are float16,
+    which the budget line counts."""
+    _runner(tmp_path, "subset: 200", "model.features_dtype=float16").run()
+    cache = tmp_path / "c"
+    dtypes = {p.name: np.load(p, mmap_mode="r").dtype for p in (cache / "features").glob("*.npy")}
+    assert len(dtypes) == 4 and set(dtypes.values()) == {np.dtype(np.float16)}
+    assert "disk 400 x 32 x 2 B (float16) = 25.6 KB" in capsys.readouterr().out
+    full = tmp_path / "full"
+    full.mkdir()
+    _runner(full, "tau: 0.5", "model.features_dtype=float16").run()
+    assert len(_entries(full / "c")) == 3  # weak view = the eval entry, + K = 2 strong views
+
+
 def test_option_errors_are_named():
     with pytest.raises(RobenchError, match="unknown lp-clip views_mode 'disk'.*online, cached"):
         LPCLIP.from_declared({"train_on": "x", "views_mode": "disk"})

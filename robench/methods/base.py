@@ -242,6 +242,7 @@ class Settings:
     batch_size: int = 256
     num_workers: int = 0
     allow_download: bool = False
+    features_dtype: str = "auto"  # storage dtype of cached features (model.features_dtype)
 
 
 class Bench(Protocol):

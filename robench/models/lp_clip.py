@@ -86,7 +86,6 @@ from robench.features import (
     cached_features,
     extract_features,
     feature_key,
-    features_dtype,
 )
 from robench.io import load_npz, write_json, write_npz
 from robench.models.backbone import Backbone
@@ -103,7 +102,8 @@ from robench.models.zeroshot import class_embeddings, text_key
 INITS = ("zeroshot", "random")
 VIEWS_MODES = ("cached", "online")
 log = logging.getLogger(__name__)
-VERSION = 1  # bump when training changes, so stale cached heads are not reused
+VERSION = 2  # bump when training changes, so stale cached heads are not reused
+# (2: the teacher's logits are computed per step, not sliced from an (N, C) matrix)
 
 
 # -- the label firewall -----------------------------------------------------------------------
@@ -236,16 +236,17 @@ def _require_unlabelled(source: Any) -> None:
 
 def training_features(backbone: Backbone, source: Unlabelled, cache_dir: str, opts: LPCLIPOptions,
                       seed: int, batch_size: int = 256, num_workers: int = 0,
-                      progress: bool = False, strict: bool = False
+                      progress: bool = False, strict: bool = False, dtype: str = "auto"
                       ) -> tuple[FeatureSet, list[FeatureSet]]:
     """Weak-view features (the standard cache entry) and the K cached strong views of
-    ``source``; the strong views' :class:`Budget` is printed before their extraction starts."""
+    ``source``, stored in ``dtype`` (``model.features_dtype``); the strong views'
+    :class:`Budget` is printed before their extraction starts."""
     _require_unlabelled(source)
     kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress,
-          "strict": strict}
+          "strict": strict, "dtype": dtype}
     weak = extract_features(backbone, source, cache_dir, **kw)
     names = view_names(opts, seed)
-    done = sum(cached_features(backbone, source, cache_dir, view=v) is not None
+    done = sum(cached_features(backbone, source, cache_dir, view=v, dtype=dtype) is not None
                for v, _ in names)
     echo(Budget.of(backbone, source, weak, opts, "cached", cached=done).line())
     tf = strong_transform(backbone, opts.crop_scale, opts.jitter, opts.randaugment)
@@ -291,7 +292,7 @@ class Budget:
         seconds = weak.seconds
         rate = len(train) / seconds if seconds and seconds > 0 else None
         return cls(mode, train.name, len(train), train.split_size, opts.views,
-                   int(weak.features.shape[1]), features_dtype(backbone.precision).name,
+                   int(weak.features.shape[1]), str(weak.features.dtype),
                    opts.epochs, opts.rounds, cached, rate)
 
     @property
@@ -536,21 +537,55 @@ def _init_weight(w_zs: torch.Tensor, init: str, gen: torch.Generator) -> torch.T
     raise unknown("lp-clip init", init, INITS)
 
 
-def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.argmax(1) == b.argmax(1)).float().mean())
+class Teacher:
+    """A linear teacher's logits ``scale * (weak @ W + b)``, computed for the rows a step needs.
+
+    Holding them as one (N, C) matrix would take N x C x 4 bytes (5.1 GB for ImageNet's 1.28M
+    images x 1,000 classes, as much again for the student's logits when agreement is
+    reported); a step's rows cost a (B, D) x (D, C) product, what the student's forward costs.
+    Whole-set statistics (:meth:`labels`) go a block of rows at a time.
+    """
+
+    BLOCK = 65_536  # rows per block of a whole-set pass (64K x 1,000 classes: 256 MB)
+
+    def __init__(self, weak: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 scale: float) -> None:
+        self.weak, self.scale = weak, float(scale)
+        self.weight = weight.detach().float()
+        self.bias = None if bias is None else bias.detach().float()
+
+    def __len__(self) -> int:
+        return int(self.weak.shape[0])
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        out = self.weak[rows].float() @ self.weight
+        return self.scale * (out + self.bias if self.bias is not None else out)
+
+    def labels(self) -> torch.Tensor:
+        """(N,) argmax class of every row."""
+        return torch.cat([self[slice(s, s + self.BLOCK)].argmax(1)
+                          for s in range(0, len(self), self.BLOCK)])
 
 
-def train_student(strong: torch.Tensor | CachedViews | OnlineViews, teacher: torch.Tensor,
+def _agreement(student: Teacher, teacher: Teacher | torch.Tensor) -> float:
+    """Share of rows whose argmax classes agree (a teacher given as a tensor: its logits)."""
+    other = teacher.labels() if isinstance(teacher, Teacher) else teacher.argmax(1)
+    return float((student.labels() == other).float().mean())
+
+
+def train_student(strong: torch.Tensor | CachedViews | OnlineViews,
+                  teacher: Teacher | torch.Tensor,
                   w_init: torch.Tensor, scale: float, cfg: LPCLIPConfig, seed: int,
                   weak: torch.Tensor | None = None, first_epoch: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """One round: fit ``z = scale * (strong @ W + b)`` to the teacher's logits.
 
     ``strong`` is the strong views: a (K, N, D) tensor of cached ones (any float dtype; batches
-    are cast to float32), or :class:`CachedViews` / :class:`OnlineViews`; ``teacher`` (N, C)
-    logits on the weak view, ``w_init`` (D, C). ``weak`` (N, D), when given, is used to report
-    the student's agreement with the teacher before and after training. ``first_epoch`` numbers
-    this round's epochs for fresh online views. Returns (W, b, stats).
+    are cast to float32), or :class:`CachedViews` / :class:`OnlineViews`; ``teacher`` the
+    logits on the weak view (a :class:`Teacher`, or an (N, C) tensor), ``w_init`` (D, C).
+    ``weak`` (N, D), when given, is used to report the student's agreement with the teacher
+    before and after training. ``first_epoch`` numbers this round's epochs for fresh online
+    views. Returns (W, b, stats).
     """
     views = strong if isinstance(strong, (CachedViews, OnlineViews)) else CachedViews(strong)
     device = w_init.device
@@ -564,7 +599,8 @@ def train_student(strong: torch.Tensor | CachedViews | OnlineViews, teacher: tor
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(1, steps))))
     gen = torch.Generator().manual_seed(seed)
-    teacher = teacher.float()
+    if torch.is_tensor(teacher):
+        teacher = teacher.float()
 
     def student_logits(x: torch.Tensor) -> torch.Tensor:
         out = x.float() @ w
@@ -573,7 +609,7 @@ def train_student(strong: torch.Tensor | CachedViews | OnlineViews, teacher: tor
     stats: dict[str, Any] = {"steps": steps}
     if weak is not None:
         with torch.no_grad():
-            stats["agreement_before"] = _agreement(student_logits(weak), teacher)
+            stats["agreement_before"] = _agreement(Teacher(weak, w, b, scale), teacher)
     losses: list[float] = []
     for e in range(cfg.epochs):
         total, count, confident = 0.0, 0, 0.0
@@ -592,7 +628,7 @@ def train_student(strong: torch.Tensor | CachedViews | OnlineViews, teacher: tor
     stats["loss"] = losses
     if weak is not None:
         with torch.no_grad():
-            stats["agreement_after"] = _agreement(student_logits(weak), teacher)
+            stats["agreement_after"] = _agreement(Teacher(weak, w, b, scale), teacher)
     return w.detach(), (b.detach() if b is not None else None), stats
 
 
@@ -621,15 +657,13 @@ def self_train(weak: np.ndarray | torch.Tensor, strong: np.ndarray | torch.Tenso
                              f"{tuple(weak_t.shape)} as (K, N, D)")
         views = CachedViews(strong_t)
     w_zs = _tensor(w_zeroshot).to(device, torch.float32)
-    with torch.no_grad():
-        teacher = scale * (weak_t @ w_zs)  # round 1: zero-shot CLIP on the weak view
+    teacher = Teacher(weak_t, w_zs, None, scale)  # round 1: zero-shot CLIP on the weak view
     w, b = w_zs, None
     history: list[dict] = []
     with _training_threads(views, device, cfg.batch_size * w_zs.shape[0] * w_zs.shape[1]):
         for r in range(cfg.rounds):
             w, b = _round(r, weak_t, views, teacher, w_zs, scale, cfg, seed, history, progress)
-            with torch.no_grad():  # relabel with the last student (weak view) for the next round
-                teacher = scale * (weak_t @ w + (b if b is not None else 0.0))
+            teacher = Teacher(weak_t, w, b, scale)  # the last student relabels the weak view
     return LPCLIPResult(weight=w.cpu().numpy().astype(np.float32),
                         bias=None if b is None else b.cpu().numpy().astype(np.float32),
                         scale=float(scale), history=history)
@@ -658,7 +692,7 @@ def _tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
 
 
-def _round(r: int, weak: torch.Tensor, views: CachedViews | OnlineViews, teacher: torch.Tensor,
+def _round(r: int, weak: torch.Tensor, views: CachedViews | OnlineViews, teacher: Teacher,
            w_zs: torch.Tensor, scale: float, cfg: LPCLIPConfig, seed: int, history: list[dict],
            progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Self-training round r (0-based): a fresh student fitted to ``teacher``; appends its stats
@@ -689,10 +723,11 @@ def lp_clip_head(ctx: HeadContext, source: ImageSource, opts: LPCLIPOptions) -> 
     train = training_split(split, opts.subset, seed)
     templates = ctx.bench.templates_for(opts.train_on)
     online = opts.views_mode == "online"
+    dtype = ctx.settings.features_dtype  # the run's storage dtype, for every view
     ident = {"method": "lp-clip", "version": VERSION, "weights": backbone.weights_hash,
-             "backbone": backbone.id(), "weak": feature_key(backbone, train),
+             "backbone": backbone.id(), "weak": feature_key(backbone, train, dtype=dtype),
              "strong": "online" if online else
-             [feature_key(backbone, train, v) for v, _ in view_names(opts, seed)],
+             [feature_key(backbone, train, v, dtype) for v, _ in view_names(opts, seed)],
              "text": text_key(backbone, train.classnames, templates), "opts": opts.identity(),
              "seed": seed}
     out = artifact_dir(ctx.cache_dir, "lp-clip", ident)
@@ -739,7 +774,7 @@ def _cached_training(backbone: Backbone, train: Unlabelled, cache_dir: str, opts
                      ) -> tuple[FeatureSet, np.ndarray, np.ndarray]:
     """(weak view, rows decodable in every view, their (K, n, D) strong views)."""
     weak, strong = training_features(backbone, train, cache_dir, opts, seed, run.batch_size,
-                                     run.num_workers, progress, run.strict)
+                                     run.num_workers, progress, run.strict, run.features_dtype)
     bad = sorted(set(weak.bad).union(*(s.bad for s in strong)))
     keep = np.setdiff1d(np.arange(len(train)), np.asarray(bad, dtype=np.int64))
     return weak, keep, np.stack([np.asarray(s.features[keep]) for s in strong])
@@ -751,7 +786,8 @@ def _online_training(backbone: Backbone, train: Unlabelled, cache_dir: str, opts
     """(weak view, its decodable rows, online strong views of those rows); the budget is
     printed before training starts."""
     weak = extract_features(backbone, train, cache_dir, batch_size=run.batch_size,
-                            num_workers=run.num_workers, progress=progress, strict=run.strict)
+                            num_workers=run.num_workers, progress=progress, strict=run.strict,
+                            dtype=run.features_dtype)
     keep = np.setdiff1d(np.arange(len(train)), np.asarray(weak.bad, dtype=np.int64))
     used = train if len(keep) == len(train) else train.subset(keep)
     echo(replace(Budget.of(backbone, train, weak, opts, "online"), images=len(used)).line())
