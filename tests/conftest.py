@@ -22,6 +22,18 @@ CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                  "truck"]
 
 
+def script_module(name: str):
+    """``scripts/<name>.py`` as a module (scripts/ is not a package), loaded once."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 def cifar_pixels(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n real CIFAR-10 test images (bit-exact) when shared/realdata is present, else noise."""
     if CIFAR_EXACT.is_file():

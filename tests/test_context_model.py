@@ -13,13 +13,12 @@ the weights back.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import script_module
 
 from robench.models import finetune as FT
 from robench.models.backbone import load_backbone
@@ -38,16 +37,6 @@ MIN_CONTEXT_TOP1 = 50.0  # % of val images whose applied context is p_ctx's argm
 MIN_PERTURBED_KL = 1e-2  # KL at 3% weight noise on 256 val images; shipped 0.27, old 1.6e-5
 
 
-def _module(name: str):
-    """A script of scripts/ as a module (scripts/ is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def shipped():
     return load_backbone("robench-tiny-clip", str(CKPT), device="cpu")
@@ -56,7 +45,7 @@ def shipped():
 @pytest.fixture(scope="module")
 def val():
     """The val split decoded once: uint8 (500, 3, 32, 32), labels, class names."""
-    return _module("train_tiny_clip").load_split(SUBSET / "val")
+    return script_module("train_tiny_clip").load_split(SUBSET / "val")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +56,7 @@ def contexts(shipped, val, tmp_path_factory):
 
 
 def _inputs(backbone, images: torch.Tensor) -> torch.Tensor:
-    mod = _module("train_tiny_clip")
+    mod = script_module("train_tiny_clip")
     return mod.to_input(images, *mod.normalizer(backbone.preprocess))
 
 
@@ -75,7 +64,7 @@ def test_quickstart_splits_use_the_context_set_the_model_was_trained_on():
     templates = template_set("cifar-context")
     assert all(t.count("{}") == 1 for t in templates) and len(set(templates)) == len(templates)
     # the training script knows an image op for every template, and only for those
-    ops = _module("train_tiny_clip").context_ops(templates)
+    ops = script_module("train_tiny_clip").context_ops(templates)
     assert len(ops) == len(templates) and sum(op is None for op in ops) == 1
     for name in QUICKSTART_SPLITS:  # CAR-FT's contexts come from its training split's set
         assert get_dataset(name).templates == "cifar-context", name
@@ -83,11 +72,11 @@ def test_quickstart_splits_use_the_context_set_the_model_was_trained_on():
 
 
 def test_context_vectors_differ(contexts):
-    cos = _module("context_diagnostics").pairwise_cosines(contexts)
+    cos = script_module("context_diagnostics").pairwise_cosines(contexts)
     assert len(cos) == 9 * 8 // 2
     assert cos.mean() < MAX_MEAN_COSINE, cos.mean()
     # the measure itself: identical context vectors (the old model's case) read as 1 and fail
-    same = _module("context_diagnostics").pairwise_cosines(contexts[:, :1].repeat(1, 9))
+    same = script_module("context_diagnostics").pairwise_cosines(contexts[:, :1].repeat(1, 9))
     assert same.mean() == pytest.approx(1.0, abs=1e-6) and not same.mean() < MAX_MEAN_COSINE
 
 
@@ -95,7 +84,7 @@ def test_context_vectors_differ(contexts):
 def test_the_image_tower_recognises_the_contexts(shipped, val, contexts):
     """Each context applied to the val images (the training script's ops, fresh randomness):
     p_ctx's argmax names the applied context far above chance."""
-    mod = _module("train_tiny_clip")
+    mod = script_module("train_tiny_clip")
     templates = template_set("cifar-context")
     images = val[0]
     gen = torch.Generator().manual_seed(123)
@@ -176,7 +165,7 @@ def test_diagnostics_script_measures_through_the_runner(tmp_path):
 
     write_cifar10(tmp_path / "data" / "cifar10", n_test=20, n_train=8)
     (tmp_path / "s.yaml").write_text(DIAG_SUITE)
-    diag = _module("context_diagnostics")
+    diag = script_module("context_diagnostics")
     over = [f"data_root={tmp_path / 'data'}"]
     out = diag.diagnose(str(tmp_path / "s.yaml"), str(tmp_path / "c"), datasets=["cifar10"],
                         overrides=over)

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import script_module
 
 REPO = Path(__file__).resolve().parent.parent
 CKPT = REPO / "robench" / "assets" / "models" / "robench-tiny-clip-cifar10.pt"
 SUBSET = REPO / "robench" / "assets" / "cifar10-subset"
 ARCH = "robench-tiny-clip"
-
-
-def _script():
-    """scripts/train_tiny_clip.py as a module (scripts/ is not a package)."""
-    name = "train_tiny_clip"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def test_checkpoint_sha256_matches():
@@ -62,7 +50,7 @@ def test_zeroshot_on_test_split_through_robench(tmp_path):
 
 
 def test_training_is_reproducible():
-    mod = _script()
+    mod = script_module("train_tiny_clip")
     images, labels, classnames = mod.load_split(SUBSET / "pretrain", per_class=8)
     templates = mod.read_templates()
     cfg = mod.TrainConfig(batch_size=40, epochs=1, max_steps=2, warmup_steps=1, seed=3)
