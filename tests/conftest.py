@@ -160,3 +160,52 @@ def run_cifar_suite(tmp: Path, suite: str):
 def cifar_cell(out: Path, model: str) -> Path:
     """The record of ``model`` on the CIFAR-10 fixture."""
     return out / model / "cifar10.json"
+
+
+# -- LP-CLIP's label firewall: a training split whose labels must never be read ---------------
+class LabelFree:
+    """An image source whose labels raise on access (a split LP-CLIP must never read)."""
+
+    def __init__(self, source) -> None:
+        self._src = source
+        self.name, self.classnames = source.name, source.classnames
+        self.manifest_hash, self.info = source.manifest_hash, source.info
+        self._n = len(source.info["paths"])
+
+    def __len__(self) -> int:
+        return self._n
+
+    def load_image(self, i: int):
+        return self._src.load_image(i)
+
+    @property
+    def labels(self):
+        raise AssertionError("the labels of the LP-CLIP training split were read")
+
+
+def shipped_val():
+    """The 500 shipped CIFAR-10 validation images, as robench's folder loader reads them."""
+    from robench.data.folder import load
+    from robench.registry import ASSETS
+
+    return load(ASSETS / "cifar10-subset" / "val", name="cifar10-subset-val")
+
+
+def with_hidden_split(runner):
+    """``runner`` with a training split "hidden": the shipped val images (same manifest and
+    template set, so shared weak features) behind :class:`LabelFree`, so that reading a
+    training label fails the run."""
+    from robench.registry import DatasetSpec, get_dataset
+
+    real = runner.source
+
+    def source(name: str):
+        if name == "hidden" and name not in runner.sources:
+            runner.dataset_specs[name] = DatasetSpec(
+                "folder", "assets:cifar10-subset/val",
+                templates=get_dataset("cifar10-subset-val").templates)
+            runner.sources[name] = LabelFree(shipped_val())
+        return real(name)
+
+    runner.source = source
+    return runner

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import same_outputs
+from conftest import LabelFree, same_outputs, shipped_val, with_hidden_split
 
 from robench.config import load_suite
 from robench.data.folder import load as load_folder
@@ -17,7 +17,7 @@ from robench.methods.base import HeadContext
 from robench.methods.lp_clip import LPCLIPOptions
 from robench.models import lp_clip as LPC
 from robench.models.heads import LinearHead
-from robench.registry import ASSETS, DatasetSpec, get_dataset
+from robench.registry import ASSETS
 from robench.runner import Runner
 
 SCALE = 14.3
@@ -39,26 +39,6 @@ def clusters():
     strong = np.stack([_normalize(weak + 0.1 * rng.normal(size=(n, d))) for _ in range(k)])
     w_zs = _normalize(means + 0.5 * rng.normal(size=(c, d))).T
     return (weak.astype(np.float16), strong.astype(np.float16), w_zs.astype(np.float32), y)
-
-
-class LabelFree:
-    """An image source whose labels raise on access (the training split LP-CLIP must not read)."""
-
-    def __init__(self, source) -> None:
-        self._src = source
-        self.name, self.classnames = source.name, source.classnames
-        self.manifest_hash, self.info = source.manifest_hash, source.info
-        self._n = len(source.info["paths"])
-
-    def __len__(self) -> int:
-        return self._n
-
-    def load_image(self, i: int):
-        return self._src.load_image(i)
-
-    @property
-    def labels(self):
-        raise AssertionError("the labels of the LP-CLIP training split were read")
 
 
 def test_lr0_from_zeroshot_reproduces_zeroshot_exactly(clusters):
@@ -126,7 +106,7 @@ def test_training_functions_take_no_labels():
         params = set(inspect.signature(fn).parameters)
         assert not params & {"y", "labels", "label", "targets", "target"}, fn.__name__
     with pytest.raises(RobenchError, match="must not read the labels"):
-        _ = LPC.Unlabelled(LabelFree(_val_source())).labels
+        _ = LPC.Unlabelled(LabelFree(shipped_val())).labels
 
 
 def _reachable(root: object) -> list[object]:
@@ -155,7 +135,7 @@ def test_the_label_firewall_has_no_route_back_to_labels_or_names():
     from robench.data.base import ImageSource
     from robench.features import describe
 
-    src = _val_source()
+    src = shipped_val()
     train = LPC.Unlabelled(src)
     reached = _reachable(train)
     assert not any(isinstance(o, ImageSource) for o in reached)  # no way back to the source
@@ -171,10 +151,6 @@ def test_the_label_firewall_has_no_route_back_to_labels_or_names():
         _ = train.labels
 
 
-def _val_source():
-    return load_folder(ASSETS / "cifar10-subset" / "val", name="cifar10-subset-val")
-
-
 @pytest.fixture(scope="module")
 def feature_cache(tmp_path_factory):
     """One feature cache for this module's real-image tests: the runner test below reuses the
@@ -184,7 +160,7 @@ def feature_cache(tmp_path_factory):
 
 
 def test_label_free_split_trains_on_real_images(tiny_backbone, feature_cache, tmp_path):
-    train = LPC.Unlabelled(LabelFree(_val_source()))
+    train = LPC.Unlabelled(LabelFree(shipped_val()))
     opts = LPCLIPOptions(train_on="val", views=1)
     # seed 123 = the seed of both tiny_backbone and the runner below, so they share the cache
     weak, strong = LPC.training_features(tiny_backbone, train, str(feature_cache), opts, seed=123)
@@ -202,7 +178,7 @@ def test_label_free_split_trains_on_real_images(tiny_backbone, feature_cache, tm
     assert res.weight.shape == (32, 10) and np.isfinite(res.weight).all()
     assert not np.array_equal(res.weight, w_zs)
     with pytest.raises(TypeError, match="Unlabelled"):
-        LPC.training_features(tiny_backbone, _val_source(), str(tmp_path), opts, seed=0)
+        LPC.training_features(tiny_backbone, shipped_val(), str(tmp_path), opts, seed=0)
 
 
 SUITE = """
@@ -227,20 +203,7 @@ def _runner(tmp_path, *extra, suite: str = SUITE, cache=None):
                                                 # the label-free split IS the evaluated one,
                                                 # under another name, on purpose
                                                 "allow_train_on_eval=true", *extra])
-    runner = Runner(cfg)
-    real = runner.source
-
-    def source(name: str):
-        # the training split "hidden": the shipped val images (same manifest, so shared weak
-        # features) behind a source whose labels raise, so reading a training label fails the run
-        if name == "hidden" and name not in runner.sources:
-            runner.dataset_specs[name] = DatasetSpec("folder", "assets:cifar10-subset/val",
-                                                     templates=get_dataset("cifar10-subset-val").templates)
-            runner.sources[name] = LabelFree(_val_source())
-        return real(name)
-
-    runner.source = source
-    return runner
+    return with_hidden_split(Runner(cfg))
 
 
 def test_runner_trains_without_labels_and_reuses_the_artifact(tmp_path, feature_cache,

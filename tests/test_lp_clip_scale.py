@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import same_outputs
+from conftest import LabelFree, same_outputs, shipped_val, with_hidden_split
 
 from robench.config import load_suite
 from robench.data.base import ImageSource
@@ -23,30 +23,10 @@ from robench.features import cached_features, extract_features
 from robench.methods.lp_clip import LPCLIP, LPCLIPOptions
 from robench.models import lp_clip as LPC
 from robench.models.zeroshot import class_embeddings
-from robench.registry import ASSETS, DatasetSpec, get_dataset, template_set
+from robench.registry import ASSETS, template_set
 from robench.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class LabelFree:
-    """An image source whose labels raise on access (a split LP-CLIP must never read)."""
-
-    def __init__(self, source) -> None:
-        self._src = source
-        self.name, self.classnames = source.name, source.classnames
-        self.manifest_hash, self.info = source.manifest_hash, source.info
-        self._n = len(source.info["paths"])
-
-    def __len__(self) -> int:
-        return self._n
-
-    def load_image(self, i: int):
-        return self._src.load_image(i)
-
-    @property
-    def labels(self):
-        raise AssertionError("the labels of the LP-CLIP training split were read")
 
 
 @pytest.fixture(autouse=True)
@@ -59,10 +39,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _val_source():
-    return load_folder(ASSETS / "cifar10-subset" / "val", name="cifar10-subset-val")
-
-
 def _opts(**kw) -> LPCLIPOptions:
     return LPCLIPOptions.parse({"train_on": "hidden", **kw}, model="m", method="lp-clip")
 
@@ -72,7 +48,7 @@ def small(tiny_backbone, tmp_path_factory):
     """96 seeded images of the shipped val split behind the label firewall, their weak view
     and the zero-shot weights: what the online tests train on."""
     cache = tmp_path_factory.mktemp("lpclip-scale")
-    train = LPC.training_split(LPC.Unlabelled(LabelFree(_val_source())), 96, seed=1)
+    train = LPC.training_split(LPC.Unlabelled(LabelFree(shipped_val())), 96, seed=1)
     weak = extract_features(tiny_backbone, train, cache, num_workers=0, progress=False)
     w_zs = class_embeddings(tiny_backbone, train.classnames, template_set("cifar"), cache,
                             progress=False)
@@ -175,12 +151,12 @@ class Broken(LabelFree):
 def test_undecodable_images_are_left_out_of_online_training(tiny_backbone, tmp_path):
     from robench.methods.base import Settings
 
-    split = LPC.Unlabelled(Broken(_val_source(), bad=(3, 7)))
+    split = LPC.Unlabelled(Broken(shipped_val(), bad=(3, 7)))
     views = _online(tiny_backbone, split.subset(np.arange(10)))
     assert sorted(_epoch(views, 0)) == [0, 1, 2, 4, 5, 6, 8, 9]  # rows 3 and 7 yield nothing
     assert views.encoded == 8 * 2
     rows = LPC.subset_rows(500, 40, seed=2)
-    train = LPC.training_split(LPC.Unlabelled(Broken(_val_source(), bad=(rows[5], rows[11]))),
+    train = LPC.training_split(LPC.Unlabelled(Broken(shipped_val(), bad=(rows[5], rows[11]))),
                                40, seed=2)
     run = Settings(cache_dir=str(tmp_path), device="cpu", batch_size=64, num_workers=0)
     weak, keep, online = LPC._online_training(tiny_backbone, train, str(tmp_path), _opts(),
@@ -208,7 +184,7 @@ def _reachable(root: object) -> list[object]:
 
 
 def test_what_the_online_workers_get_has_no_route_to_labels(tiny_backbone):
-    src = _val_source()
+    src = shipped_val()
     train = LPC.training_split(LPC.Unlabelled(src), 100, seed=0)
     dataset = _online(tiny_backbone, train).loader(0, [[0, 1]]).dataset  # pickled to workers
     reached = _reachable(dataset)
@@ -228,7 +204,7 @@ def test_subset_is_a_seeded_uniform_choice_of_distinct_images():
     assert len(a) == 100 and len(np.unique(a)) == 100 and (np.diff(a) > 0).all()
     assert 0 <= a.min() and a.max() < 1000
     assert LPC.subset_rows(1000, 0, 0) is None and LPC.subset_rows(1000, 1000, 0) is None
-    src = _val_source()
+    src = shipped_val()
     split = LPC.Unlabelled(src)
     part = LPC.training_split(split, 40, seed=7)
     rows = LPC.subset_rows(500, 40, 7)
@@ -298,18 +274,7 @@ def _runner(tmp_path: Path, extra: str, *over: str, cache: Path | None = None) -
     cfg = load_suite(str(tmp_path / "s.yaml"),
                      [f"cache_dir={cache or tmp_path / 'c'}", f"results_dir={tmp_path / 'r'}",
                       "device=cpu", "seed=123", "allow_train_on_eval=true", *over])
-    runner = Runner(cfg)
-    real = runner.source
-
-    def source(name: str):  # "hidden": the val images behind a source whose labels raise
-        if name == "hidden" and name not in runner.sources:
-            runner.dataset_specs[name] = DatasetSpec("folder", "assets:cifar10-subset/val",
-                                                     templates=get_dataset("cifar10-subset-val").templates)
-            runner.sources[name] = LabelFree(_val_source())
-        return real(name)
-
-    runner.source = source
-    return runner
+    return with_hidden_split(Runner(cfg))
 
 
 def _summary(cache: Path) -> dict:
