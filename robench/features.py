@@ -97,9 +97,13 @@ class _Preprocessed:
             return None, i
 
 
-class _Collate:
-    def __init__(self, image_size: int) -> None:
-        self.shape = (3, image_size, image_size)
+class Collate:
+    """A DataLoader batch of ``(tensor or None, index)`` items -> (stacked tensors, indices,
+    decoded?): an undecodable item becomes zeros of ``shape`` (one image (3, H, W), or
+    LP-CLIP's K views of one (K, 3, H, W))."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import torch
@@ -285,8 +289,9 @@ def loader(dataset: _Preprocessed, backbone: Backbone, batch_size: int, num_work
         return _ArrayBatches(dataset.source.loader.batch, batches, *norm)
     batching = {"batch_sampler": batch_sampler} if batch_sampler is not None \
         else {"batch_size": batch_size}
+    size = backbone.image_size
     return DataLoader(
-        dataset, **batching, num_workers=num_workers, collate_fn=_Collate(backbone.image_size),
+        dataset, **batching, num_workers=num_workers, collate_fn=Collate((3, size, size)),
         pin_memory=backbone.device.startswith("cuda"),
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
     )

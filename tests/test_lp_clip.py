@@ -270,9 +270,19 @@ def test_the_teacher_is_computed_per_step_never_as_an_n_by_c_matrix(clusters, mo
     LPC.self_train(weak, strong, w_zs, SCALE, cfg, seed=0)
     assert asked and max(asked) <= 64 < len(weak)  # blocks of 64 rows, steps of 32 pairs
 
+    class Held(LPC.Teacher):  # the teacher as it was before: slices of one (N, C) matrix
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+        def __len__(self) -> int:
+            return len(self.logits)
+
+        def __getitem__(self, idx):
+            return self.logits[idx]
+
     views = LPC.CachedViews(torch.tensor(strong))
     w0 = torch.tensor(w_zs)
     streamed = LPC.train_student(views, teacher, w0, SCALE, cfg, seed=5, weak=weak_t)
-    held = LPC.train_student(views, full, w0, SCALE, cfg, seed=5, weak=weak_t)
+    held = LPC.train_student(views, Held(full), w0, SCALE, cfg, seed=5, weak=weak_t)
     torch.testing.assert_close(streamed[0], held[0], rtol=0, atol=1e-4)
     assert streamed[2]["agreement_after"] == pytest.approx(held[2]["agreement_after"], abs=0.01)

@@ -82,6 +82,7 @@ from robench.data.base import ImageSource
 from robench.errors import RobenchError, unknown
 from robench.features import (
     DECODE_ERRORS,
+    Collate,
     FeatureSet,
     cached_features,
     extract_features,
@@ -419,7 +420,8 @@ class OnlineViews:
         return DataLoader(_ViewsOfImages(self.source, self.transform, self.views,
                                          _epoch_seed(self.seed, index)),
                           batch_sampler=batches, num_workers=workers,
-                          collate_fn=_CollateViews(self.views, self.backbone.image_size),
+                          collate_fn=Collate((self.views, 3, self.backbone.image_size,
+                                              self.backbone.image_size)),
                           pin_memory=self.backbone.device.startswith("cuda"),
                           prefetch_factor=4 if workers > 0 else None)
 
@@ -465,16 +467,6 @@ class _ViewsOfImages(torch.utils.data.Dataset):
             return torch.stack([self.transform(image) for _ in range(self.views)]), i
         except DECODE_ERRORS:
             return None, i
-
-
-class _CollateViews:
-    def __init__(self, views: int, image_size: int) -> None:
-        self.shape = (views, 3, image_size, image_size)
-
-    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xs = torch.stack([torch.zeros(self.shape) if x is None else x for x, _ in batch])
-        return (xs, torch.tensor([i for _, i in batch]),
-                torch.tensor([x is not None for x, _ in batch]))
 
 
 # -- training (pure functions: features in, weights out; no labels anywhere) ----------------------
@@ -567,14 +559,12 @@ class Teacher:
                           for s in range(0, len(self), self.BLOCK)])
 
 
-def _agreement(student: Teacher, teacher: Teacher | torch.Tensor) -> float:
-    """Share of rows whose argmax classes agree (a teacher given as a tensor: its logits)."""
-    other = teacher.labels() if isinstance(teacher, Teacher) else teacher.argmax(1)
-    return float((student.labels() == other).float().mean())
+def _agreement(student: Teacher, teacher: Teacher) -> float:
+    """Share of rows whose argmax classes agree."""
+    return float((student.labels() == teacher.labels()).float().mean())
 
 
-def train_student(strong: torch.Tensor | CachedViews | OnlineViews,
-                  teacher: Teacher | torch.Tensor,
+def train_student(strong: torch.Tensor | CachedViews | OnlineViews, teacher: Teacher,
                   w_init: torch.Tensor, scale: float, cfg: LPCLIPConfig, seed: int,
                   weak: torch.Tensor | None = None, first_epoch: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
@@ -582,7 +572,7 @@ def train_student(strong: torch.Tensor | CachedViews | OnlineViews,
 
     ``strong`` is the strong views: a (K, N, D) tensor of cached ones (any float dtype; batches
     are cast to float32), or :class:`CachedViews` / :class:`OnlineViews`; ``teacher`` the
-    logits on the weak view (a :class:`Teacher`, or an (N, C) tensor), ``w_init`` (D, C).
+    logits on the weak view (:class:`Teacher`), ``w_init`` (D, C).
     ``weak`` (N, D), when given, is used to report the student's agreement with the teacher
     before and after training. ``first_epoch`` numbers this round's epochs for fresh online
     views. Returns (W, b, stats).
@@ -599,8 +589,6 @@ def train_student(strong: torch.Tensor | CachedViews | OnlineViews,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(1, steps))))
     gen = torch.Generator().manual_seed(seed)
-    if torch.is_tensor(teacher):
-        teacher = teacher.float()
 
     def student_logits(x: torch.Tensor) -> torch.Tensor:
         out = x.float() @ w
