@@ -84,13 +84,12 @@ def model_report() -> list[dict[str, Any]]:
     """Each registered model: whether its weights are local (file, cache), and how to get them."""
     from robench.errors import RobenchError
     from robench.models.backbone import check_weights_available
-    from robench.registry import ASSETS, MODELS
+    from robench.models.weights import resolve_assets
+    from robench.registry import MODELS
 
     out = []
     for name, spec in MODELS.items():
-        pretrained = spec.pretrained
-        if pretrained and pretrained.startswith("assets:"):
-            pretrained = str(ASSETS / pretrained.removeprefix("assets:"))
+        pretrained = resolve_assets(spec.pretrained)
         entry = {"name": name, "arch": spec.arch, "pretrained": spec.pretrained,
                  "present": True, "how": ""}
         if pretrained is None:

@@ -93,6 +93,7 @@ class Runner:
     # in-memory backbones by (arch, pretrained), used instead of loading one (robench.CustomModel)
     backbones: dict[tuple[str, str | None], Backbone] = field(default_factory=dict)
     world: distributed.World = field(default_factory=distributed.current)
+    _device_started: bool = False  # start_device ran (the device resolved, ranks met)
 
     def __post_init__(self) -> None:
         register_model_configs(self.cfg.get("model_configs") or [])  # the suite's own archs
@@ -299,16 +300,18 @@ class Runner:
         # Missing weights fail before any data is hashed. That check needs open_clip (its tag
         # registry), which a run whose records are all on disk (likely all done) leaves
         # unimported until a cell turns out to be pending.
-        unchecked = set(evaluated)
-        if self.cfg.force or not all(p.is_file() for p in paths):
-            self.check_weights(unchecked)
+        checked = self.cfg.force or not all(p.is_file() for p in paths)
+        if checked:
+            self.check_weights(evaluated)
         for name in self.evaluated_datasets:  # a wrong root fails before any model is loaded
             self.source(name)
         self.check_training_data(evaluated)
         pending = {(m, d) for m in evaluated for d in datasets if not self.is_done(m, d)}
         if pending:  # only now torch and open_clip: a run with every cell done needs neither
             self.start_device()
-            self.check_weights({m for m, _ in pending} & unchecked)
+            if not checked:
+                to_run = {m for m, _ in pending}
+                self.check_weights([m for m in evaluated if m in to_run])
         self.world.barrier()  # every rank has seen the records before any is written
         total, done = len(paths), len(paths) - len(pending)
         if done and self.world.is_lead:
@@ -362,21 +365,20 @@ class Runner:
         self.world.barrier()
         return paths
 
-    def check_weights(self, models: set[str]) -> None:
-        """The architecture exists and the weights are at hand, for each of ``models`` (those
-        given as in-memory backbones need nothing); removes them from ``models``."""
+    def check_weights(self, models: list[str]) -> None:
+        """The architecture exists and the weights are at hand, for each of ``models``, in
+        order (those given as in-memory backbones need nothing)."""
         from robench.models.backbone import check_loadable
 
-        for m in [m for m in self.models if m in models]:  # in the suite's order
+        for m in models:
             spec = self.declared(m)
             if (spec.arch, spec.pretrained) not in self.backbones:
                 check_loadable(spec.arch, spec.pretrained, self.cfg.allow_download)
-        models.clear()
 
     def start_device(self) -> None:
         """Resolve the device (an unknown or absent one is an error) and, under a launcher, join
         the process group; once per run."""
-        if getattr(self, "_device_started", False):
+        if self._device_started:
             return
         from robench.models.backbone import resolve_device
 

@@ -18,7 +18,11 @@ import torch
 
 from robench.errors import RobenchError, unknown
 from robench.models.arch_configs import HOW_TO_REGISTER, apply_to_open_clip, register_model_configs
-from robench.models.weights import CONFIG_DIR, weights_identity  # noqa: F401  (re-exported)
+from robench.models.weights import (  # noqa: F401  (weights_identity re-exported)
+    CONFIG_DIR,
+    resolve_assets,
+    weights_identity,
+)
 
 # robench's own tiny architectures, and any registered earlier, become open_clip model names.
 open_clip.add_model_config(CONFIG_DIR)
@@ -243,10 +247,7 @@ def check_loadable(arch: str, pretrained: str | None, allow_download: bool = Fal
     if zoo.is_zoo(arch):  # timm / torchvision classifiers: a local file or nothing
         zoo.check_loadable(arch, pretrained)
         return pretrained
-    if pretrained and pretrained.startswith("assets:"):  # weights shipped inside robench
-        from robench.registry import ASSETS
-
-        pretrained = str(ASSETS / pretrained.removeprefix("assets:"))
+    pretrained = resolve_assets(pretrained)  # weights shipped inside robench
     if not (pretrained and pretrained.startswith(SCHEMAS)):
         check_architecture(arch)  # also with allow_download: the error says how to register
     if not allow_download:
