@@ -43,9 +43,11 @@ from torchvision.transforms.functional import rgb_to_grayscale
 
 import robench.models.backbone  # noqa: F401  (registers robench's configs with open_clip)
 from robench.data.folder import scan
+from robench.registry import METADATA, TEMPLATE_FILES, template_set
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATES = REPO / "robench" / "data" / "metadata" / "cifar_context_templates.txt"
+TEMPLATE_SET = "cifar-context"  # the captions, and the quickstart's prompts
+TEMPLATES = METADATA / TEMPLATE_FILES[TEMPLATE_SET]
 
 
 @dataclass
@@ -79,7 +81,7 @@ def load_split(root: Path, per_class: int | None = None) -> tuple[torch.Tensor, 
 
 
 def read_templates() -> list[str]:
-    return TEMPLATES.read_text().strip().splitlines()
+    return template_set(TEMPLATE_SET)
 
 
 def normalizer(preprocess: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,7 +446,7 @@ def main() -> None:
         "seed": cfg.seed,
         "data": {"train": "cifar10-subset/pretrain", "n_train": len(labels),
                  "classnames": classnames,
-                 "templates": f"cifar-context ({len(templates)}): {TEMPLATES.name}",
+                 "templates": f"{TEMPLATE_SET} ({len(templates)}): {TEMPLATES.name}",
                  "contexts": {t: (op.__name__ if op else "clean")
                               for t, op in zip(templates, context_ops(templates), strict=True)}},
         "train_wall_s": round(train_s, 1),  # decode + training, on the machine below
