@@ -209,3 +209,25 @@ def with_hidden_split(runner):
 
     runner.source = source
     return runner
+
+
+def reachable(root: object) -> list[object]:
+    """Every object reachable from ``root`` through references (the garbage collector's view),
+    not descending into modules, classes or module globals (code, not data of this run)."""
+    import gc
+    import types
+
+    def is_globals(o: object) -> bool:
+        return isinstance(o, dict) and "__builtins__" in o and "__name__" in o
+
+    seen, stack, out = {id(root)}, [root], []
+    while stack:
+        obj = stack.pop()
+        out.append(obj)
+        for ref in gc.get_referents(obj):
+            if id(ref) in seen or isinstance(ref, (type, types.ModuleType)) or is_globals(ref):
+                continue
+            seen.add(id(ref))
+            stack.append(ref)
+    assert len(out) < 100_000
+    return out

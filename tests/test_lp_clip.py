@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import LabelFree, same_outputs, shipped_val, with_hidden_split
+from conftest import LabelFree, reachable, same_outputs, shipped_val, with_hidden_split
 
 from robench.config import load_suite
 from robench.data.folder import load as load_folder
@@ -109,35 +109,13 @@ def test_training_functions_take_no_labels():
         _ = LPC.Unlabelled(LabelFree(shipped_val())).labels
 
 
-def _reachable(root: object) -> list[object]:
-    """Every object reachable from ``root`` through references (the garbage collector's view),
-    not descending into modules, classes or module globals (code, not data of this run)."""
-    import gc
-    import types
-
-    def is_globals(o: object) -> bool:
-        return isinstance(o, dict) and "__builtins__" in o and "__name__" in o
-
-    seen, stack, out = {id(root)}, [root], []
-    while stack:
-        obj = stack.pop()
-        out.append(obj)
-        for ref in gc.get_referents(obj):
-            if id(ref) in seen or isinstance(ref, (type, types.ModuleType)) or is_globals(ref):
-                continue
-            seen.add(id(ref))
-            stack.append(ref)
-    assert len(out) < 100_000
-    return out
-
-
 def test_the_label_firewall_has_no_route_back_to_labels_or_names():
     from robench.data.base import ImageSource
     from robench.features import describe
 
     src = shipped_val()
     train = LPC.Unlabelled(src)
-    reached = _reachable(train)
+    reached = reachable(train)
     assert not any(isinstance(o, ImageSource) for o in reached)  # no way back to the source
     assert not any(o is src.labels or o is src.info for o in reached)
     assert not any(isinstance(o, np.ndarray) and o.shape == src.labels.shape

@@ -3,17 +3,15 @@ seeded label-free subset, and the strong-view budget printed before the work sta
 
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import LabelFree, same_outputs, shipped_val, with_hidden_split
+from conftest import LabelFree, reachable, same_outputs, shipped_val, with_hidden_split
 
 from robench.config import load_suite
 from robench.data.base import ImageSource
@@ -165,29 +163,11 @@ def test_undecodable_images_are_left_out_of_online_training(tiny_backbone, tmp_p
     assert len(keep) == online.n == 38  # teacher rows and online views: the same 38 images
 
 
-def _reachable(root: object) -> list[object]:
-    """Every object reachable from ``root`` (the garbage collector's view), not descending into
-    modules, classes or module globals."""
-    def is_globals(o: object) -> bool:
-        return isinstance(o, dict) and "__builtins__" in o and "__name__" in o
-
-    seen, stack, out = {id(root)}, [root], []
-    while stack:
-        obj = stack.pop()
-        out.append(obj)
-        for ref in gc.get_referents(obj):
-            if id(ref) in seen or isinstance(ref, (type, types.ModuleType)) or is_globals(ref):
-                continue
-            seen.add(id(ref))
-            stack.append(ref)
-    return out
-
-
 def test_what_the_online_workers_get_has_no_route_to_labels(tiny_backbone):
     src = shipped_val()
     train = LPC.training_split(LPC.Unlabelled(src), 100, seed=0)
     dataset = _online(tiny_backbone, train).loader(0, [[0, 1]]).dataset  # pickled to workers
-    reached = _reachable(dataset)
+    reached = reachable(dataset)
     assert not any(isinstance(o, ImageSource) for o in reached)
     assert not any(o is src.labels or o is src.info for o in reached)
     assert not any(isinstance(o, np.ndarray) and o.shape == src.labels.shape
