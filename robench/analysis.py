@@ -389,11 +389,14 @@ def read_analysis(folder: str | Path) -> dict | None:
 
 
 def fingerprint(record: dict) -> str:
-    """What an analysis of a record depends on: its cell (``cell_key``) and its metric settings
-    (a ``robench rescore`` with other bins keeps the cell key but changes the ECE)."""
+    """What an analysis of a record depends on: its cell (``cell_key``), its per-sample outputs
+    (their checksum: a cell recomputed with ``force=true`` or on other kernels keeps its key but
+    may score other numbers, a fine-tuned model retrained there above all) and its metric
+    settings (a ``robench rescore`` with other bins keeps both but changes the ECE)."""
     p = _protocol(record)
     settings = json.dumps([p.get("ece_bins"), p.get("bootstrap"), p.get("interval_level"),
-                           record.get("rescored")], default=str)
+                           record.get("rescored"), (record.get("outputs") or {}).get("sha256")],
+                          default=str)
     return f"{record.get('cell_key')}:{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 

@@ -203,6 +203,11 @@ def test_analysis_is_not_a_record_and_knows_when_it_is_stale(analysis: dict,
     rescored[("tiny-clip-ts", OOD)] = {**rec, "rescored": "2026-01-01T00:00:00Z",
                                        "protocol": {**rec["protocol"], "ece_bins": 20}}
     assert stale_cells(analysis, rescored) == ["tiny-clip-ts/cifar10-subset-test-c"]
+    # recomputed under the same cell key (force=true, other kernels) with other outputs
+    redone = dict(suite.records)
+    rec = redone[("tiny-clip-cifar10", ID)]
+    redone[("tiny-clip-cifar10", ID)] = {**rec, "outputs": {**rec["outputs"], "sha256": "0" * 64}}
+    assert stale_cells(analysis, redone) == ["tiny-clip-cifar10/cifar10-subset-test"]
     assert read_analysis(results / "quickstart")["settings"]["er_reference"] == "all"
     # an up-to-date analysis is kept as it is (a warm run pays nothing for it)
     [(_, again)] = analyze(results)
