@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--mode", choices=["auto", "exact", "band"], default="auto",
                      help="auto: exact when versions/device/dtype match, else interval band")
     chk.add_argument("--band", type=float, default=1.0, help="band mode: x CI half-width")
-    chk.add_argument("--rel-tol", type=float, default=0.02, help="band mode, metrics without CI")
+    chk.add_argument("--rel-tol", type=float, default=0.02,
+                     help="band mode: relative tolerance of nll and brier (no interval, no share)")
     chk.add_argument("--allow-improvement", action="store_true")
     chk.add_argument("--summary", help="also append the Markdown diff to this file "
                      "(e.g. $GITHUB_STEP_SUMMARY)")

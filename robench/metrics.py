@@ -755,32 +755,36 @@ def bootstrap_ci(
 
 
 class MetricInfo(NamedTuple):
-    """What a :func:`compute_all` key means and which direction is better (None: not a score)."""
+    """What a :func:`compute_all` key means, which direction is better (None: not a score) and,
+    for a metric that is a share of the samples or bounded like one, its full scale (100 for a
+    percentage, 1 for a fraction; None otherwise), which gives ``robench check`` a sampling
+    scale for it."""
 
     description: str
     direction: Literal["higher", "lower"] | None
+    share_of: float | None = None
 
 
 METRIC_INFO: dict[str, MetricInfo] = {
     "n": MetricInfo("number of samples scored", None),
     "num_classes": MetricInfo("number of classes the prediction chooses from", None),
-    "acc1": MetricInfo("top-1 accuracy (%)", "higher"),
+    "acc1": MetricInfo("top-1 accuracy (%)", "higher", 100),
     "acc1_ci_low": MetricInfo("top-1 accuracy, Clopper-Pearson lower bound (%)", "higher"),
     "acc1_ci_high": MetricInfo("top-1 accuracy, Clopper-Pearson upper bound (%)", "higher"),
-    "acc5": MetricInfo("top-5 accuracy (%); 100 when there are <= 5 classes", "higher"),
-    "ece": MetricInfo("expected calibration error, L1, equal-width bins (fraction)", "lower"),
+    "acc5": MetricInfo("top-5 accuracy (%); 100 when there are <= 5 classes", "higher", 100),
+    "ece": MetricInfo("expected calibration error, L1, equal-width bins (fraction)", "lower", 1),
     "ece_ci_low": MetricInfo("ECE, percentile-bootstrap lower bound (fraction)", "lower"),
     "ece_ci_high": MetricInfo("ECE, percentile-bootstrap upper bound (fraction)", "lower"),
     "max_cal_err": MetricInfo("maximum calibration error over equal-width bins (fraction)",
-                              "lower"),
-    "ece_adaptive": MetricInfo("ECE with equal-mass bins (fraction)", "lower"),
+                              "lower", 1),
+    "ece_adaptive": MetricInfo("ECE with equal-mass bins (fraction)", "lower", 1),
     "nll": MetricInfo("negative log-likelihood of the label (nats, p clipped at 1e-12)", "lower"),
     "brier": MetricInfo("multiclass Brier score, summed over classes (0-2)", "lower"),
-    "auroc": MetricInfo("misclassification AUROC of MSP (correct vs wrong)", "higher"),
+    "auroc": MetricInfo("misclassification AUROC of MSP (correct vs wrong)", "higher", 1),
     "auroc_ci_low": MetricInfo("misclassification AUROC, bootstrap lower bound", "higher"),
     "auroc_ci_high": MetricInfo("misclassification AUROC, bootstrap upper bound", "higher"),
-    "aupr_err": MetricInfo("average precision for finding errors with -MSP", "higher"),
-    "fpr95": MetricInfo("share of errors accepted at 95% of correct accepted (MSP)", "lower"),
+    "aupr_err": MetricInfo("average precision for finding errors with -MSP", "higher", 1),
+    "fpr95": MetricInfo("share of errors accepted at 95% of correct accepted (MSP)", "lower", 1),
     "mean_confidence": MetricInfo("mean maximum softmax probability (fraction)", None),
 }
 
@@ -790,7 +794,7 @@ RECORD_METRIC_INFO: dict[str, MetricInfo] = {
     **METRIC_INFO,
     "ood_auroc": MetricInfo(
         "OOD-detection AUROC: the suite's ID set vs this set, score = -MSP, shifted samples "
-        "positive (torch-uncertainty / OpenOOD convention)", "higher"),
+        "positive (torch-uncertainty / OpenOOD convention)", "higher", 1),
 }
 
 

@@ -74,6 +74,113 @@ def test_another_cpu_kernel_family_is_compared_in_band_mode(tmp_path):
     assert res.failed and res.mode["m/d"] == "exact"
 
 
+def test_another_cpu_generation_of_the_same_isa_is_compared_in_band_mode(tmp_path):
+    # two "AVX512" machines of other generations (MKL / oneDNN pick other kernels) differ in
+    # the last bits: the kernel family names the generation, so their runs meet in band mode
+    a = _write(tmp_path / "a", _record(kernels="cpu-AVX512 GenuineIntel 6/106 isa 1a2b3c4d"))
+    b = _write(tmp_path / "b", _record(acc1=79.9,
+                                       kernels="cpu-AVX512 GenuineIntel 6/143 isa 5e6f7a8b"))
+    res = run_check(a, b)
+    assert not res.failed and res.mode["m/d"] == "band"
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_vnni amx_tile {extra}
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd aes crc32 sve bf16 i8mm
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd40
+"""
+
+
+def test_the_cpu_microarchitecture_names_generation_and_vector_extensions():
+    from robench.models.backbone import cpu_microarchitecture
+
+    x86 = cpu_microarchitecture(X86_CPUINFO.format(extra=""))
+    assert x86.startswith("GenuineIntel 6/143 isa ")
+    # a flag no kernel is chosen by leaves it; a vector extension changes it
+    assert cpu_microarchitecture(X86_CPUINFO.format(extra="hypervisor md_clear")) == x86
+    assert cpu_microarchitecture(X86_CPUINFO.format(extra="avx512_fp16")) != x86
+    assert cpu_microarchitecture(X86_CPUINFO.replace("143", "106").format(extra="")) != x86
+    arm = cpu_microarchitecture(ARM_CPUINFO)
+    assert arm.startswith("0x41 8/0xd40 isa ")
+    assert cpu_microarchitecture(ARM_CPUINFO.replace(" sve", "")) != arm
+
+
+def _trained(acc1=80.0, weights_hash="w1", cell_key="k", kernels="cpu-AVX512 A", **metrics):
+    rec = _record(acc1=acc1, weights_hash=weights_hash, kernels=kernels)
+    rec["cell_key"] = cell_key
+    rec["protocol"]["method"] = "finetune"
+    rec["metrics"].update(metrics)
+    return rec
+
+
+def test_a_model_retrained_on_other_kernels_is_compared_by_its_cell_key(tmp_path):
+    a = _write(tmp_path / "a", _trained())
+    # same inputs (cell key), other kernels: other fine-tuned weights, compared in band mode
+    res = run_check(a, _write(tmp_path / "b", _trained(79.0, "w2", kernels="cpu-AVX512 B")))
+    assert not res.failed and res.mode["m/d"] == "band"
+    res = run_check(a, _write(tmp_path / "c", _trained(70.0, "w2", kernels="cpu-AVX512 B")))
+    assert res.failed and res.frame().iloc[0]["metric"] == "acc1"
+    # same kernels, same inputs, other weights: the training changed; exact mode says where
+    res = run_check(a, _write(tmp_path / "d", _trained(79.0, "w2")))
+    assert res.failed and res.mode["m/d"] == "exact"
+    assert res.frame().iloc[0]["status"] == "regressed"
+    # other inputs and other weights: not the same model
+    res = run_check(a, _write(tmp_path / "e", _trained(80.0, "w2", cell_key="k2")))
+    frame = res.frame()
+    assert frame.iloc[0]["status"] == "incomparable" and "weights hash" in frame.iloc[0]["note"]
+
+
+def test_a_share_without_an_interval_moves_within_its_sampling_scale(tmp_path):
+    # aupr_err 0.4 over n = 1000: half-width 1.96 sqrt(0.4 x 0.6 / 1000) = 0.0304
+    a = _write(tmp_path / "a", _record(kernels="cpu-X"))
+    b = _record(kernels="cpu-Y")
+    b["metrics"]["aupr_err"] = 0.42
+    assert not run_check(a, _write(tmp_path / "b", b)).failed
+    b["metrics"]["aupr_err"] = 0.44
+    res = run_check(a, _write(tmp_path / "c", b))
+    row = res.frame().iloc[0]
+    assert res.failed and row["metric"] == "aupr_err"
+    assert row["tolerance"] == pytest.approx(1.959964 * (0.4 * 0.6 / 1000) ** 0.5, rel=1e-5)
+    # the same move over 100x the samples is beyond the scale
+    big = _record(kernels="cpu-X")
+    big["metrics"]["n"] = 100_000
+    b["metrics"].update(n=100_000, aupr_err=0.42)
+    assert run_check(_write(tmp_path / "d", big), _write(tmp_path / "e", b)).failed
+    # nll is no share: 2% of its value
+    b = _record(kernels="cpu-Y")
+    b["metrics"]["nll"] = 0.7 * 1.03
+    assert run_check(a, _write(tmp_path / "f", b)).frame().iloc[0]["metric"] == "nll"
+
+
+def test_single_point_statistics_are_shown_not_gated_in_band_mode(tmp_path):
+    base = _record(kernels="cpu-X")
+    base["metrics"]["max_cal_err"] = 0.3
+    a = _write(tmp_path / "a", base)
+    moved = copy.deepcopy(base)
+    moved["metrics"].update(max_cal_err=0.8, fpr95=0.9)
+    moved["provenance"]["kernels"] = "cpu-Y"
+    res = run_check(a, _write(tmp_path / "b", moved))
+    assert not res.failed and set(res.frame()["status"]) == {"moved"}
+    assert set(res.frame()["metric"]) == {"max_cal_err", "fpr95"}
+    assert "OK" in render(res)
+    moved["provenance"]["kernels"] = "cpu-X"  # bit-comparable runs: any move fails
+    res = run_check(a, _write(tmp_path / "c", moved))
+    assert res.failed and set(res.frame()["status"]) == {"regressed"}
+
+
 def test_direction_regressed_vs_improved(tmp_path):
     a = _write(tmp_path / "a", _record())
     worse = run_check(a, _write(tmp_path / "w", _record(ece=0.09)))

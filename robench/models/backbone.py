@@ -72,14 +72,48 @@ def _mps_available() -> bool:
 
 
 def kernel_family(device: str) -> str:
-    """Which compute kernels run on ``device``: the CPU's vector ISA as torch dispatches it
-    (AVX2, AVX512, ...) or the GPU's name. Floating-point results are bit-identical only within
-    one family, so ``robench check`` compares exactly only when this matches."""
+    """Which compute kernels run on ``device``: for a CPU, the vector ISA torch dispatches on
+    (AVX2, AVX512, ...) plus the microarchitecture (:func:`cpu_microarchitecture`); for a GPU,
+    its name. Floating-point results are bit-identical only within one family, so ``robench
+    check`` compares exactly only when this matches."""
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     if str(device).startswith("cpu"):
-        return f"cpu-{torch.backends.cpu.get_cpu_capability()}"
+        return f"cpu-{torch.backends.cpu.get_cpu_capability()} {cpu_microarchitecture()}"
     return str(device)
+
+
+# the vector extensions a BLAS may pick kernels by (x86 flags; aarch64 "Features" too)
+_VECTOR_FLAG = re.compile(r"^(avx|amx|fma|f16c|sse4|asimd|sve|sme|bf16|i8mm)")
+
+
+def cpu_microarchitecture(cpuinfo: str | None = None) -> str:
+    """The CPU's vendor, family / model (or implementer / part) and a digest of its vector
+    extensions, from ``/proc/cpuinfo``.
+
+    torch's capability alone ("AVX512") is too coarse: MKL and oneDNN choose kernels by CPU
+    generation (AVX512 with or without AMX / VNNI / FP16), and two "AVX512" machines of other
+    generations were seen to differ in the last bits of the same forward pass. Without
+    ``/proc/cpuinfo`` (macOS, Windows) it is ``platform.processor()``."""
+    import platform
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    vendor = fields.get("vendor_id") or fields.get("CPU implementer", "")
+    model = "/".join(v for v in (fields.get("cpu family") or fields.get("CPU architecture"),
+                                 fields.get("model") or fields.get("CPU part")) if v)
+    flags = sorted(f for f in (fields.get("flags") or fields.get("Features", "")).split()
+                   if _VECTOR_FLAG.match(f))
+    isa = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8]
+    return " ".join(x for x in (vendor, model, f"isa {isa}") if x)
 
 
 def state_dict_hash(model: torch.nn.Module) -> str:
