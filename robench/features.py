@@ -337,15 +337,18 @@ def array_normalization(dataset: _Preprocessed) -> tuple[torch.Tensor, torch.Ten
     size the images already have are identities in PIL, RGB conversion of an RGB image too).
     Checked on the first image against the transform itself; None (decode per image) otherwise.
     """
-    batch = getattr(getattr(dataset.source, "loader", None), "batch", None)  # an ImageSource
+    from robench.data.base import ArrayRows
+
+    rows = getattr(dataset.source, "loader", None)  # an ImageSource's (a wrapper has none)
     steps = getattr(dataset.transform, "transforms", None)
-    if batch is None or steps is None or dataset.seed is not None or not len(dataset):
+    if not isinstance(rows, ArrayRows) or steps is None or dataset.seed is not None \
+            or not len(dataset):
         return None
     import torch
     from open_clip.transform import MaybeConvertMode, _convert_to_rgb
     from torchvision import transforms as T
 
-    first = batch(np.array([0]))
+    first = rows.batch(np.array([0]))
     if first.ndim != 4 or first.shape[3] != 3 or first.dtype != np.uint8:
         return None
     h, w = first.shape[1:3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,19 @@ from robench.data.content import FileStats, content_digests
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+class ArrayRows(ABC):
+    """A loader whose images are rows of uint8 (N, H, W, 3) arrays (CIFAR, the CIFAR-C npy
+    layout): image ``i`` as PIL (``__call__``, what every loader does), or the rows ``idx`` as
+    one array (``batch``), which feature extraction converts a whole batch at a time
+    (``robench.features.array_normalization``)."""
+
+    @abstractmethod
+    def __call__(self, i: int) -> Image.Image: ...
+
+    @abstractmethod
+    def batch(self, idx: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -32,7 +46,7 @@ class ImageSource:
     labels: np.ndarray
     classnames: list[str]
     manifest_hash: str
-    loader: object  # callable(i) -> PIL.Image
+    loader: object  # callable(i) -> PIL.Image; an ArrayRows also gives whole batches
     groups: dict[str, np.ndarray] | None = None
     summary_groups: list[str] | None = None  # groups averaged into the headline numbers
     class_subset: list[int] | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from robench.data.base import ImageSource, file_digests, hash_manifest
+from robench.data.base import ArrayRows, ImageSource, file_digests, hash_manifest
 from robench.errors import RobenchError
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,8 @@ def _read_split(cls: Release, folder: Path, train: bool) -> tuple[np.ndarray, li
     return np.ascontiguousarray(pixels), labels, classes
 
 
-class PixelRows:
-    """Image ``i`` of an (N, H, W, 3) uint8 array as PIL (``__call__``, the loader protocol), or
-    rows of it as the array itself (``batch``), which feature extraction converts a whole batch
-    at a time (``robench.features``)."""
+class PixelRows(ArrayRows):
+    """The images of one in-memory (N, H, W, 3) uint8 array."""
 
     def __init__(self, pixels: np.ndarray) -> None:
         self.pixels = pixels

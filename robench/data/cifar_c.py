@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from robench.data.base import ImageSource, file_digests, hash_manifest
+from robench.data.base import ArrayRows, ImageSource, file_digests, hash_manifest
 from robench.data.corrupt_set import read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
@@ -27,7 +27,7 @@ CIFAR_CLASSNAMES = {
 }
 
 
-class NpyRows:
+class NpyRows(ArrayRows):
     """Row i of the concatenated corruption files, memory-mapped lazily in each process (a
     DataLoader worker opens its own maps instead of receiving a pickled copy of the arrays)."""
 
@@ -48,9 +48,9 @@ class NpyRows:
         return self._maps[f]
 
     def batch(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` as one (B, 32, 32, 3) uint8 array (extraction converts it at once)."""
+        """Rows ``idx`` as one (B, H, W, 3) uint8 array, the files' row shape."""
         f, r = np.divmod(np.asarray(idx, dtype=np.int64), self.rows)
-        out = np.empty((len(f), 32, 32, 3), np.uint8)
+        out = np.empty((len(f), *self._map(0).shape[1:]), np.uint8)
         for file in np.unique(f):
             at = f == file
             out[at] = self._map(int(file))[r[at]]
