@@ -58,7 +58,7 @@ from robench.scoring import CellOutputs
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: -C deltas resample base images; the acc1 test is named under 'test'
 
 
 @dataclass
@@ -203,14 +203,36 @@ def comparisons(suite: SuiteRecords, settings: AnalysisSettings,
     return rows, notes
 
 
-def _acc(rec: dict | None) -> float | None:
-    v = None if rec is None else rec["metrics"].get("acc1")
+def _acc(rec: dict | None, key: str = "acc1") -> float | None:
+    v = None if rec is None else rec["metrics"].get(key)
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def er_axis(suite: SuiteRecords, id_ds: str, ood: str) -> tuple[str, str] | None:
+    """(x-axis of ``robench.robustness.X_AXES``, its description) for effective robustness on
+    ``ood``: the ID set's accuracy over ``ood``'s scored classes (the records' ``id_acc1``);
+    None when no record of ``ood`` carries it."""
+    recs = [r for (_, d), r in suite.records.items() if d == ood and _acc(r, "id_acc1")]
+    if not recs:
+        return None
+    scored = _protocol(recs[0]).get("scored_classes")
+    if scored in (None, "all"):
+        return "all-classes", f"{id_ds} top-1 over all its classes"
+    return "ood-classes", f"{id_ds} top-1 over the {len(scored)} classes of {ood}"
+
+
+def er_points(suite: SuiteRecords, models: list[str], id_ds: str, ood: str
+              ) -> dict[str, tuple[float, float]]:
+    """``{model: (ID acc on ood's classes, OOD acc)}`` of the models that have both."""
+    pts = {m: (_acc(suite.records.get((m, ood)), "id_acc1"), _acc(suite.records.get((m, ood))))
+           for m in models}
+    return {m: (x, y) for m, (x, y) in pts.items() if x is not None and y is not None}
 
 
 def effective_robustness(suite: SuiteRecords, settings: AnalysisSettings
                          ) -> tuple[dict | None, list[str]]:
-    """Fits and per-model ER for every shifted dataset of the suite."""
+    """Fits and per-model ER for every shifted dataset of the suite, on the x-axis of
+    :func:`er_axis` (recorded per fit)."""
     ids = {_protocol(r).get("id_dataset") for r in suite.records.values()} - {None}
     if not ids:
         return None, [] if not settings.er_reference and not settings.er_fits else [
@@ -218,24 +240,34 @@ def effective_robustness(suite: SuiteRecords, settings: AnalysisSettings
     if len(ids) > 1:
         return None, [f"effective robustness: records name several ID sets {sorted(ids)}"]
     id_ds = ids.pop()
-    fits: dict[str, LogitFit] = {}
     notes: list[str] = []
+    axes = {d: a for d in suite.datasets if d != id_ds and (a := er_axis(suite, id_ds, d))}
+    for d in suite.datasets:
+        if d != id_ds and d not in axes:
+            notes.append(f"effective robustness on {d}: its records carry no ID accuracy over "
+                         "its classes (id_acc1), none computed")
+    fits: dict[str, LogitFit] = {}
     if settings.er_fits:
         for f in load_fits(settings.er_fits):
-            if f.id_dataset == id_ds and f.ood_dataset in suite.datasets:
-                fits[f.ood_dataset] = f
+            if f.id_dataset != id_ds or f.ood_dataset not in axes:
+                continue
+            if axes[f.ood_dataset][0] == "ood-classes" and f.x_axis != "ood-classes":
+                raise RobenchError(
+                    f"analysis.er_fits: the fit for {f.ood_dataset} is on the x-axis "
+                    f"{f.x_axis}, but {f.ood_dataset} is scored over a class sub-list, so robench "
+                    f"reads ER on {axes[f.ood_dataset][1]} (Taori et al. 2020)",
+                    "use coefficients fitted with the ID accuracy over the shifted set's "
+                    "classes (x_axis: ood-classes)")
+            fits[f.ood_dataset] = f
     ref = settings.er_reference
     if ref == "all" or ref == ["all"]:
         ref = suite.models
     ref = [ref] if isinstance(ref, str) else list(ref or [])
-    for d in suite.datasets:
-        if d == id_ds or d in fits or not ref:
+    for d, (axis, _) in axes.items():
+        if d in fits or not ref:
             continue
-        points = {m: (_acc(suite.records.get((m, id_ds))), _acc(suite.records.get((m, d))))
-                  for m in ref}
-        points = {m: p for m, p in points.items() if None not in p}
         try:
-            fits[d] = fit_logit_linear(points, id_ds, d)
+            fits[d] = fit_logit_linear(er_points(suite, ref, id_ds, d), id_ds, d, axis)
         except RobenchError as e:
             notes.append(e.problem)
     if not fits:
@@ -245,17 +277,20 @@ def effective_robustness(suite: SuiteRecords, settings: AnalysisSettings
         return None, notes
     models: dict[str, dict] = defaultdict(dict)
     for d, fit in fits.items():
-        for m in suite.models:
-            x, y = _acc(suite.records.get((m, id_ds))), _acc(suite.records.get((m, d)))
-            if x is None or y is None:
-                continue
+        if fit.weak:
+            notes.append(f"effective robustness on {d}: the fit is too weak to read "
+                         f"({fit.weak})")
+        for m, (x, y) in er_points(suite, suite.models, id_ds, d).items():
             er = fit.effective_robustness(x, y)
             models[m][d] = {"id_acc": x, "ood_acc": y, "in_reference": m in fit.reference,
-                            "predicted": None if er is None else fit.predict(x), "er": er}
+                            "predicted": None if er is None else fit.predict(x), "er": er,
+                            "er_interval": fit.er_interval(x, y)}
     return {"id_dataset": id_ds, "fits": {d: f.as_dict() for d, f in fits.items()},
+            "x_axis": {d: axes[d][1] for d in fits},
             "models": dict(models),
             "definition": "ER = OOD acc1 - sigmoid(slope * logit(ID acc1) + intercept), in points "
-                          "(Taori et al. 2020)"}, notes
+                          "(Taori et al. 2020); ID acc1 over the shifted set's own classes; the "
+                          "interval is the fitted line's 95% confidence band"}, notes
 
 
 def mce_tables(suite: SuiteRecords, settings: AnalysisSettings) -> tuple[dict, list[str]]:

@@ -1,31 +1,30 @@
 """Paired comparisons of two models on the same samples: the delta of every headline metric
-with a paired-bootstrap interval, and McNemar's exact test for top-1 accuracy.
+with a paired-bootstrap interval, and a test of the accuracy difference.
 
 Two cells are compared only on samples known to be the same: rows are paired by ``sample_id``
 (the relative path stored beside each record) when both cells have one, else by row index after
 checking that the labels, groups and data manifests agree (generated -C sets carry no paths).
 Nothing is assumed: a mismatch is a :class:`~robench.errors.RobenchError` naming it.
 
-Paired bootstrap (Efron & Tibshirani 1993, ch. 13; the same count-vector protocol as
-:func:`robench.metrics.bootstrap_replicates`): replicate ``r`` draws ONE multiset of samples and
-evaluates both models on it, so the replicate of ``delta = metric(model) - metric(reference)``
-keeps the correlation between the two models' errors and its interval is far narrower than two
-independent intervals would suggest. Datasets with groups (-C sets) are resampled within each
-group (stratified), and the headline delta is the unweighted mean over the headline's groups, as
-the headline metric itself is; ``ood_auroc`` resamples the paired ID set too (one draw shared by
-every group of a replicate). The interval is the percentile interval of the replicates shifted
-by their bias (mean replicate - point estimate): ECE is biased upwards under resampling, by
-different amounts for the two models, and an unshifted interval of an ECE delta can miss the
-point estimate altogether.
+Paired bootstrap (Efron & Tibshirani 1993, ch. 13): replicate ``r`` draws ONE multiset of
+samples and evaluates both models on it, so the replicate of ``delta = metric(model) -
+metric(reference)`` keeps the correlation between the two models' errors and its interval is far
+narrower than two independent intervals would suggest. The unit drawn is the base image
+(:mod:`robench.clustered`): for a -C set every group's copies of the drawn images, one draw
+shared by all groups, since the copies of one image are not independent samples; for any other
+set each sample. The headline delta of a -C set is the unweighted mean over the headline's
+groups, as the headline metric itself is; ``ood_auroc`` resamples the paired ID set too (from
+the same replicate's generator). The interval is :func:`robench.metrics.shifted_interval`:
+the percentile interval of the replicates shifted by their bias (ECE is biased upwards under
+resampling, by different amounts for the two models).
 
-McNemar's test (McNemar 1947) in its exact form: of the ``b + c`` discordant samples (one model
-right, the other wrong), ``c`` favour the model; under H0 (equal accuracy) ``c ~ Binomial(b + c,
-1/2)`` and the two-sided p-value is ``min(1, 2 P(X <= min(b, c)))`` with ``X ~ Binomial(b + c,
-1/2)``, the binomial CDF from ``scipy.special.bdtr`` (Edwards 1948; statsmodels'
-``mcnemar(exact=True)`` computes the same, and ``scipy.stats.binomtest`` agrees to 1e-13;
-scipy.stats is not imported because it alone costs a second and a half of start-up). For a -C
-set it pools the samples of the headline's groups, which tests the headline mean when the groups
-are of equal size (as in CIFAR-10-C and ImageNet-C).
+The test of acc1: on independent samples McNemar's exact test (McNemar 1947): of the ``b + c``
+discordant samples (one model right, the other wrong), ``c`` favour the model; under H0 (equal
+accuracy) ``c ~ Binomial(b + c, 1/2)`` and the two-sided p-value is ``min(1, 2 P(X <= min(b,
+c)))``, the binomial CDF from ``scipy.special.bdtr`` (statsmodels' ``mcnemar(exact=True)``
+computes the same; scipy.stats is not imported because it alone costs a second and a half of
+start-up). On a -C set, whose rows are copies of base images, the clustered McNemar test of
+:func:`robench.clustered.clustered_mcnemar` instead. The record names the test used.
 """
 
 from __future__ import annotations
@@ -36,8 +35,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robench.clustered import (
+    Clusters,
+    GroupedMetrics,
+    SampleValues,
+    clustered_mcnemar,
+    mean_over_groups,
+)
 from robench.errors import RobenchError
-from robench.metrics import NLL_EPS, _bin_index, percentile_interval
+from robench.metrics import draw_counts, replicate_generators, shifted_interval
 from robench.scoring import CellOutputs
 
 # The headline metrics a comparison reports (ood_auroc where both cells have it).
@@ -92,139 +98,13 @@ def pair_samples(a: CellOutputs, b: CellOutputs, what: str = "the two cells") ->
     return Pairing(a_rows[keep], b_rows[keep], how)
 
 
-@dataclass
-class _Side:
-    """One model's per-sample values on the paired rows (row k = paired sample k)."""
-
-    correct: np.ndarray
-    top5: np.ndarray
-    nll: np.ndarray
-    brier: np.ndarray
-    conf: np.ndarray
-
-    @classmethod
-    def of(cls, out: CellOutputs, rows: np.ndarray) -> _Side:
-        s = out.samples.take(rows)
-        lp = s.log_p_label
-        return cls(correct=s.correct, top5=s.label_rank < 5 if s.num_classes > 5
-                   else np.ones(len(rows), dtype=bool),
-                   nll=np.minimum(-lp, -math.log(NLL_EPS)),
-                   brier=s.sum_sq_prob - 2.0 * np.exp(lp) + 1.0, conf=s.conf)
-
-
-class _GroupedAUROC:
-    """Per-group AUROC of a weighted sample (scores higher for positives), all groups at once.
-
-    The samples are sorted by (group, score) once; a replicate's weights then give, through one
-    cumulative sum of the negatives' weights, each positive's weighted count of same-group
-    negatives below it (plus half of those tied with it): the Mann-Whitney statistic with
-    average ranks, per group, O(n) per replicate. With unit weights it equals
-    :func:`robench.metrics.auroc` of each group.
-    """
-
-    def __init__(self, score: np.ndarray, positive: np.ndarray, group: np.ndarray,
-                 n_groups: int) -> None:
-        self.order = np.lexsort((score, group))
-        s, g, pos = score[self.order], group[self.order], positive[self.order]
-        n = s.size
-        new_group = np.r_[True, g[1:] != g[:-1]]
-        new_tie = new_group | np.r_[True, s[1:] != s[:-1]]
-        tie_start = np.maximum.accumulate(np.where(new_tie, np.arange(n), 0))
-        tie_end = np.r_[np.flatnonzero(new_tie)[1:], n][np.cumsum(new_tie) - 1]
-        group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
-        self.neg = ~pos
-        self.pos_at = np.flatnonzero(pos)
-        self.p_tie_start, self.p_tie_end = tie_start[self.pos_at], tie_end[self.pos_at]
-        self.p_group_start = group_start[self.pos_at]
-        self.p_group, self.group, self.n_groups = g[self.pos_at], g, n_groups
-
-    def __call__(self, w: np.ndarray) -> np.ndarray:
-        ws = w[self.order].astype(np.float64)
-        cum = np.r_[0.0, np.cumsum(ws * self.neg)]
-        below = cum[self.p_tie_start] - cum[self.p_group_start]
-        tied = cum[self.p_tie_end] - cum[self.p_tie_start]
-        wp = ws[self.pos_at]
-        num = np.bincount(self.p_group, wp * (below + 0.5 * tied), minlength=self.n_groups)
-        w_pos = np.bincount(self.p_group, wp, minlength=self.n_groups)
-        w_all = np.bincount(self.group, ws, minlength=self.n_groups)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = num / (w_pos * (w_all - w_pos))
-        out[(w_pos == 0) | (w_all == w_pos)] = np.nan
-        return out
-
-
-class _GroupedOODAUROC:
-    """Per-group OOD AUROC of weighted samples: group g's value is P(MSP_id > MSP_g) + 1/2
-    P(MSP_id = MSP_g) (the ID samples positive, :func:`robench.metrics.auroc` with average
-    ranks), the ID set shared by every group.
-
-    Each OOD sample's place among the sorted ID confidences (strictly below it, and up to its
-    ties) is found once; a replicate then costs one cumulative sum of the ID weights and one
-    gather per OOD sample, O(n_id + n_ood) instead of scoring n_groups copies of the ID set.
-    """
-
-    def __init__(self, id_conf: np.ndarray, conf: np.ndarray, group: np.ndarray,
-                 n_groups: int) -> None:
-        self.id_order = np.argsort(id_conf, kind="stable")
-        s = id_conf[self.id_order]
-        self.lo = np.searchsorted(s, conf, side="left")  # ID samples below conf_j
-        self.hi = np.searchsorted(s, conf, side="right")  # ... and tied with it
-        self.group, self.n_groups = group, n_groups
-
-    def __call__(self, w_id: np.ndarray, w: np.ndarray) -> np.ndarray:
-        cum = np.r_[0.0, np.cumsum(w_id[self.id_order].astype(np.float64))]
-        total = cum[-1]
-        above, tied = total - cum[self.hi], cum[self.hi] - cum[self.lo]
-        num = np.bincount(self.group, w * (above + 0.5 * tied), minlength=self.n_groups)
-        w_g = np.bincount(self.group, w, minlength=self.n_groups).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = num / (total * w_g)
-        out[(w_g == 0) | (total == 0)] = np.nan
-        return out
-
-
-class _GroupedSide:
-    """One model's headline metrics per group of a weighted sample (all groups vectorised)."""
-
-    def __init__(self, side: _Side, group: np.ndarray, n_groups: int, n_bins: int,
-                 id_conf: np.ndarray | None) -> None:
-        self.group, self.n_groups, self.n_bins = group, n_groups, n_bins
-        self.values = {"acc1": side.correct * 100.0, "acc5": side.top5 * 100.0,
-                       "nll": side.nll, "brier": side.brier}
-        self.bin_key = group * n_bins + _bin_index(side.conf, n_bins)
-        self.gap = side.correct - side.conf
-        self.auroc = _GroupedAUROC(side.conf, side.correct, group, n_groups)
-        self.ood = None if id_conf is None else _GroupedOODAUROC(id_conf, side.conf, group,
-                                                                   n_groups)
-
-    def metrics(self, w: np.ndarray, w_id: np.ndarray | None) -> dict[str, np.ndarray]:
-        total = np.bincount(self.group, w, minlength=self.n_groups).astype(np.float64)
-        out = {k: np.bincount(self.group, w * v, minlength=self.n_groups) / total
-               for k, v in self.values.items()}
-        gaps = np.bincount(self.bin_key, w * self.gap, minlength=self.n_groups * self.n_bins)
-        out["ece"] = np.abs(gaps.reshape(self.n_groups, self.n_bins)).sum(axis=1) / total
-        out["auroc"] = self.auroc(w)
-        if self.ood is not None and w_id is not None:
-            out["ood_auroc"] = self.ood(w_id, w)
-        return out
-
-
-def _interval(point: float, reps: list[float], alpha: float) -> dict[str, float]:
-    """Percentile interval of the replicates shifted by their bias (mean - point): ECE is biased
-    upwards under resampling, by different amounts for the two models, so the raw percentile
-    interval of an ECE delta can miss the point estimate (Efron & Tibshirani 1993, 10.6)."""
+def _interval(point: float, reps: np.ndarray, alpha: float) -> dict[str, float]:
+    """A delta with its :func:`robench.metrics.shifted_interval` and the replicates' bias."""
     r = np.asarray(reps, dtype=np.float64)
     r = r[~np.isnan(r)]
-    if r.size == 0 or math.isnan(point):
-        return {"value": point, "ci_low": math.nan, "ci_high": math.nan, "bias": math.nan}
-    bias = float(r.mean() - point)
-    lo, hi = percentile_interval(r, alpha)
-    return {"value": point, "ci_low": lo - bias, "ci_high": hi - bias, "bias": bias}
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+    lo, hi = shifted_interval(point, r, alpha)
+    bias = float(r.mean() - point) if r.size and not math.isnan(point) else math.nan
+    return {"value": point, "ci_low": lo, "ci_high": hi, "bias": bias}
 
 
 def mcnemar_exact(model_correct: np.ndarray, reference_correct: np.ndarray) -> dict:
@@ -235,8 +115,21 @@ def mcnemar_exact(model_correct: np.ndarray, reference_correct: np.ndarray) -> d
     from scipy.special import bdtr  # imported here: a run with nothing to compare skips it
 
     p = 1.0 if b + c == 0 else min(1.0, 2.0 * float(bdtr(min(b, c), b + c, 0.5)))
-    return {"model_only_correct": c, "reference_only_correct": b, "n_discordant": b + c,
-            "p_value": p, "test": "McNemar, exact (two-sided binomial on discordant pairs)"}
+    return {"test": "McNemar, exact (two-sided binomial on discordant pairs)",
+            "model_only_correct": c, "reference_only_correct": b, "n_discordant": b + c,
+            "p_value": p}
+
+
+def base_ids(model: CellOutputs, reference: CellOutputs, pairing: Pairing,
+             what: str) -> np.ndarray | None:
+    """The base image of each paired sample (None: every sample is its own); both cells must
+    agree on it."""
+    a = None if model.base is None else np.asarray(model.base)[pairing.a_rows]
+    b = None if reference.base is None else np.asarray(reference.base)[pairing.b_rows]
+    if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+        raise RobenchError(f"{what}: the cells disagree on which base image each sample is a "
+                           "copy of", "re-run both cells with this robench")
+    return a
 
 
 def paired_bootstrap(model: CellOutputs, reference: CellOutputs, *,
@@ -246,17 +139,18 @@ def paired_bootstrap(model: CellOutputs, reference: CellOutputs, *,
     """(point deltas, replicate deltas, pairing facts) of the headline metrics, model minus
     reference.
 
-    Exact protocol (so a naive loop can reproduce it): with ``rng =
-    np.random.default_rng(np.random.SeedSequence(seed))``, replicate r first draws the ID side
-    (``rng.integers(0, n_id, n_id)``, only when both cells carry ``ood_id_conf``), then, for each
-    headline group in order, ``rng.integers(0, n_g, n_g)`` positions among that group's paired
-    samples (in pairing order: rows, or sorted sample ids); both models are scored on that
-    multiset.
+    Exact protocol (so a naive loop can reproduce it): the headline's paired samples (rows of
+    its groups, in pairing order: rows, or sorted sample ids) form clusters by base image
+    (:class:`robench.clustered.Clusters`, clusters in base-id order; without base ids each
+    sample is one); replicate r draws ``draw_counts(rng_r, n_clusters)`` with ``rng_r =
+    replicate_generators(seed, n_bootstrap)[r]``, then, only when both cells carry
+    ``ood_id_conf``, the ID side ``draw_counts(rng_r, n_id)``; both models are scored on that
+    multiset, each group's metric on its copies of the drawn images.
     """
     pairing = pair_samples(model, reference, what)
     if pairing.a_rows.size == 0:
         raise RobenchError(f"{what}: no decodable sample in common", "check the data")
-    a, b = _Side.of(model, pairing.a_rows), _Side.of(reference, pairing.b_rows)
+    base = base_ids(model, reference, pairing, what)
     groups = model.group[pairing.a_rows]
     if model.group_names:
         names = list(summary_groups or model.group_names)
@@ -275,45 +169,46 @@ def paired_bootstrap(model: CellOutputs, reference: CellOutputs, *,
     # the headline's samples, group by group (rows outside its groups take no part)
     used = np.concatenate(group_rows)
     grp = np.repeat(np.arange(len(group_rows)), [r.size for r in group_rows])
-    n_groups = len(group_rows)
-    sides = [_GroupedSide(_Side(*(getattr(side, f)[used] for f in ("correct", "top5", "nll",
-                                                                    "brier", "conf"))),
-                          grp, n_groups, n_bins, None if ood is None else ood[i])
-             for i, side in enumerate((a, b))]
+    clusters = Clusters.of(None if base is None else base[used], used.size)
+    sides = [SampleValues.of(out.samples.take(rows[used]))
+             for out, rows in ((model, pairing.a_rows), (reference, pairing.b_rows))]
+    evaluators = [GroupedMetrics(side, grp, len(group_rows), n_bins,
+                                 None if ood is None else ood[i])
+                  for i, side in enumerate(sides)]
 
     def headline(w: np.ndarray, w_id: np.ndarray | None) -> dict[str, float]:
-        ma, mb = (side.metrics(w, w_id) for side in sides)
-        return {k: _mean(list(ma[k])) - _mean(list(mb[k])) for k in ma}
+        ma, mb = (ev(w, w_id) for ev in evaluators)
+        return {k: mean_over_groups(ma[k]) - mean_over_groups(mb[k]) for k in ma}
 
-    point = headline(np.ones(used.size, np.int64), np.ones(ood[0].size, np.int64)
-                     if ood else None)
-    rng = np.random.default_rng(np.random.SeedSequence(seed))
-    starts = np.r_[0, np.cumsum([r.size for r in group_rows])]
+    point = headline(np.ones(used.size, np.int64),
+                     np.ones(ood[0].size, np.int64) if ood else None)
     reps = {k: np.full(int(n_bootstrap), np.nan) for k in point}
-    for r in range(int(n_bootstrap)):
-        w_id = np.bincount(rng.integers(0, ood[0].size, ood[0].size), minlength=ood[0].size) \
-            if ood else None
-        draw = np.concatenate([starts[g] + rng.integers(0, starts[g + 1] - starts[g],
-                                                        starts[g + 1] - starts[g])
-                               for g in range(n_groups)])
-        for k, v in headline(np.bincount(draw, minlength=used.size), w_id).items():
+    for r, rng in enumerate(replicate_generators(seed, int(n_bootstrap))):
+        w = clusters.weights(draw_counts(rng, clusters.k))
+        w_id = draw_counts(rng, ood[0].size) if ood else None
+        for k, v in headline(w, w_id).items():
             reps[k][r] = v
     facts = {"n_paired": int(pairing.a_rows.size), "pairing": pairing.how,
-             "n_groups": n_groups if names else None,
-             "model_correct": a.correct[used], "reference_correct": b.correct[used]}
+             "n_groups": len(group_rows) if names else None,
+             "resampled": "samples" if clusters.trivial else
+             f"{clusters.k} base images (each drawn with all its copies)",
+             "model_correct": sides[0].correct, "reference_correct": sides[1].correct,
+             "clusters": clusters}
     return point, reps, facts
 
 
 def compare_cells(model: CellOutputs, reference: CellOutputs, *,
                   summary_groups: Sequence[str] | None, n_bins: int, n_bootstrap: int,
                   seed: int, alpha: float, what: str = "the two cells") -> dict:
-    """Paired deltas (model - reference) of the headline metrics with bias-shifted percentile
-    intervals, and McNemar's exact test for acc1. See the module docstring for the protocol."""
+    """Paired deltas (model - reference) of the headline metrics with their bootstrap intervals,
+    and the test of the acc1 difference: McNemar's exact test on independent samples, the
+    clustered McNemar test on copies of base images. See the module docstring."""
     point, reps, facts = paired_bootstrap(model, reference, summary_groups=summary_groups,
                                           n_bins=n_bins, n_bootstrap=n_bootstrap, seed=seed,
                                           what=what)
-    deltas = {k: _interval(point[k], list(reps[k]), alpha) for k in PAIRED_METRICS if k in point}
-    test = mcnemar_exact(facts.pop("model_correct"), facts.pop("reference_correct"))
+    deltas = {k: _interval(point[k], reps[k], alpha) for k in PAIRED_METRICS if k in point}
+    m, r, clusters = (facts.pop(k) for k in ("model_correct", "reference_correct", "clusters"))
+    test = mcnemar_exact(m, r) if clusters.trivial else clustered_mcnemar(m, r, clusters)
     if facts["n_groups"]:
-        test["pooled_over"] = f"the {facts['n_groups']} groups of the headline"
-    return {**facts, "delta": deltas, "mcnemar": test}
+        test["over"] = f"the {facts['n_groups']} groups of the headline"
+    return {**facts, "delta": deltas, "test": test}

@@ -232,9 +232,9 @@ def interval_table(frame: pd.DataFrame,
                    metrics: tuple[str, ...] = ("acc1", "acc5", "ece", "auroc", "ood_auroc"),
                    ) -> pd.DataFrame:
     """Per-cell table with each metric as ``value [ci_low, ci_high]`` where the record has an
-    interval (acc1: Clopper-Pearson; ECE, AUROC: bootstrap; a -C headline, a mean over groups,
-    has none); a metric empty in every cell is left out. A frame with a ``group`` column (per-
-    group rows) keeps it after the dataset."""
+    interval (acc1: Clopper-Pearson; ECE, AUROC: bootstrap; a -C headline, a mean over groups:
+    the bootstrap over base images); a metric empty in every cell is left out. A frame with a
+    ``group`` column (per-group rows) keeps it after the dataset."""
     lead = ["model", "dataset"] + (["group"] if "group" in frame else []) + ["n"]
     out = frame[lead].copy()
     for m in metrics:
@@ -269,7 +269,8 @@ def comparison_table(doc: dict) -> pd.DataFrame:
             d = c["delta"].get(m)
             if d is not None:
                 row[f"d_{m}"] = fmt_value(m, d["value"], d["ci_low"], d["ci_high"], sign=True)
-        row["p_mcnemar"] = f"{c['mcnemar']['p_value']:.3g}"
+        row["p_acc1"] = f"{c['test']['p_value']:.3g}"
+        row["test"] = "clustered McNemar" if c["test"].get("n_clusters") else "McNemar exact"
         rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.fillna("-") if len(frame) else frame

@@ -5,12 +5,14 @@ Effective robustness. With ``logit(a) = ln(a / (1 - a))`` of an accuracy ``a`` a
 fit ``logit(OOD acc) = slope * logit(ID acc) + intercept`` by least squares over a reference set
 of models; a model's effective robustness is ``OOD acc - sigmoid(slope * logit(ID acc) +
 intercept)`` in percentage points: how much better (or worse) it does under the shift than its
-in-distribution accuracy predicts. Reference: R. Taori, A. Dave, V. Shankar, N. Carlini,
-B. Recht, L. Schmidt, "Measuring Robustness to Natural Distribution Shifts in Image
-Classification", NeurIPS 2020; Radford et al. 2021 (CLIP), fig. 13. The reference set is named in
-the suite (models of the run) or a fit is read from a coefficients file that carries its source;
-robench ships no coefficients, because no published table of fit coefficients could be sourced
-exactly here.
+in-distribution accuracy predicts. The ID accuracy is over the shifted set's own classes
+(``X_AXES``: ImageNet over ImageNet-R's 200 classes for ImageNet-R, as Taori et al.'s testbed
+does; the same as the ID headline for a set scored over every class). Reference: R. Taori,
+A. Dave, V. Shankar, N. Carlini, B. Recht, L. Schmidt, "Measuring Robustness to Natural
+Distribution Shifts in Image Classification", NeurIPS 2020; Radford et al. 2021 (CLIP),
+fig. 13. The reference set is named in the suite (models of the run) or a fit is read from a
+coefficients file that carries its source and x-axis; robench ships no coefficients, because
+no published table of fit coefficients could be sourced exactly here.
 
 mCE. For a model f and corruption c with top-1 errors ``E_{s,c}`` over severities s:
 ``CE_c = sum_s E_{s,c}^f / sum_s E_{s,c}^base`` and ``mCE = mean_c CE_c`` (in %, 100 = the
@@ -49,9 +51,26 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+#: The x-axes effective robustness can be read on: the ID set's accuracy over all its classes,
+#: or over the shifted set's own (scored) classes -- Taori et al.'s testbed scores ImageNet-R/-A
+#: against ImageNet over their 200 classes (``val-on-imagenet-r-classes``). For a shifted set
+#: scored over every class the two are the same number.
+X_AXES = ("all-classes", "ood-classes")
+
+
 @dataclass
 class LogitFit:
-    """``logit(OOD) = slope * logit(ID) + intercept``, with where it came from."""
+    """``logit(OOD) = slope * logit(ID) + intercept``, with where it came from.
+
+    For a least-squares fit over ``n >= 3`` models the ordinary least-squares statistics in logit
+    space (x = logit ID acc, y = logit OOD acc) are kept: ``s2 = SSE / (n - 2)``, ``x_mean``,
+    ``sxx = sum (x - x_mean)^2`` and ``t = t_{n-2, 1 - alpha/2}``; the line's confidence band at
+    x0 is ``y0 +- t s sqrt(1/n + (x0 - x_mean)^2 / sxx)`` and the slope's interval ``slope +- t s
+    / sqrt(sxx)`` (e.g. Weisberg, "Applied Linear Regression", 4th ed., 2014, section 2.8).
+    A fit is *too weak to read* when it has fewer than 3 points or its slope's interval holds 0:
+    the reference models' ID accuracy then does not predict their OOD accuracy, and an ER
+    measured against the line says nothing about robustness.
+    """
 
     slope: float
     intercept: float
@@ -61,10 +80,46 @@ class LogitFit:
     reference: list[str]  # the models the fit is over ([] for shipped coefficients)
     n: int
     r2: float | None = None
+    x_axis: str = "all-classes"  # one of X_AXES
+    s2: float | None = None
+    x_mean: float | None = None
+    sxx: float | None = None
+    t: float | None = None
+    interval_level: float = 0.95
 
     def predict(self, id_acc: float) -> float:
         """Predicted OOD accuracy (%) for an ID accuracy (%)."""
         return 100.0 * sigmoid(self.slope * logit(id_acc) + self.intercept)
+
+    def predict_interval(self, id_acc: float) -> tuple[float, float] | None:
+        """The line's confidence band at an ID accuracy, mapped back to OOD accuracy (%)."""
+        if None in (self.s2, self.x_mean, self.sxx, self.t) or not math.isfinite(logit(id_acc)):
+            return None
+        x0 = logit(id_acc)
+        y0 = self.slope * x0 + self.intercept
+        half = self.t * math.sqrt(self.s2 * (1 / self.n + (x0 - self.x_mean) ** 2 / self.sxx))
+        return 100.0 * sigmoid(y0 - half), 100.0 * sigmoid(y0 + half)
+
+    @property
+    def slope_interval(self) -> tuple[float, float] | None:
+        if None in (self.s2, self.sxx, self.t) or not self.sxx:
+            return None
+        half = self.t * math.sqrt(self.s2 / self.sxx)
+        return self.slope - half, self.slope + half
+
+    @property
+    def weak(self) -> str | None:
+        """Why the fit is too weak to read (None: it is not, or it was given, not fitted)."""
+        if not self.reference:
+            return None
+        if self.n < 3:
+            return f"a line through {self.n} models has no interval"
+        ci = self.slope_interval
+        if ci is not None and ci[0] <= 0 <= ci[1]:
+            return (f"the slope's {self.interval_level:.0%} interval [{ci[0]:.2f}, {ci[1]:.2f}] "
+                    f"holds 0 (R^2 = {self.r2:.2f}): ID accuracy does not predict OOD accuracy "
+                    "over these models")
+        return None
 
     def effective_robustness(self, id_acc: float, ood_acc: float) -> float | None:
         """OOD accuracy minus the prediction, in points (None at an ID accuracy of 0 or 100)."""
@@ -72,14 +127,25 @@ class LogitFit:
             return None
         return ood_acc - self.predict(id_acc)
 
+    def er_interval(self, id_acc: float, ood_acc: float) -> tuple[float, float] | None:
+        """ER's interval from the line's confidence band (the model's own accuracies taken as
+        measured): ``[OOD - upper band, OOD - lower band]``."""
+        band = self.predict_interval(id_acc)
+        return None if band is None else (ood_acc - band[1], ood_acc - band[0])
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["slope_interval"] = self.slope_interval
+        out["weak"] = self.weak
+        return out
 
 
 def fit_logit_linear(points: Mapping[str, tuple[float, float]], id_dataset: str,
-                     ood_dataset: str) -> LogitFit:
+                     ood_dataset: str, x_axis: str = "all-classes",
+                     alpha: float = 0.05) -> LogitFit:
     """Least-squares fit of logit(OOD acc) on logit(ID acc) over ``{model: (id_acc, ood_acc)}``
-    (percent). Models at 0 or 100% on either side have no finite logit and are refused."""
+    (percent), with the statistics of its confidence band (:class:`LogitFit`). Models at 0 or
+    100% on either side have no finite logit and are refused."""
     bad = [m for m, (x, y) in points.items()
            if not (math.isfinite(logit(x)) and math.isfinite(logit(y)))]
     if bad:
@@ -99,9 +165,17 @@ def fit_logit_linear(points: Mapping[str, tuple[float, float]], id_dataset: str,
     ss_tot = float(((ys - ys.mean()) ** 2).sum())
     r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else None
     names = sorted(points)
+    n = len(names)
+    band: dict[str, float | None] = {"s2": None, "x_mean": None, "sxx": None, "t": None}
+    if n >= 3:
+        from scipy.special import stdtrit  # scipy.stats costs a second and a half of start-up
+
+        band = {"s2": float((resid ** 2).sum()) / (n - 2), "x_mean": float(xs.mean()),
+                "sxx": float(((xs - xs.mean()) ** 2).sum()),
+                "t": float(stdtrit(n - 2, 1 - alpha / 2))}
     return LogitFit(float(slope), float(intercept), id_dataset, ood_dataset,
-                    f"least-squares fit over {len(names)} models of the suite", names,
-                    len(names), r2)
+                    f"least-squares fit over {n} models of the suite", names, n, r2, x_axis,
+                    interval_level=1 - alpha, **band)
 
 
 def load_fits(path: str | Path) -> list[LogitFit]:
@@ -121,15 +195,20 @@ def load_fits(path: str | Path) -> list[LogitFit]:
                            "write each fit as {id_dataset, ood_dataset, slope, intercept, source}")
     fits = []
     for i, e in enumerate(entries):
-        keys = ("id_dataset", "ood_dataset", "slope", "intercept", "source")
+        keys = ("id_dataset", "ood_dataset", "slope", "intercept", "source", "x_axis")
         missing = [k for k in keys if not isinstance(e, dict) or e.get(k) in (None, "")]
         if missing:
             raise RobenchError(f"{p}: fit {i} lacks {', '.join(missing)}",
-                               "give every fit id_dataset, ood_dataset, slope, intercept and the "
-                               "source of the numbers")
+                               "give every fit id_dataset, ood_dataset, slope, intercept, the "
+                               "source of the numbers and its x_axis (all-classes: the ID set's "
+                               "accuracy over all its classes; ood-classes: over the shifted "
+                               "set's own classes, as Taori et al. for ImageNet-R/-A)")
+        if e["x_axis"] not in X_AXES:
+            raise RobenchError(f"{p}: fit {i} has x_axis {e['x_axis']!r}",
+                               f"use one of {', '.join(X_AXES)}")
         fits.append(LogitFit(float(e["slope"]), float(e["intercept"]), str(e["id_dataset"]),
                              str(e["ood_dataset"]), f"{e['source']} (from {p.name})", [],
-                             int(e.get("n", 0)), e.get("r2")))
+                             int(e.get("n", 0)), e.get("r2"), str(e["x_axis"])))
     return fits
 
 

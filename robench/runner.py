@@ -52,13 +52,21 @@ from robench.registry import (
     template_set,
 )
 from robench.results import read_record, record_path, verify_outputs, write_record
-from robench.scoring import OUTPUTS_VERSION, cell_metrics, cell_outputs, id_confidence
+from robench.scoring import (
+    OUTPUTS_VERSION,
+    CellOutputs,
+    cell_metrics,
+    cell_outputs,
+    id_confidence,
+)
 
 if TYPE_CHECKING:  # torch and open_clip are imported only when a model is loaded
     from robench.models.backbone import Backbone
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 2  # 2: exact per-sample outputs, ood_auroc over the same classes
+# 2: exact per-sample outputs, ood_auroc over the same classes; 3: -C intervals over base images,
+# bias-shifted bootstrap intervals, id_acc1
+PROTOCOL_VERSION = 3
 
 
 def load_source(name: str, spec: DatasetSpec, cfg: DictConfig,
@@ -422,7 +430,7 @@ class Runner:
         out = cell_outputs(head, feats, source, keep_logits=self.cfg.outputs == "logits")
         pairing = self.ood_pairing(dataset, head, backbone, out.scored_classes)
         if pairing is not None:
-            out.ood_id_conf = pairing
+            out.ood_id_conf, out.ood_id_correct = pairing
         headline, group_metrics = cell_metrics(
             out, source.summary_groups, n_bins=mc.n_bins, n_bootstrap=mc.bootstrap,
             seed=self.cfg.seed, alpha=mc.alpha)
@@ -442,6 +450,7 @@ class Runner:
                 "summary": "mean over groups " + ",".join(source.summary_groups or [])
                 if source.groups else "all samples",
                 "summary_groups": list(source.summary_groups or []) if source.groups else None,
+                "intervals": interval_protocol(out),
                 "id_dataset": self.cfg.id_dataset or None,
                 "auroc": "misclassification detection: MSP separating correct from wrong",
                 "ood_auroc": "ID vs this set over the same scored classes, score=-MSP, shifted "
@@ -465,10 +474,10 @@ class Runner:
         write_record(path, record, out)
 
     def ood_pairing(self, dataset: str, head: LinearHead, backbone: Backbone,
-                    columns: np.ndarray | None) -> np.ndarray | None:
-        """The ID set's MSP for ``ood_auroc`` of a shifted cell: the same head over the same
-        scored classes, from the ID set's cached features (None for the ID cell itself or
-        when the suite pairs nothing)."""
+                    columns: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The ID set's (MSP, correct) for ``ood_auroc`` and ``id_acc1`` of a shifted cell: the
+        same head over the same scored classes, from the ID set's cached features (None for the
+        ID cell itself or when the suite pairs nothing)."""
         id_name = self.cfg.id_dataset
         if not id_name or dataset == id_name:
             return None
@@ -478,6 +487,17 @@ class Runner:
                         dataset, id_name)
             return None
         return id_confidence(head, id_feats, id_source, columns)
+
+
+def interval_protocol(out: CellOutputs) -> str:
+    """How the record's intervals were computed, in words."""
+    boot = "bootstrap, percentile interval shifted by the replicates' bias"
+    if not out.group_names:
+        return f"acc1: Clopper-Pearson; ece, auroc: {boot}, resampling samples"
+    unit = "base images (every copy of a drawn image, in every group)" \
+        if out.base is not None else "samples"
+    return (f"headline acc1, ece, auroc: {boot}, resampling {unit}, mean over the groups per "
+            "replicate; each group: acc1 Clopper-Pearson, ece and auroc bootstrap over its rows")
 
 
 def provenance(backbone: Backbone, cfg: DictConfig, spec: ModelSpec) -> dict:

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 
 import robench.metrics as M  # noqa: N812
+from robench.clustered import Clusters, SampleValues, headline_intervals
 from robench.data.base import ImageSource
 from robench.errors import RobenchError
 from robench.features import FeatureSet, iter_row_blocks
 from robench.io import write_npz
 from robench.models.heads import LinearHead
 
-OUTPUTS_VERSION = 2
+OUTPUTS_VERSION = 3  # 3: base image of each row, the paired ID set's correctness
 # Rows per block: about 16M logits (64 MB of float32) per block, at least 1024 rows.
 _BLOCK_ELEMENTS = 1 << 24
 
@@ -41,8 +42,11 @@ class CellOutputs:
     classes of the head); ``label`` is in the dataset's own label space (ImageNet-R: 1k indices)
     and ``target`` its position among the scored columns. ``group`` indexes ``group_names``
     (-1: no groups), ``valid`` is False for images that could not be decoded (excluded from every
-    metric). ``ood_id_conf`` holds the paired ID set's MSP over the same scored columns, which
-    ``ood_auroc`` compares with this cell's.
+    metric). ``base`` names the base image each row is a copy of (a -C set: the copies of one image
+    in every group share it, and intervals resample base images; None: every row is its own).
+    ``ood_id_conf`` holds the paired ID set's MSP over the same scored columns, which
+    ``ood_auroc`` compares with this cell's, and ``ood_id_correct`` whether each of those ID
+    samples is right over these columns (``id_acc1``, effective robustness's x-axis).
     """
 
     samples: M.SampleOutputs
@@ -53,8 +57,10 @@ class CellOutputs:
     group_names: list[str]
     scored_classes: np.ndarray | None
     sample_ids: np.ndarray | None  # utf-8 relative paths; None: the row index is the id
+    base: np.ndarray | None = None
     logits: np.ndarray | None = None
     ood_id_conf: np.ndarray | None = None
+    ood_id_correct: np.ndarray | None = None
 
     def rows(self, group: str | None = None) -> np.ndarray:
         """Valid rows of one group (or of the whole cell)."""
@@ -78,12 +84,9 @@ class CellOutputs:
             arrays["topk_class"] = arrays["scored_classes"][s.topk_index]
         else:
             arrays["topk_class"] = s.topk_index.astype(np.int64)
-        if self.sample_ids is not None:
-            arrays["sample_id"] = self.sample_ids
-        if self.logits is not None:
-            arrays["logits"] = self.logits
-        if self.ood_id_conf is not None:
-            arrays["ood_id_conf"] = self.ood_id_conf
+        optional = {"sample_id": self.sample_ids, "base": self.base, "logits": self.logits,
+                    "ood_id_conf": self.ood_id_conf, "ood_id_correct": self.ood_id_correct}
+        arrays.update({k: v for k, v in optional.items() if v is not None})
         write_npz(path, seal=False, **arrays)  # its record holds its sha256
 
     @classmethod
@@ -92,9 +95,11 @@ class CellOutputs:
             with np.load(path, allow_pickle=False) as z:
                 if "version" not in z.files or int(z["version"]) != OUTPUTS_VERSION:
                     raise RobenchError(
-                        f"{path} holds per-sample outputs of an older robench (float16 "
-                        "probabilities), from which metrics cannot be recomputed exactly",
-                        "re-run the suite to rebuild its cells (robench run suite=... force=true)")
+                        f"{path} holds per-sample outputs of an older robench (without the "
+                        "base image of each row, or float16 probabilities), from which metrics "
+                        "cannot be recomputed as this version computes them",
+                        "re-run the suite to rebuild its cells (robench run suite=...; cells of "
+                        "older protocols are recomputed)")
                 samples = M.SampleOutputs(z["topk_index"], z["topk_logit"], z["log_norm"],
                                           z["true_logit"], z["label_rank"], z["sum_sq_prob"],
                                           int(z["num_classes"]))
@@ -103,9 +108,10 @@ class CellOutputs:
                            group_names=[str(g) for g in z["group_names"]],
                            scored_classes=z["scored_classes"] if "scored_classes" in z.files
                            else None,
-                           sample_ids=z["sample_id"] if "sample_id" in z.files else None,
-                           logits=z["logits"] if "logits" in z.files else None,
-                           ood_id_conf=z["ood_id_conf"] if "ood_id_conf" in z.files else None)
+                           **{f: z[k] if k in z.files else None for f, k in (
+                               ("sample_ids", "sample_id"), ("base", "base"),
+                               ("logits", "logits"), ("ood_id_conf", "ood_id_conf"),
+                               ("ood_id_correct", "ood_id_correct"))})
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise RobenchError(f"cannot read per-sample outputs {path}: {e}",
                                "re-run the cell (robench run ... force=true)") from e
@@ -118,14 +124,21 @@ def scored_columns(source: ImageSource) -> tuple[np.ndarray | None, np.ndarray]:
     if source.class_subset is None:
         return None, labels.astype(np.int32)
     subset = np.asarray(source.class_subset, dtype=np.int64)
-    position = np.full(int(max(subset.max(), labels.max())) + 1, -1, dtype=np.int64)
-    position[subset] = np.arange(len(subset))
-    target = position[labels]
+    target = column_positions(subset, labels)
     if (target < 0).any():
         bad = sorted(set(labels[target < 0].tolist()))[:5]
         raise RobenchError(f"{source.name}: labels {bad} are not in the scored class sub-list",
                            "check the dataset's class folders against its sub-list")
     return subset, target.astype(np.int32)
+
+
+def column_positions(columns: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The position of each label among ``columns`` (label-space indices, in scoring order);
+    -1 for a label that is not among them."""
+    columns = np.asarray(columns, dtype=np.int64)
+    position = np.full(int(max(columns.max(), labels.max(initial=0))) + 1, -1, dtype=np.int64)
+    position[columns] = np.arange(len(columns))
+    return position[labels]
 
 
 def stream_logits(head: LinearHead, features: np.ndarray, columns: np.ndarray | None,
@@ -160,17 +173,20 @@ def cell_outputs(head: LinearHead, feats: FeatureSet, source: ImageSource,
         group[source.groups[g]] = gi
     paths = source.info.get("paths")
     ids = np.char.encode(np.asarray(paths, dtype=str), "utf-8") if paths else None
+    base = None if source.base_index is None else np.asarray(source.base_index, dtype=np.int64)
     return CellOutputs(samples=samples, label=np.asarray(source.labels),
                        target=target, valid=valid, group=group, group_names=names,
-                       scored_classes=columns, sample_ids=ids, logits=logits)
+                       scored_classes=columns, sample_ids=ids, base=base, logits=logits)
 
 
 def id_confidence(head: LinearHead, id_feats: FeatureSet, id_source: ImageSource,
-                  columns: np.ndarray | None) -> np.ndarray:
-    """MSP of the ID set's decodable samples over the same scored columns as the shifted cell,
-    from exact float32 logits: ID samples whose class is not among the columns are left out, so
-    both sides of ``ood_auroc`` are the same task (ImageNet val restricted to ImageNet-R's 200
-    classes against ImageNet-R). The ID set paired with itself gives exactly 0.5."""
+                  columns: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(MSP, correct) of the ID set's decodable samples over the same scored columns as the
+    shifted cell, from exact float32 logits: ID samples whose class is not among the columns are
+    left out, so both sides of ``ood_auroc`` are the same task (ImageNet val restricted to
+    ImageNet-R's 200 classes against ImageNet-R), and the share correct is the ID accuracy over
+    those classes (Taori et al. 2020's ``val-on-imagenet-r-classes``, effective robustness's
+    x-axis). The ID set paired with itself gives exactly 0.5 and its own accuracy."""
     labels = np.asarray(id_source.labels, dtype=np.int64)
     keep = np.ones(len(labels), dtype=bool)
     keep[id_feats.bad] = False
@@ -180,18 +196,24 @@ def id_confidence(head: LinearHead, id_feats: FeatureSet, id_source: ImageSource
     if rows.size == 0:
         raise RobenchError(f"{id_source.name} has no sample of the scored classes",
                            "pair the shifted set with an ID set that shares its classes")
-    conf = np.empty(rows.size)
+    target = labels[rows] if columns is None else column_positions(columns, labels[rows])
+    conf, correct = np.empty(rows.size), np.empty(rows.size, dtype=bool)
     for pos, block in stream_logits(head, id_feats.features, columns, rows):
         # the same computation as the shifted side (sample_outputs), so equal inputs give
-        # bit-equal confidences; the target does not affect the MSP
-        conf[pos] = M.sample_outputs(block, np.zeros(len(block), dtype=np.int64)).conf
-    return conf
+        # bit-equal confidences and the same correctness
+        s = M.sample_outputs(block, target[pos])
+        conf[pos], correct[pos] = s.conf, s.correct
+    return conf, correct
 
 
 def cell_metrics(out: CellOutputs, summary_groups: list[str] | None, *, n_bins: int,
                  n_bootstrap: int, seed: int, alpha: float) -> tuple[dict, dict | None]:
     """(headline metrics, per-group metrics or None) of stored outputs: the only path from
-    outputs to metrics, used by the run and by ``robench rescore`` alike."""
+    outputs to metrics, used by the run and by ``robench rescore`` alike.
+
+    A grouped cell's headline is the unweighted mean over its summary groups, with intervals
+    from the bootstrap over base images (:func:`robench.clustered.headline_intervals`); a cell
+    paired with an ID set also gets ``id_acc1``, the ID set's accuracy over its scored classes."""
     kw = {"n_bins": n_bins, "n_bootstrap": n_bootstrap, "seed": seed, "alpha": alpha}
 
     def metrics(rows: np.ndarray, what: str) -> dict:
@@ -203,12 +225,37 @@ def cell_metrics(out: CellOutputs, summary_groups: list[str] | None, *, n_bins: 
         return m
 
     if not out.group_names:
-        return metrics(out.rows(), "the cell"), None
+        return _with_id_acc(out, metrics(out.rows(), "the cell")), None
     groups = {g: metrics(out.rows(g), g) for g in out.group_names}
     summary = summary_groups or list(out.group_names)
     headline = average_metrics([groups[g] for g in summary])
     headline["n"] = int(sum(groups[g]["n"] for g in summary))
-    return headline, groups
+    headline.update(grouped_intervals(out, summary, headline, **kw))
+    return _with_id_acc(out, headline), groups
+
+
+def grouped_intervals(out: CellOutputs, summary: list[str], headline: dict, *, n_bins: int,
+                      n_bootstrap: int, seed: int, alpha: float) -> dict[str, float]:
+    """The headline intervals of a grouped cell: the bootstrap over its base images (every
+    row its own when the cell has none), the mean over ``summary``'s groups per replicate."""
+    index = [out.group_names.index(g) for g in summary]
+    rows = out.rows()
+    rows = rows[np.isin(out.group[rows], index)]
+    compact = np.full(len(out.group_names), -1, dtype=np.int64)
+    compact[index] = np.arange(len(index))
+    clusters = Clusters.of(None if out.base is None else out.base[rows], rows.size)
+    return headline_intervals(SampleValues.of(out.samples.take(rows)), compact[out.group[rows]],
+                              len(index), clusters, headline, n_bins=n_bins,
+                              n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
+
+
+def _with_id_acc(out: CellOutputs, headline: dict) -> dict:
+    """The headline in the records' metric order, with ``id_acc1`` (%) when paired."""
+    if out.ood_id_correct is not None and out.ood_id_correct.size:
+        headline["id_acc1"] = 100.0 * float(np.count_nonzero(out.ood_id_correct)) / \
+            out.ood_id_correct.size
+    order = [k for k in M.RECORD_METRIC_INFO if k in headline]
+    return {k: headline[k] for k in [*order, *(k for k in headline if k not in order)]}
 
 
 def average_metrics(cells: list[dict]) -> dict:

@@ -58,17 +58,106 @@ def test_fit_needs_two_distinct_finite_points() -> None:
         fit_logit_linear({"a": (50.0, 0.0), "b": (60.0, 30.0)}, "id", "ood")
 
 
-def test_coefficients_files_need_their_source(tmp_path: Path) -> None:
+def test_coefficients_files_need_their_source_and_x_axis(tmp_path: Path) -> None:
     good = tmp_path / "fits.yaml"
     good.write_text("fits:\n  - {id_dataset: imagenet, ood_dataset: imagenet-r, slope: 0.9,\n"
-                    "     intercept: -1.2, source: 'my fit over 40 ResNets, runs/x'}\n")
+                    "     intercept: -1.2, x_axis: ood-classes,\n"
+                    "     source: 'my fit over 40 ResNets, runs/x'}\n")
     [fit] = load_fits(good)
     assert fit.slope == 0.9 and "my fit over 40 ResNets" in fit.source and fit.reference == []
+    assert fit.x_axis == "ood-classes" and fit.weak is None  # given, not fitted: not judged
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id_dataset": "a", "ood_dataset": "b", "slope": 1,
                                 "intercept": 0}]))
-    with pytest.raises(RobenchError, match="lacks source"):
+    with pytest.raises(RobenchError, match="lacks source, x_axis"):
         load_fits(bad)
+    bad.write_text(json.dumps([{"id_dataset": "a", "ood_dataset": "b", "slope": 1,
+                                "intercept": 0, "source": "s", "x_axis": "imagenet"}]))
+    with pytest.raises(RobenchError, match="x_axis 'imagenet'"):
+        load_fits(bad)
+
+
+def test_fit_band_and_slope_interval_match_statsmodels() -> None:
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(0)
+    ids = rng.uniform(30, 90, 9)
+    points = {f"m{i}": (x, 100 * sigmoid(0.9 * logit(x) - 0.6 + rng.normal(0, 0.15)))
+              for i, x in enumerate(ids)}
+    fit = fit_logit_linear(points, "id", "ood")
+    xs = np.array([logit(x) for x, _ in points.values()])
+    ys = np.array([logit(y) for _, y in points.values()])
+    ols = sm.OLS(ys, sm.add_constant(xs)).fit()
+    assert fit.slope_interval == pytest.approx(tuple(ols.conf_int(0.05)[1]), rel=1e-9)
+    for x0 in (35.0, 60.0, 88.0):
+        lo, hi = ols.get_prediction(np.array([[1.0, logit(x0)]])).conf_int(alpha=0.05)[0]
+        assert fit.predict_interval(x0) == pytest.approx((100 * sigmoid(lo), 100 * sigmoid(hi)),
+                                                         rel=1e-9)
+        y0 = 50.0
+        er_lo, er_hi = fit.er_interval(x0, y0)
+        assert er_lo <= fit.effective_robustness(x0, y0) <= er_hi
+    assert fit.weak is None and fit.r2 == pytest.approx(ols.rsquared)
+
+
+def test_a_fit_whose_slope_could_be_zero_is_too_weak_to_read() -> None:
+    rng = np.random.default_rng(1)
+    flat = {f"m{i}": (x, 100 * sigmoid(-0.4 + rng.normal(0, 0.3)))
+            for i, x in enumerate(rng.uniform(40, 70, 6))}
+    fit = fit_logit_linear(flat, "id", "ood")
+    assert fit.weak is not None and "holds 0" in fit.weak
+    two = fit_logit_linear({"a": (50.0, 30.0), "b": (60.0, 35.0)}, "id", "ood")
+    assert two.weak is not None and "no interval" in two.weak and two.predict_interval(55) is None
+
+
+def er_suite(root: Path, sub_list: bool) -> None:
+    """An ImageNet-like suite: ID set + a shifted set scored over a sub-list (like ImageNet-R),
+    whose records carry id_acc1 (ID top-1 over the sub-list) different from the ID headline."""
+    from test_report import make_record
+
+    from robench.results import write_record_json
+
+    for i, m in enumerate(("a", "b", "c", "d")):
+        idr = make_record("s", m, "in", {"n": 100, "acc1": 50.0 + 10 * i})
+        idr["protocol"]["id_dataset"] = "in"
+        ood = make_record("s", m, "in-r", {"n": 80, "acc1": 30.0 + 6 * i + (i % 2),
+                                           "id_acc1": 60.0 + 8 * i})
+        ood["protocol"]["id_dataset"] = "in"
+        if sub_list:
+            ood["protocol"]["scored_classes"] = list(range(200))
+        for rec in (idr, ood):
+            write_record_json(root / "s" / m / f"{rec['dataset']}.json", rec)
+
+
+def test_er_on_a_sub_list_set_reads_the_id_accuracy_over_its_classes(tmp_path: Path) -> None:
+    er_suite(tmp_path, sub_list=True)
+    [(_, doc)] = analyze(tmp_path, AnalysisSettings(er_reference="all", mce_baseline="none"))
+    er = doc["effective_robustness"]
+    fit = er["fits"]["in-r"]
+    assert fit["x_axis"] == "ood-classes"
+    assert er["x_axis"]["in-r"] == "in top-1 over the 200 classes of in-r"
+    for m, i in zip("abcd", range(4), strict=True):
+        v = er["models"][m]["in-r"]
+        assert v["id_acc"] == 60.0 + 8 * i  # id_acc1, not the ID headline 50 + 10 i
+        lo, hi = v["er_interval"]
+        assert lo <= v["er"] <= hi
+    # a coefficients file on the 1000-class axis is refused for a sub-list set
+    fits = tmp_path / "fits.yaml"
+    fits.write_text("- {id_dataset: in, ood_dataset: in-r, slope: 1, intercept: 0, "
+                    "x_axis: all-classes, source: paper}\n")
+    with pytest.raises(RobenchError, match="ood-classes"):
+        analyze(tmp_path, AnalysisSettings(er_fits=str(fits), mce_baseline="none"), force=True)
+    fits.write_text("- {id_dataset: in, ood_dataset: in-r, slope: 1, intercept: 0, "
+                    "x_axis: ood-classes, source: paper}\n")
+    [(_, doc)] = analyze(tmp_path, AnalysisSettings(er_fits=str(fits), mce_baseline="none"),
+                         force=True)
+    assert doc["effective_robustness"]["fits"]["in-r"]["source"].startswith("paper")
+
+
+def test_er_on_an_all_class_set_says_so(tmp_path: Path) -> None:
+    er_suite(tmp_path, sub_list=False)
+    [(_, doc)] = analyze(tmp_path, AnalysisSettings(er_reference="all", mce_baseline="none"))
+    er = doc["effective_robustness"]
+    assert er["fits"]["in-r"]["x_axis"] == "all-classes"
+    assert er["x_axis"]["in-r"] == "in top-1 over all its classes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +233,7 @@ def test_every_method_is_compared_with_zero_shot_of_its_backbone(analysis: dict,
     assert "ood_auroc" in rows[("tiny-clip-lp-clip", OOD)]["delta"]
     # temperature scaling never changes a prediction: no discordant pair, a zero-width interval
     ts = rows[("tiny-clip-ts", ID)]
-    assert ts["mcnemar"]["n_discordant"] == 0 and ts["mcnemar"]["p_value"] == 1.0
+    assert ts["test"]["n_discordant"] == 0 and ts["test"]["p_value"] == 1.0
     assert ts["delta"]["acc1"]["ci_low"] == ts["delta"]["acc1"]["ci_high"] == 0.0
     assert ts["delta"]["ece"]["value"] < 0  # ...but it calibrates
 

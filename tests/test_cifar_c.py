@@ -41,6 +41,8 @@ def test_cifar_c_rows_groups_and_labels(tmp_path):
         assert (px[:, 0] == CORRUPTIONS.index(c)).all() and (px[:, 1] == int(s)).all()
         np.testing.assert_array_equal(px[:, 2], np.arange(4))  # severity s = rows (s-1)N..sN
         np.testing.assert_array_equal(src.labels[rows], y)
+        # row j of every group is a copy of base image j: intervals resample it as one unit
+        np.testing.assert_array_equal(src.base_index[rows], px[:, 2])
     std = cifar_c.load(tmp_path / "CIFAR-10-C", name="c10c", corruptions="standard")
     assert len(std.groups) == 75
 

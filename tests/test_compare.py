@@ -19,17 +19,20 @@ N, C = 600, 10
 
 def outputs(logits: np.ndarray, labels: np.ndarray, *, ids: list[str] | None = None,
             groups: list[str] | None = None, id_conf: np.ndarray | None = None,
-            valid: np.ndarray | None = None) -> CellOutputs:
+            valid: np.ndarray | None = None, copies: bool = False) -> CellOutputs:
+    """Row i is in group i % G; with ``copies`` rows i // G of every group are copies of one
+    base image (a -C set's layout), else every row is an image of its own."""
     n = len(labels)
     group = np.full(n, -1, np.int32)
     if groups:
         group = (np.arange(n) % len(groups)).astype(np.int32)
+    base = np.arange(n) // len(groups) if copies and groups else None
     return CellOutputs(samples=M.sample_outputs(logits.astype(np.float32), labels),
                        label=labels.astype(np.int64), target=labels.astype(np.int32),
                        valid=np.ones(n, bool) if valid is None else valid, group=group,
                        group_names=list(groups or []), scored_classes=None,
                        sample_ids=None if ids is None else np.char.encode(np.asarray(ids), "utf-8"),
-                       ood_id_conf=id_conf)
+                       base=base, ood_id_conf=id_conf)
 
 
 def pair_of_models(seed: int = 0, n: int = N, shift: float = 0.3):
@@ -67,16 +70,19 @@ def test_point_deltas_equal_the_difference_of_the_records_metrics(grouped: bool)
 
 
 def test_paired_bootstrap_matches_a_naive_loop() -> None:
-    """Replicate r scores both models on the same multiset, drawn per group as documented."""
+    """Replicate r draws base images once (every group's copies of them) and scores both models
+    on that multiset, as documented: recomputed here by materialising the resampled groups."""
     labels, a_logits, b_logits = pair_of_models(1, n=300)
     groups = ["fog/1", "fog/2"]
-    a, b = outputs(a_logits, labels, groups=groups), outputs(b_logits, labels, groups=groups)
-    _, reps, _ = paired_bootstrap(a, b, summary_groups=groups, n_bins=15, n_bootstrap=4, seed=7)
-    rng = np.random.default_rng(np.random.SeedSequence(7))
-    members = [np.flatnonzero(a.group == g) for g in range(2)]
-    for r in range(4):
-        draws = [m[rng.integers(0, m.size, m.size)] for m in members]
-        per = [[M.metrics_from_outputs(o.samples.take(d), n_bootstrap=0) for d in draws]
+    a = outputs(a_logits, labels, groups=groups, copies=True)
+    b = outputs(b_logits, labels, groups=groups, copies=True)
+    _, reps, facts = paired_bootstrap(a, b, summary_groups=groups, n_bins=15, n_bootstrap=4,
+                                      seed=7)
+    assert facts["resampled"].startswith("150 base images")
+    members = [np.flatnonzero(a.group == g) for g in range(2)]  # member k = base image k
+    for r, rng in enumerate(M.replicate_generators(7, 4)):
+        drawn = rng.integers(0, 150, 150)
+        per = [[M.metrics_from_outputs(o.samples.take(m[drawn]), n_bootstrap=0) for m in members]
                for o in (a, b)]
         for k in ("acc1", "acc5", "ece", "auroc", "nll", "brier"):
             want = np.mean([p[k] for p in per[0]]) - np.mean([p[k] for p in per[1]])
@@ -84,9 +90,10 @@ def test_paired_bootstrap_matches_a_naive_loop() -> None:
 
 
 def test_paired_ood_auroc_replicates_match_sklearn_on_the_drawn_multisets() -> None:
-    """ood_auroc's replicates: the ID set is drawn first, then each group; a group's value is
-    the AUROC of -MSP with the group's samples positive against the drawn ID samples (ties in
-    the confidences included), here recomputed by scikit-learn on the expanded multisets."""
+    """ood_auroc's replicates: the base images are drawn first, then the ID set from the same
+    generator; a group's value is the AUROC of -MSP with the group's samples positive against
+    the drawn ID samples (ties in the confidences included), here recomputed by scikit-learn on
+    the expanded multisets."""
     from sklearn.metrics import roc_auc_score
 
     labels, a_logits, b_logits = pair_of_models(3, n=240)
@@ -94,13 +101,12 @@ def test_paired_ood_auroc_replicates_match_sklearn_on_the_drawn_multisets() -> N
     rng = np.random.default_rng(4)
     id_a = np.round(rng.uniform(0.2, 1, 90), 2)  # rounded: ties with the OOD confidences
     id_b = np.round(rng.uniform(0.2, 1, 90), 2)
-    a = outputs(a_logits, labels, groups=groups, id_conf=id_a)
-    b = outputs(b_logits, labels, groups=groups, id_conf=id_b)
+    a = outputs(a_logits, labels, groups=groups, id_conf=id_a, copies=True)
+    b = outputs(b_logits, labels, groups=groups, id_conf=id_b, copies=True)
     for o in (a, b):  # confidences on the same 0.01 grid as the ID ones
         o.samples.conf[:] = np.round(o.samples.conf, 2)
     point, reps, _ = paired_bootstrap(a, b, summary_groups=groups, n_bins=15, n_bootstrap=3,
                                       seed=11)
-    rng = np.random.default_rng(np.random.SeedSequence(11))
     members = [np.flatnonzero(a.group == g) for g in range(3)]
 
     def ood(id_conf, conf, draw_id, draws) -> float:
@@ -112,9 +118,10 @@ def test_paired_ood_auroc_replicates_match_sklearn_on_the_drawn_multisets() -> N
     want = ood(id_a, a.samples.conf, everyone, members) - \
         ood(id_b, b.samples.conf, everyone, members)
     assert point["ood_auroc"] == pytest.approx(want, abs=1e-12)
-    for r in range(3):
-        draw_id = rng.integers(0, 90, 90)
-        draws = [m[rng.integers(0, m.size, m.size)] for m in members]
+    for r, gen in enumerate(M.replicate_generators(11, 3)):
+        drawn = gen.integers(0, 80, 80)
+        draw_id = gen.integers(0, 90, 90)
+        draws = [m[drawn] for m in members]
         want = ood(id_a, a.samples.conf, draw_id, draws) - \
             ood(id_b, b.samples.conf, draw_id, draws)
         assert reps["ood_auroc"][r] == pytest.approx(want, abs=1e-12), r
@@ -138,9 +145,9 @@ def test_pairing_shrinks_the_interval_of_a_small_real_difference() -> None:
     assert 0 < d["ci_low"] <= 0.6 <= d["ci_high"] < 1.5
     lo, hi = M.clopper_pearson(int((a.argmax(1) == labels).sum()), n)
     assert hi - lo > 5  # each model alone: about 6 points wide
-    assert res["mcnemar"]["model_only_correct"] == 6
-    assert res["mcnemar"]["reference_only_correct"] == 0
-    assert res["mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 6)
+    assert res["test"]["model_only_correct"] == 6
+    assert res["test"]["reference_only_correct"] == 0
+    assert res["test"]["p_value"] == pytest.approx(2 * 0.5 ** 6)
 
 
 def test_mcnemar_exact_matches_statsmodels() -> None:
@@ -170,7 +177,7 @@ def test_samples_are_paired_by_id_whatever_the_order() -> None:
     one, two = compare_cells(a, b_sorted, **kw), compare_cells(a, b_shuffled, **kw)
     for k in one["delta"]:
         assert one["delta"][k]["value"] == pytest.approx(two["delta"][k]["value"], abs=1e-12)
-    assert one["mcnemar"] == two["mcnemar"]
+    assert one["test"] == two["test"]
 
 
 def test_undecodable_samples_are_left_out_of_both_sides() -> None:

@@ -432,15 +432,15 @@ def test_bootstrap_replicates_follow_documented_protocol(rng):
     conf = np.round(rng.random(800), 2)
     correct = rng.random(800) < conf
     reps = M.bootstrap_replicates(conf, correct, n_bootstrap=25, seed=7)
-    order = np.argsort(conf, kind="stable")
-    cs, ks = conf[order], correct[order]
     children = np.random.SeedSequence(7).spawn(25)
     for r, child in enumerate(children):
-        idx = np.random.default_rng(child).integers(0, 800, 800)
-        assert reps["ece"][r] == pytest.approx(M.ece(cs[idx], ks[idx]), abs=1e-12)
-        assert reps["auroc"][r] == pytest.approx(M.auroc(cs[idx], ks[idx]), abs=1e-12)
+        idx = np.random.default_rng(child).integers(0, 800, 800)  # rows, in their own order
+        assert reps["ece"][r] == pytest.approx(M.ece(conf[idx], correct[idx]), abs=1e-12)
+        assert reps["auroc"][r] == pytest.approx(M.auroc(conf[idx], correct[idx]), abs=1e-12)
     ci = M.bootstrap_ci(conf, correct, n_bootstrap=25, seed=7, alpha=0.1)
-    assert ci["ece"] == pytest.approx(tuple(np.quantile(reps["ece"], [0.05, 0.95])))
+    point = M.ece(conf, correct)
+    bias = reps["ece"].mean() - point
+    assert ci["ece"] == pytest.approx(tuple(np.quantile(reps["ece"], [0.05, 0.95]) - bias))
 
 
 def test_bootstrap_deterministic_and_thread_independent(rng, monkeypatch):
@@ -465,6 +465,39 @@ def test_bootstrap_interval_contains_point_estimate(rng):
     assert ci["ece"][0] <= ece_point <= ci["ece"][1]
     assert ci["auroc"][0] <= auroc_point <= ci["auroc"][1]
     assert ci["ece"][1] - ci["ece"][0] < 0.05
+
+
+@pytest.mark.parametrize("n", [50, 250, 2000])
+def test_no_interval_excludes_its_estimate(n):
+    """Well-calibrated models on small samples are where a plain percentile interval of the
+    upward-biased ECE misses its point estimate; the bias-shifted interval never does (the
+    replicates' mean lies between their quantiles), for ECE, AUROC and acc1 alike."""
+    gen = np.random.default_rng(n)
+    misses_percentile = 0
+    for trial in range(40):
+        conf = gen.uniform(0.3, 1.0, n)
+        correct = gen.random(n) < conf  # calibrated: ECE near 0, bootstrap bias upwards
+        logits = np.log(np.c_[conf, np.repeat(((1 - conf) / 9)[:, None], 9, axis=1)])
+        labels = np.where(correct, 0, 1 + gen.integers(0, 9, n))
+        m = M.compute_all(logits, labels, n_bootstrap=200, seed=trial)
+        for k in ("acc1", "ece", "auroc"):
+            assert m[f"{k}_ci_low"] <= m[k] <= m[f"{k}_ci_high"], (n, trial, k)
+        reps = M.bootstrap_replicates(M.softmax(logits).max(1), M.softmax(logits).argmax(1) ==
+                                      labels, n_bootstrap=200, seed=trial)
+        lo, _ = M.percentile_interval(reps["ece"])
+        misses_percentile += lo > m["ece"]
+    if n <= 250:  # the failure the shift mends is real at these sizes
+        assert misses_percentile > 0
+
+
+def test_shifted_interval_definition_and_bounds():
+    reps = np.array([0.10, 0.12, 0.14, 0.16, 0.18, np.nan])
+    lo, hi = M.shifted_interval(0.11, reps, alpha=0.5)
+    q = np.quantile(reps[:-1], [0.25, 0.75])
+    assert (lo, hi) == pytest.approx(tuple(q - (0.14 - 0.11)))
+    assert M.shifted_interval(0.01, [0.05, 0.06, 0.2], bounds=(0.0, 1.0))[0] == 0.0
+    assert all(math.isnan(v) for v in M.shifted_interval(float("nan"), reps))
+    assert all(math.isnan(v) for v in M.shifted_interval(0.1, [np.nan]))
 
 
 def test_bootstrap_degenerate():

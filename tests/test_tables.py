@@ -69,7 +69,7 @@ def test_cli_results_latex_with_groups_and_analysis(results: Path,
     assert main(["results", "--dir", str(results), "--format", "md", "--analysis"]) == 0
     md = capsys.readouterr().out
     assert "paired deltas vs reference" in md and "| tiny-clip-lp-clip" in md
-    assert "p_mcnemar" in md and "effective robustness" in md
+    assert "p_acc1" in md and "effective robustness" in md
 
 
 def test_report_csv_per_group_rows(results: Path, tmp_path: Path) -> None:

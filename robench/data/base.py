@@ -51,9 +51,13 @@ class ImageSource:
     summary_groups: list[str] | None = None  # groups averaged into the headline numbers
     class_subset: list[int] | None = None
     info: dict = field(default_factory=dict)
+    base_index: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = check_labels(self.name, self.labels, len(self.classnames))
+        if self.base_index is not None and np.shape(self.base_index) != self.labels.shape:
+            raise ValueError(f"{self.name}: base_index has shape {np.shape(self.base_index)}, "
+                             f"the labels {self.labels.shape}")
         if len(self.classnames) == 1:
             log.warning("%s has a single class (%s): every prediction is right by "
                         "construction; check the dataset root", self.name, self.classnames[0])

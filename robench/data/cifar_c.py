@@ -118,6 +118,9 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
                         ([c for c in present if c in STANDARD_CORRUPTIONS] or present)
                         for s in SEVERITIES],
         info={"root": str(root), "corruptions": present, "rows_per_file": rows},
+        # row j of every severity block of every file is (a corruption of) base image j
+        base_index=np.tile(np.arange(rows // len(SEVERITIES), dtype=np.int64),
+                           len(SEVERITIES) * len(files)),
     )
 
 

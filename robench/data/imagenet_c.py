@@ -86,6 +86,9 @@ def load(root: Path, name: str, corruptions: str = "standard", cache_dir: str = 
                 raise RobenchError(f"{name}: {folder} holds no images",
                                    "re-extract or regenerate this corruption")
     standard = [c for c in present if c in STANDARD_CORRUPTIONS] or present
+    # the base image of a row is its path within the corruption/severity folder
+    within = ["/".join(rel.split("/")[2:]) for rel in files.rel]
+    _, base = np.unique(np.asarray(within), return_inverse=True)
     manifest, hashed = content_manifest(root, files, labels, cache_dir, progress, desc=name)
     return ImageSource(
         name=name,
@@ -100,4 +103,5 @@ def load(root: Path, name: str, corruptions: str = "standard", cache_dir: str = 
                              if generated is None else f"label from the class table in {MANIFEST}"),
               "corruptions": present, "generated": generated is not None,
               "files_hashed": hashed},
+        base_index=base.astype(np.int64).ravel(),
     )

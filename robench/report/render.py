@@ -487,6 +487,23 @@ def model_order(models: Iterable[str], datasets: Sequence[str],
 ER_FORMAT = MetricFormat("er", "ER (pts)", 2)
 
 
+def er_title(er: dict, d: str) -> str:
+    """What an ER column holds: the definition, the x-axis, the fit and how much it says."""
+    fit = er["fits"][d]
+    r2 = number(fit.get("r2"))
+    ci = fit.get("slope_interval")
+    parts = [f"effective robustness: {d} acc1 minus the acc1 predicted from "
+             f"{(er.get('x_axis') or {}).get(d) or er.get('id_dataset')} by the logit-linear "
+             f"fit ({fit.get('source')}), in points (Taori et al. 2020)",
+             f"slope {fit['slope']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+             + (f", R^2 = {r2:.2f}" if r2 is not None else "")]
+    if fit.get("reference"):
+        parts.append(f"reference set: {', '.join(fit['reference'])}")
+    if fit.get("weak"):
+        parts.append(f"too weak to read: {fit['weak']}")
+    return "; ".join(parts)
+
+
 def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str],
                       cells: dict[tuple[str, str], dict], er: dict | None = None) -> Table:
     """Models x datasets, one band per dataset with acc1 / ECE / AUROC (/ OOD AUROC), and the
@@ -512,11 +529,9 @@ def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str
         bands.append((d, len(fmts)))
         for f in fmts:
             if f is ER_FORMAT:
-                fit = er["fits"][d]
-                columns.append(Column(f.label, key=f"{d}/er", direction="higher", title=(
-                    f"effective robustness: {d} acc1 minus the acc1 predicted from "
-                    f"{er.get('id_dataset')} acc1 by the logit-linear fit ({fit.get('source')}), "
-                    "in points (Taori et al. 2020)")))
+                columns.append(Column(f.label + (" (weak fit)" if er["fits"][d].get("weak")
+                                                 else ""), key=f"{d}/er", direction="higher",
+                                      title=er_title(er, d)))
             else:
                 columns.append(metric_column(f, key=f"{d}/{f.key}"))
             plan.append((d, f))
@@ -533,12 +548,15 @@ def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str
                                                             "has an accuracy for this model"))
             elif f is ER_FORMAT:
                 v = (er_models.get(m) or {}).get(d) or {}
-                row_cells.append(metric_cell({"er": v.get("er")}, f, (
-                    f"predicted {d} acc1 {v['predicted']:.2f}, observed {v['ood_acc']:.2f}"
+                band = v.get("er_interval") or (None, None)
+                row_cells.append(metric_cell({"er": v.get("er"), "er_ci_low": band[0],
+                                              "er_ci_high": band[1]}, f, (
+                    f"predicted {d} acc1 {v['predicted']:.2f} from ID acc1 {v['id_acc']:.2f}, "
+                    f"observed {v['ood_acc']:.2f}; interval: the fitted line's band"
                     if number(v.get("predicted")) is not None else "")))
             elif (m, d) in cells:
                 rec = cells[(m, d)]
-                note = "mean over groups; a mean of intervals is not an interval" \
+                note = "mean over groups; interval: bootstrap over base images" \
                     if rec.get("groups") and f.key != "ood_auroc" else ""
                 row_cells.append(metric_cell(rec["metrics"], f, note))
             else:
@@ -788,7 +806,7 @@ def analysis_view(anchor: str, name: str, doc: dict, models: Sequence[str],
     er = doc.get("effective_robustness") or {}
     er_charts = [c for d, fit in sorted((er.get("fits") or {}).items())
                  if (c := views.er_chart(name, er["id_dataset"], d, fit, er.get("models") or {},
-                                         models, styles))]
+                                         models, styles, (er.get("x_axis") or {}).get(d)))]
     rel = doc.get("reliability") or {}
     reliability = [c for d in datasets if (c := views.reliability_chart(
         d, models, {m: rel[m][d] for m in models if d in rel.get(m, {})},
@@ -891,9 +909,11 @@ def markdown(suites: Sequence[SuiteView], records: list[dict], title: str,
 
             for heading, table in analysis_tables(doc, "md"):
                 parts += [f"### {_md_escape(heading)}", "", table, ""]
-    parts += ["Intervals: acc1 Clopper-Pearson, ECE and AUROC seeded percentile bootstrap. "
-              f"{DASH} = undefined (null in the record). Datasets with groups (-C sets) show the "
-              "mean over groups, without an interval. Full numbers: leaderboard.csv.", ""]
+    parts += ["Intervals (95%): acc1 Clopper-Pearson, ECE and AUROC the seeded bootstrap "
+              "(percentile interval shifted by the replicates' bias). Datasets with groups (-C "
+              "sets) show the mean over groups, its intervals from the bootstrap over base "
+              f"images (all copies of an image drawn together). {DASH} = undefined (null in the "
+              "record). Full numbers: leaderboard.csv.", ""]
     return "\n".join(parts)
 
 

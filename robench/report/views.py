@@ -47,7 +47,8 @@ def delta_cell(delta: dict | None, fmt: R.MetricFormat, reference: str) -> R.Cel
 def delta_table(anchor: str, comparisons: Sequence[dict], models: Sequence[str],
                 datasets: Sequence[str]) -> R.Table | None:
     """One row per compared model; per dataset the paired delta of each headline metric and
-    McNemar's p for acc1."""
+    the p-value of the acc1 test (McNemar's exact test on independent samples, the clustered
+    McNemar test over base images on a -C set; each cell names its test)."""
     by = {(c["model"], c["dataset"]): c for c in comparisons}
     if not by:
         return None
@@ -64,8 +65,13 @@ def delta_table(anchor: str, comparisons: Sequence[dict], models: Sequence[str],
                                     title=f"paired delta of {f.key}, model - reference, with "
                                           "its 95% paired-bootstrap interval"))
             plan.append((d, f))
-        columns.append(R.Column("McNemar p", key=f"{d}/p_mcnemar", title=(
-            "McNemar's exact test of equal top-1 accuracy on the same samples (two-sided)")))
+        clustered = any(c["test"].get("n_clusters") for c in here)
+        columns.append(R.Column("clustered McNemar p" if clustered else "McNemar p",
+                                key=f"{d}/p_acc1", title=(
+            "test of equal top-1 accuracy on the same samples (two-sided): "
+            + ("the clustered McNemar test over base images (Durkalski et al. 2003), since "
+               "the groups hold copies of the same images" if clustered else
+               "McNemar's exact test"))))
         plan.append((d, None))
         bands.append((d, len(fmts) + 1))
     rows = []
@@ -79,10 +85,11 @@ def delta_table(anchor: str, comparisons: Sequence[dict], models: Sequence[str],
             if c is None:
                 cells.append(R.Cell(R.DASH, None, title=f"{m} was not compared on {d}"))
             elif f is None:
-                t = c["mcnemar"]
+                t = c["test"]
+                over = f" over {t['n_clusters']} base images" if t.get("n_clusters") else ""
                 cells.append(R.Cell(f"{t['p_value']:.2g}", t["p_value"], title=(
-                    f"{t['model_only_correct']} samples only the model gets right, "
-                    f"{t['reference_only_correct']} only the reference; p = "
+                    f"{t['test']}{over}: {t['model_only_correct']} samples only the model gets "
+                    f"right, {t['reference_only_correct']} only the reference; p = "
                     f"{t['p_value']:.4g}")))
             else:
                 cells.append(delta_cell(c["delta"].get(f.key), f, c["reference"]))
@@ -149,8 +156,10 @@ def _logit_limits(values: np.ndarray) -> list[float]:
 
 
 def er_chart(suite: str, id_ds: str, ood: str, fit: dict, per_model: dict[str, dict],
-             models: Sequence[str], styles: dict[str, dict[str, Any]]) -> R.Chart | None:
-    """OOD vs ID accuracy on logit axes: one point per model, the fit line, and y = x."""
+             models: Sequence[str], styles: dict[str, dict[str, Any]],
+             x_axis: str | None = None) -> R.Chart | None:
+    """OOD vs ID accuracy on logit axes: one point per model, the fit line with its confidence
+    band, and y = x. ``x_axis`` describes the ID accuracy (over the shifted set's classes)."""
     pts = {m: per_model[m][ood] for m in models if ood in per_model.get(m, {})}
     pts = {m: v for m, v in pts.items() if 0 < v["id_acc"] < 100 and 0 < v["ood_acc"] < 100}
     if not pts:
@@ -166,6 +175,12 @@ def er_chart(suite: str, id_ds: str, ood: str, fit: dict, per_model: dict[str, d
         ax.plot(_sig(grid), _sig(fit["slope"] * grid + fit["intercept"]), color="#2557a7",
                 linewidth=1.4, label=R.plain_label(
                     f"fit: logit(OOD) = {fit['slope']:.3f} logit(ID) {fit['intercept']:+.3f}"))
+        if None not in (fit.get("s2"), fit.get("sxx"), fit.get("t")) and fit.get("sxx"):
+            half = fit["t"] * np.sqrt(fit["s2"] * (1 / fit["n"] + (grid - fit["x_mean"]) ** 2
+                                                   / fit["sxx"]))
+            line = fit["slope"] * grid + fit["intercept"]
+            ax.fill_between(_sig(grid), _sig(line - half), _sig(line + half), color="#2557a7",
+                            alpha=0.12, linewidth=0, label="95% band of the fit")
         ax.plot(_sig(grid), _sig(grid), color="#888", linestyle="--", linewidth=1,
                 label="y = x (no drop)")
         for m, v in pts.items():
@@ -181,7 +196,7 @@ def er_chart(suite: str, id_ds: str, ood: str, fit: dict, per_model: dict[str, d
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_formatter(_PCT)
             axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        ax.set_xlabel(R.plain_label(f"{id_ds} top-1 accuracy (%, logit scale)"))
+        ax.set_xlabel(R.plain_label(f"{x_axis or id_ds + ' top-1'} (%, logit scale)"))
         ax.set_ylabel(R.plain_label(f"{ood} top-1 accuracy (%, logit scale)"))
         ax.set_title(R.plain_label(f"suite {suite}: effective robustness on {ood}"), fontsize=9)
         R._legend(fig, ax, len(pts) + 2)
@@ -189,6 +204,10 @@ def er_chart(suite: str, id_ds: str, ood: str, fit: dict, per_model: dict[str, d
     n_ref = len(fit.get("reference") or [])
     where = f"fit over {n_ref} reference models (filled markers)" if n_ref else \
         f"shipped fit: {fit.get('source')}"
+    if fit.get("r2") is not None:
+        where += f", R^2 = {fit['r2']:.2f}"
+    if fit.get("weak"):
+        where += f". The fit is too weak to read: {fit['weak']}"
     if ylim[1] < xlim[0]:
         where += "; y = x lies above this view (every model loses accuracy under the shift)"
     return R.Chart(uri, alt=f"scatter of {ood} against {id_ds} top-1 accuracy on logit axes for "
