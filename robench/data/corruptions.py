@@ -157,12 +157,15 @@ def image_seed(base_seed: int, key: str, index: int, name: str, severity: int) -
     return int.from_bytes(digest[:4], "big")
 
 
-def check_protocol(protocol: object, what: str = "protocol") -> str:
-    """``protocol`` if it is one of :data:`PROTOCOLS`, else a RobenchError naming them."""
-    if not isinstance(protocol, str) or protocol not in PROTOCOLS:
-        raise unknown(what, str(protocol), PROTOCOLS,
-                      fix=f"use {' or '.join(PROTOCOLS)} (cifar-c: make_cifar_c.py's constants, "
-                      "32x32 images only)")
+def check_protocol(protocol: object, auto: bool = False) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS` (or ``auto`` where the caller resolves
+    it), else a RobenchError naming the valid values."""
+    valid = ("auto", *PROTOCOLS) if auto else PROTOCOLS
+    if not isinstance(protocol, str) or protocol not in valid:
+        raise unknown("corruption protocol", str(protocol), valid,
+                      fix=f"use {', '.join(valid)} (cifar-c: make_cifar_c.py's constants, 32x32 "
+                      "images only; imagenet-c: imagecorruptions' constants"
+                      + ("; auto: cifar-c for 32x32 images, else imagenet-c)" if auto else ")"))
     return protocol
 
 
