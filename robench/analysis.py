@@ -318,7 +318,8 @@ def _shipped_for(choice: str, dataset: str, recs: dict[str, dict]
             made = any((r.get("data") or {}).get("generated") for r in recs.values())
             return shipped_baseline(name, dataset, check=False), (
                 f"a generated set with ImageNet-C's protocol, normalised by {name}'s errors on "
-                "the released ImageNet-C (same recipe, other random draws)" if made else "")
+                "the released ImageNet-C (imagecorruptions' version of its recipe, other random "
+                "draws)" if made else "")
         whys.append(why)
     return None, "; ".join(whys)
 

@@ -84,8 +84,6 @@ def _task(args: tuple) -> tuple[str, int, np.ndarray, np.ndarray]:
 def _folder_task(args: tuple) -> int:
     """Corrupt rows into ``<out>/<corruption>/<severity>/<relative path>.JPEG``; existing files
     are kept (resume), new ones written atomically."""
-    from PIL import Image
-
     name, severity, rows, seed, key, out, rel_paths, protocol, resize = args
     written = 0
     for i, rel in zip(rows, rel_paths, strict=True):

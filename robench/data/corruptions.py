@@ -15,7 +15,9 @@ reproducible. This module adds:
 Two protocols (:data:`PROTOCOLS`), i.e. two tables of per-severity constants:
 
 * ``imagenet-c``: ``imagecorruptions`` as it is. Its constants are those of Hendrycks'
-  ``make_imagenet_c.py`` (tuned on 224x224 crops); it applies them at any image size.
+  ``make_imagenet_c.py`` (tuned on 224x224 crops), except where it re-designed a corruption to
+  work at any size (elastic_transform without the random affine, frost scaled to the image);
+  it applies them at any image size.
 * ``cifar-c``: the constants of Hendrycks' ``make_cifar_c.py``, with which the released
   CIFAR-10-C was made (:mod:`robench.data.cifar_corruptions`), for 32x32 images only. At 32 px
   the ImageNet-C constants are about twice as strong (Gaussian noise sigma 0.08 at severity 1
