@@ -45,6 +45,7 @@ from robench.results import (
     seal_record,
 )
 from robench.robustness import (
+    CorruptionBaseline,
     LogitFit,
     baseline_from_model,
     corruption_errors,
@@ -52,6 +53,7 @@ from robench.robustness import (
     load_fits,
     mce,
     shipped_baseline,
+    shipped_baseline_problem,
     shipped_baselines,
 )
 from robench.scoring import CellOutputs
@@ -316,15 +318,13 @@ def mce_tables(suite: SuiteRecords, settings: AnalysisSettings) -> tuple[dict, l
                                        or list(b["groups"]),
                                        _acc(suite.records.get((choice, id_ds))))
         else:
-            names = list(shipped_baselines()) if choice == "auto" else [choice]
-            found = [shipped_baseline(n, d) for n in names]
-            found = [b for b in found if b is not None]
-            if not found:
-                if choice != "auto":
-                    notes.append(f"mCE on {d}: baseline {choice} is published for "
-                                 f"{', '.join(shipped_baselines()[choice]['datasets'])} only")
+            base, why = _shipped_for(choice, d, recs)
+            if base is None:  # skipped, and the note says why (a generated set, too few groups)
+                notes.append(f"mCE on {d}: not normalised by a shipped baseline: {why}; "
+                             "analysis.mce_baseline=<a model of the suite> gives mCE against it")
                 continue
-            base = found[0]
+            if why:
+                notes.append(f"mCE on {d}: {why}")
         out[d] = {}
         for m, rec in recs.items():
             errs = corruption_errors(rec["groups"], _protocol(rec).get("summary_groups")
@@ -335,6 +335,28 @@ def mce_tables(suite: SuiteRecords, settings: AnalysisSettings) -> tuple[dict, l
             except RobenchError as e:
                 notes.append(f"mCE of {m} on {d}: {e.problem}")
     return {d: v for d, v in out.items() if v}, notes
+
+
+def _shipped_for(choice: str, dataset: str, recs: dict[str, dict]
+                 ) -> tuple[CorruptionBaseline | None, str]:
+    """The first shipped baseline (``auto``: any; else ``choice``) that applies to every record
+    of ``dataset`` (:func:`robench.robustness.shipped_baseline_problem`) and a caveat when the
+    set is a generated one; or ``None`` and why none applies."""
+    names = list(shipped_baselines()) if choice == "auto" else [choice]
+    whys = []
+    for name in names:
+        problems = [shipped_baseline_problem(
+            name, dataset, (r.get("data") or {}).get("generated"),
+            _protocol(r).get("summary_groups") or list(r["groups"])) for r in recs.values()]
+        why = next((p for p in problems if p), None)
+        if why is None:
+            made = any((r.get("data") or {}).get("generated") for r in recs.values())
+            return shipped_baseline(name, dataset, check=False), (
+                f"a generated set with ImageNet-C's protocol, normalised by {name}'s errors on "
+                "the released ImageNet-C (imagecorruptions' version of its recipe, other random "
+                "draws)" if made else "")
+        whys.append(why)
+    return None, "; ".join(whys)
 
 
 def reliability_bins(out: CellOutputs, summary_groups: list[str] | None, n_bins: int) -> dict:

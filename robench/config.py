@@ -60,8 +60,9 @@ class AnalysisConfig:
                            "robustness line: a list, all, or null (no fit)")
     er_fits: str = _f("", "file of effective-robustness fit coefficients with their source "
                       "(JSON/YAML list of {id_dataset, ood_dataset, slope, intercept, source})")
-    mce_baseline: str = _f("auto", "mCE normaliser: auto (AlexNet's published errors on "
-                           "imagenet-c) | alexnet | a model of the suite | none")
+    mce_baseline: str = _f("auto", "mCE normaliser: auto (AlexNet's published errors, on the "
+                           "released imagenet-c or a set generated with its full protocol; "
+                           "others get a note) | alexnet | a model of the suite | none")
 
 
 @dataclass

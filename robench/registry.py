@@ -64,10 +64,11 @@ DATASETS: dict[str, DatasetSpec] = {
         description="500 real CIFAR-10 test images shipped with robench (validation split)"),
     "cifar10-subset-test-c": DatasetSpec(
         "generated-c", "", templates="cifar-context",
-        options={"base": "cifar10-subset-test", "stride": 8},
+        options={"base": "cifar10-subset-test", "stride": 8, "protocol": "cifar-c"},
         n_expected=250 * 15 * 5,
-        description="15 corruptions x 5 severities (imagecorruptions) of every 8th image of "
-                    "cifar10-subset-test, generated on first use and cached"),
+        description="GENERATED, not the released CIFAR-10-C: 15 corruptions x 5 severities of "
+                    "every 8th image of cifar10-subset-test with CIFAR-10-C's severity constants "
+                    "(protocol cifar-c), made on first use and cached"),
     "cifar10-c": DatasetSpec("cifar-c", "CIFAR-10-C", options={"variant": "cifar10"},
                              n_expected=19 * 50000,
                              description="CIFAR-10-C (Hendrycks & Dietterich 2019), npy layout"),

@@ -19,6 +19,10 @@ mCE. For a model f and corruption c with top-1 errors ``E_{s,c}`` over severitie
 baseline); relative ``CE_c = sum_s (E_{s,c}^f - E_clean^f) / sum_s (E_{s,c}^base -
 E_clean^base)`` and relative mCE its mean. The baseline is AlexNet for ImageNet-C (its errors are
 shipped in ``data/metadata/mce_baselines.json`` with their source) or any model of the suite.
+AlexNet's errors normalise a cell only where they were measured under the same protocol
+(:func:`shipped_baseline_problem`): the released ImageNet-C, or a set generated from ImageNet
+val with ImageNet-C's protocol (its constants, resize 256 / centre crop 224) and all 15
+corruptions x 5 severities; a generated set of one corruption named ``imagenet-c`` is not that.
 Reference: D. Hendrycks and T. Dietterich, "Benchmarking Neural Network Robustness to Common
 Corruptions and Perturbations", ICLR 2019, section 4.
 """
@@ -232,14 +236,58 @@ def shipped_baselines() -> dict[str, dict]:
     return json.loads(text)
 
 
-def shipped_baseline(name: str, dataset: str) -> CorruptionBaseline | None:
-    """The shipped baseline ``name`` if it applies to ``dataset`` (AlexNet: ImageNet-C only)."""
+def shipped_baseline(name: str, dataset: str, check: bool = True) -> CorruptionBaseline | None:
+    """The shipped baseline ``name`` if it applies to ``dataset`` by name (AlexNet: ImageNet-C
+    only); ``check=False`` after :func:`shipped_baseline_problem` cleared a generated set."""
     entry = shipped_baselines().get(name)
-    if entry is None or dataset not in entry["datasets"]:
+    if entry is None or (check and dataset not in entry["datasets"]):
         return None
     return CorruptionBaseline(name, dict(entry["corruption_error"]), entry.get("clean_error"),
                               f"{entry['corruption_error_source']} Clean error: "
                               f"{entry['clean_error_source']}")
+
+
+def shipped_baseline_problem(name: str, dataset: str, generated: Mapping | None,
+                             summary_groups: Sequence[str]) -> str | None:
+    """Why the shipped baseline ``name`` does not normalise a cell of ``dataset``, or ``None``
+    when it does.
+
+    The cell's ``generated`` (the record's ``data.generated``: protocol, resize, base of a set
+    robench made; ``None`` for a released set) and headline groups decide:
+
+    * a released set must be one the baseline was measured on (``datasets`` of its entry, the
+      registered names of the released sets: ``imagenet-c``);
+    * a generated set must have been made from one of the entry's ``generated_from`` datasets
+      (ImageNet val) with the entry's ``protocol`` and ``resize`` (``imagenet-c``,
+      ``256-crop-224``: what make_imagenet_c.py did);
+    * either way the headline must average exactly the 15 standard corruptions x 5 severities,
+      the groups AlexNet's errors are means over.
+    """
+    entry = shipped_baselines().get(name)
+    if entry is None:
+        return f"no shipped baseline {name!r}"
+    what = f"{name}'s errors are those of {', '.join(entry['datasets'])}"
+    if generated:
+        made = (f"{dataset} is a generated set (protocol {generated.get('protocol')}, resize "
+                f"{generated.get('resize')}, from {generated.get('base')})")
+        if generated.get("protocol") != entry.get("protocol") or \
+                generated.get("resize") != entry.get("resize"):
+            return (f"{made}; {what}, measured with protocol {entry.get('protocol')} and "
+                    f"resize {entry.get('resize')}")
+        if generated.get("base") not in (entry.get("generated_from") or []):
+            return (f"{made}; {what}, made from "
+                    f"{', '.join(entry.get('generated_from') or []) or 'their own images'}")
+    elif dataset not in entry["datasets"]:
+        return f"{what}, not of {dataset}"
+    from robench.data.corruptions import SEVERITIES, STANDARD_CORRUPTIONS
+
+    want = {f"{c}/{s}" for c in STANDARD_CORRUPTIONS for s in SEVERITIES}
+    have = {str(g) for g in summary_groups}
+    if have != want:
+        n = len({g.rpartition("/")[0] for g in have & want})
+        return (f"{dataset}'s headline averages {len(have)} groups ({n} of the 15 standard "
+                f"corruptions), not the 15 corruptions x 5 severities {name}'s mCE is defined on")
+    return None
 
 
 def corruption_errors(groups: Mapping[str, Mapping], summary: Sequence[str]

@@ -465,6 +465,8 @@ class Runner:
                 "n": len(source), "n_bad": len(feats.bad),
                 "bad_samples": sample_names(source, feats.bad, limit=100),
                 "feature_key": feats.key, "features_dtype": str(feats.features.dtype),
+                # a -C set robench generated says so (protocol, resize, base); null otherwise
+                "generated": source.info.get("generated") or None,
             },
             "outputs": {"file": f"{dataset}.npz", "version": OUTPUTS_VERSION,
                         "logits": out.logits is not None},

@@ -192,6 +192,124 @@ def test_mce_and_relative_mce_formulas() -> None:
     assert "relative_mce" not in mce(errs, None, base)  # no clean error: no relative mCE
 
 
+# -- which -C sets AlexNet's ImageNet-C errors may normalise ------------------------------------
+
+
+def released_imagenet_c(root: Path) -> Path:
+    """The released ImageNet-C layout (no manifest): 15 x 5 folders, one tiny JPEG each."""
+    from PIL import Image
+
+    from robench.data.corruptions import SEVERITIES
+    from robench.data.imagenet import imagenet_wnids
+
+    wnid = imagenet_wnids()[3]
+    for c in STANDARD_CORRUPTIONS:
+        for s in SEVERITIES:
+            (root / c / str(s) / wnid).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (s * 40, 90, 30)).save(root / c / str(s) / wnid / "a.JPEG")
+    return root
+
+
+def generated_imagenet_c(root: Path, corruptions: tuple[str, ...], **opts) -> Path:
+    """A set written by robench's generator from a two-class 'imagenet' folder."""
+    from PIL import Image
+
+    from robench.data import folder
+    from robench.data.corrupt_set import generate_c_folders
+    from robench.data.imagenet import imagenet_wnids
+
+    for k in (0, 1):
+        (root / "src" / imagenet_wnids()[k]).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 60 * k, 10)).save(
+            root / "src" / imagenet_wnids()[k] / "x.JPEG")
+    src = folder.load(root / "src", name="imagenet")
+    return generate_c_folders(src, root / "c", corruptions=corruptions, workers=1,
+                              progress=False, **opts)
+
+
+def c_records(source, dataset: str) -> dict[tuple[str, str], dict]:
+    """Two models' records on ``source`` shaped as the runner writes them (groups, summary
+    groups, data.generated from source.info); per-group errors chosen, not computed."""
+    out = {}
+    for m, err in (("m1", 0.5), ("m2", 0.6)):
+        groups = {g: {"acc1": 100 * (1 - err - 0.02 * int(g[-1]))} for g in source.groups}
+        out[(m, dataset)] = {"suite": "s", "model": m, "dataset": dataset, "groups": groups,
+                             "metrics": {"acc1": 50.0},
+                             "protocol": {"summary_groups": source.summary_groups},
+                             "data": {"generated": source.info.get("generated") or None}}
+    return out
+
+
+def mce_of(records: dict, baseline: str = "auto") -> tuple[dict, list[str]]:
+    from robench.analysis import SuiteRecords, mce_tables
+
+    return mce_tables(SuiteRecords("s", Path("."), records), AnalysisSettings(
+        mce_baseline=baseline))
+
+
+def test_alexnet_mce_on_the_released_imagenet_c_layout(tmp_path: Path) -> None:
+    from robench.data import imagenet_c
+
+    src = imagenet_c.load(released_imagenet_c(tmp_path / "inc"), name="imagenet-c")
+    assert src.info["generated"] is None and len(src.summary_groups) == 75
+    table, notes = mce_of(c_records(src, "imagenet-c"))
+    assert notes == [] and set(table["imagenet-c"]) == {"m1", "m2"}
+    base = shipped_baseline("alexnet", "imagenet-c")
+    # m1's error at severity s is 0.5 + 0.02 s: mean 0.56 on every corruption
+    want = np.mean([100 * 0.56 / base.corruption_error[c] for c in STANDARD_CORRUPTIONS])
+    assert table["imagenet-c"]["m1"]["mce"] == pytest.approx(want)
+    assert table["imagenet-c"]["m1"]["baseline"] == "alexnet"
+    # the same released set under another name is not known to be ImageNet-C
+    renamed = {("m1", "inc"): {**c_records(src, "inc")[("m1", "inc")], "dataset": "inc"}}
+    table, notes = mce_of(renamed, "alexnet")
+    assert table == {} and "not of inc" in notes[0]
+
+
+def test_a_one_corruption_generated_set_named_imagenet_c_gets_no_alexnet_mce(
+        tmp_path: Path) -> None:
+    """The review's case: 'mCE 112.7 (AlexNet)' for one generated corruption, without a note."""
+    from robench.data import imagenet_c
+
+    out = generated_imagenet_c(tmp_path, ("gaussian_noise",))
+    src = imagenet_c.load(out, name="imagenet-c")
+    assert src.info["generated"]["protocol"] == "imagenet-c" and len(src.summary_groups) == 5
+    for choice in ("auto", "alexnet"):
+        table, [note] = mce_of(c_records(src, "imagenet-c"), choice)
+        assert table == {}
+        assert note.startswith("mCE on imagenet-c: not normalised by a shipped baseline")
+        assert "5 groups (1 of the 15 standard corruptions)" in note
+        assert "analysis.mce_baseline=<a model of the suite>" in note
+    # mCE against a model of the suite still works on it
+    table, notes = mce_of(c_records(src, "imagenet-c"), "m1")
+    assert table["imagenet-c"]["m1"]["mce"] == pytest.approx(100.0) and notes == []
+    assert table["imagenet-c"]["m2"]["mce"] > 100.0
+
+
+def test_alexnet_mce_on_a_generated_set_needs_imagenet_cs_whole_protocol(tmp_path: Path) -> None:
+    from robench.robustness import shipped_baseline_problem
+
+    full = {"protocol": "imagenet-c", "resize": "256-crop-224", "base": "imagenet"}
+    groups = [f"{c}/{s}" for c in STANDARD_CORRUPTIONS for s in range(1, 6)]
+    assert shipped_baseline_problem("alexnet", "any-name", full, groups) is None
+    assert shipped_baseline_problem("alexnet", "imagenet-c", None, groups) is None
+    for change, needle in ((dict(protocol="cifar-c"), "protocol cifar-c"),
+                           (dict(resize="none"), "resize none"),
+                           (dict(base="imagenet-sketch"), "made from imagenet")):
+        why = shipped_baseline_problem("alexnet", "g", {**full, **change}, groups)
+        assert why and needle in why, change
+    why = shipped_baseline_problem("alexnet", "g", full, groups[:-5])
+    assert why and "70 groups (14 of the 15" in why
+    assert "not of cifar10-c" in shipped_baseline_problem("alexnet", "cifar10-c", None, groups)
+    # end to end: all 15 x 5, ImageNet-C's resize, from 'imagenet': normalised, with a caveat
+    from robench.data import imagenet_c
+
+    src = imagenet_c.load(generated_imagenet_c(tmp_path, STANDARD_CORRUPTIONS),
+                          name="imagenet-generated-c")
+    table, [note] = mce_of(c_records(src, "imagenet-generated-c"))
+    assert table["imagenet-generated-c"]["m1"]["baseline"] == "alexnet"
+    assert "generated set with ImageNet-C's protocol" in note
+
+
 # --------------------------------------------------------------------------------------------
 # The suite analysis on real records
 # --------------------------------------------------------------------------------------------

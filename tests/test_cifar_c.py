@@ -96,10 +96,11 @@ def test_folder_layout_for_larger_images_deterministic_and_resumable(tmp_path):
                 tmp_path / "src" / cls / f"img{i}.JPEG")
     src = folder.load(tmp_path / "src", name="mini")
     names = ("gaussian_noise", "zoom_blur")
+    # native resolution (the default resizes to 256 / crops 224 first: see the test below)
     a = generate_c_folders(src, tmp_path / "a", corruptions=names, severities=(1, 5), workers=1,
-                           chunk=2, progress=False)
+                           chunk=2, progress=False, resize="none")
     b = generate_c_folders(src, tmp_path / "b", corruptions=names, severities=(1, 5), workers=2,
-                           chunk=4, progress=False)
+                           chunk=4, progress=False, resize="none")
     files = sorted(p.relative_to(a) for p in a.rglob("*.JPEG"))
     assert len(files) == 2 * 2 * 6
     assert str(files[0]).startswith("gaussian_noise/1/n01440764/")
@@ -108,8 +109,132 @@ def test_folder_layout_for_larger_images_deterministic_and_resumable(tmp_path):
     victim = a / files[3]
     victim.unlink()
     keep = (a / files[0]).stat().st_mtime_ns
-    generate_c_folders(src, a, corruptions=names, severities=(1, 5), workers=1, progress=False)
+    generate_c_folders(src, a, corruptions=names, severities=(1, 5), workers=1, progress=False,
+                       resize="none")
     assert victim.read_bytes() == (b / files[3]).read_bytes()
     assert (a / files[0]).stat().st_mtime_ns == keep
     with Image.open(victim) as im:
         assert im.size == (48, 40)
+
+
+# -- protocols and the resize rule --------------------------------------------------------------
+def mini_folder(root, size=(40, 48), n=3):
+    """Two wnid classes of n random RGB images of ``size`` (height, width)."""
+    from PIL import Image
+
+    from robench.data import folder
+
+    rng = np.random.default_rng(1)
+    for cls in ("n01440764", "n01443537"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+                root / cls / f"img{i}.JPEG")
+    return folder.load(root, name="mini")
+
+
+def test_npy_set_records_its_protocol_and_reads_back_as_generated(tmp_path):
+    from robench.data.corrupt_set import read_manifest
+
+    src = cifar.load(write_cifar10(tmp_path / "c10", n_test=6), name="c10")
+    names = ("gaussian_noise",)
+    auto = generate_c_set(src, tmp_path / "auto", corruptions=names, workers=1, progress=False)
+    man = read_manifest(auto)
+    assert man["protocol"] == "cifar-c" and man["resize"] == "none"  # auto, resolved
+    assert "not the released CIFAR-10-C" in man["note"]
+    info = cifar_c.load(auto, name="g", corruptions="all").info["generated"]
+    assert info["protocol"] == "cifar-c" and info["base"] == "c10" and info["resize"] == "none"
+    inc = generate_c_set(src, tmp_path / "inc", corruptions=names, workers=1, progress=False,
+                         protocol="imagenet-c")
+    assert read_manifest(inc)["protocol"] == "imagenet-c"
+    # same seeds, other constants: imagenet-c's sigma is twice CIFAR-10-C's at severity 1
+    x, _ = cifar_pixels(6)
+    noise = {p: (np.load(d / "gaussian_noise.npy")[:6].astype(float) - x).std()
+             for p, d in (("cifar", auto), ("imagenet", inc))}
+    assert noise["imagenet"] > 1.5 * noise["cifar"]
+    # a resume with the other protocol is refused, not mixed
+    with pytest.raises(RobenchError, match="other data or parameters"):
+        generate_c_set(src, auto, corruptions=names, progress=False, protocol="imagenet-c")
+    # the released layout (no manifest) is not generated
+    write_cifar_c(tmp_path / "released", n=2)
+    assert cifar_c.load(tmp_path / "released", name="r").info["generated"] is None
+
+
+def test_resize_256_crop_224_is_torchvisions_resize_and_center_crop():
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from robench.data.corrupt_set import resize_256_crop_224
+
+    rng = np.random.default_rng(2)
+    tv = T.Compose([T.Resize(256), T.CenterCrop(224)])  # make_imagenet_c.py's preparation
+    for h, w in ((375, 500), (500, 333), (256, 300), (257, 257), (40, 48), (224, 999)):
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        out = resize_256_crop_224(img)
+        assert out.size == (224, 224)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(tv(img)), err_msg=f"{h}x{w}")
+
+
+def test_folder_layout_resizes_like_imagenet_c_by_default(tmp_path):
+    from PIL import Image
+
+    from robench.data import imagenet_c
+    from robench.data.corrupt_set import generate_c_folders, read_manifest
+
+    src = mini_folder(tmp_path / "src")
+    out = generate_c_folders(src, tmp_path / "c", corruptions=("contrast",), workers=1,
+                             progress=False)
+    man = read_manifest(out)
+    assert man["protocol"] == "imagenet-c" and man["resize"] == "256-crop-224"
+    assert "not the released ImageNet-C" in man["note"] and "Resize(256)" in man["note"]
+    f = next(out.rglob("*.JPEG"))
+    with Image.open(f) as im:
+        assert im.size == (224, 224)
+    info = imagenet_c.load(out, name="mini-c", corruptions="all").info["generated"]
+    assert info == {"protocol": "imagenet-c", "resize": "256-crop-224", "base": "mini",
+                    "seed": 0, "note": man["note"]}
+    # 32x32 images in the folder layout: auto is CIFAR-10-C's protocol at the native size
+    small = mini_folder(tmp_path / "small", size=(32, 32), n=1)
+    out = generate_c_folders(small, tmp_path / "c32", corruptions=("contrast",), workers=1,
+                             progress=False)
+    assert (read_manifest(out)["protocol"], read_manifest(out)["resize"]) == ("cifar-c", "none")
+    with Image.open(next(out.rglob("*.JPEG"))) as im:
+        assert im.size == (32, 32)
+
+
+def test_protocol_and_resize_errors_name_the_valid_values(tmp_path):
+    from robench.data.corrupt_set import generate_c_folders
+
+    src = mini_folder(tmp_path / "src")
+    with pytest.raises(RobenchError, match="imagenet-c") as e:
+        generate_c_folders(src, tmp_path / "a", protocol="cifar10", progress=False)
+    assert "cifar-c" in str(e.value)
+    with pytest.raises(RobenchError, match="32x32") as e:  # 40x48 images: refused by name
+        generate_c_folders(src, tmp_path / "b", protocol="cifar-c", resize="none",
+                           progress=False)
+    assert "mini (image 0) is 40x48" in e.value.problem
+    with pytest.raises(RobenchError, match="resize rule") as e:
+        generate_c_folders(src, tmp_path / "c", resize="224", progress=False)
+    assert "256-crop-224" in str(e.value) and "none" in str(e.value)
+    small = mini_folder(tmp_path / "small", size=(32, 32))  # 224x224 once resized
+    with pytest.raises(RobenchError, match="cifar-c protocol"):
+        generate_c_folders(small, tmp_path / "d", protocol="cifar-c", resize="256-crop-224",
+                           progress=False)
+    assert not any((tmp_path / d).exists() for d in "abcd")  # refused before writing
+
+
+def test_generated_family_cache_key_holds_the_protocol(tmp_path):
+    from robench.data import generated_c
+
+    src = cifar.load(write_cifar10(tmp_path / "c10", n_test=4), name="c10")
+    dirs = {p: generated_c.output_dir(src, 1, "standard", 0, tmp_path, p)
+            for p in ("auto", "cifar-c", "imagenet-c")}
+    assert dirs["auto"] == dirs["cifar-c"] != dirs["imagenet-c"]
+    with pytest.raises(RobenchError, match="imagenet-c"):
+        generated_c.output_dir(src, 1, "standard", 0, tmp_path, "cifar")
+    gen = generated_c.load(tmp_path, name="g", base="c10", corruptions="standard",
+                           cache_dir=str(tmp_path / "cache"), source_of=lambda _: src,
+                           progress=False, workers=1, stride=2)
+    assert gen.info["generated"]["protocol"] == "cifar-c" and gen.info["generated"]["stride"] == 2
+    assert gen.info["root"] == str(generated_c.output_dir(src, 2, "standard", 0,
+                                                          tmp_path / "cache", "cifar-c"))

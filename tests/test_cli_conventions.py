@@ -223,6 +223,10 @@ ERRORS = [
      "is itself a -C set"),
     (["data", "corrupt", "--from", "cifar10-subset-val", "--out", "{tmp}/c",
       "--corruptions", "fog,smog"], "unknown corruption 'smog'"),
+    (["data", "corrupt", "--protocol", "cifar", "--from", "cifar10-subset-val", "--out",
+      "{tmp}/c"], "Did you mean 'cifar-c'"),
+    (["data", "corrupt", "--resize", "224", "--from", "imagenet", "--out", "{tmp}/c"],
+     "unknown resize rule '224'"),
 ]
 if _no_cuda():
     ERRORS.append((["run", "suite=smoke", "device=cuda"], "CUDA is not available"))

@@ -46,7 +46,10 @@ def npy_set(tmp_path_factory) -> Path:
     r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
                 "--stride", "25", "--workers", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "npy layout, 1500 images" in r.stdout
+    assert "npy layout, 1500 images, protocol cifar-c, resize none" in r.stdout
+    assert "not the released CIFAR-10-C" in r.stdout
+    # the printed declaration names it as generated, never as the released set
+    assert "name: cifar10-subset-val-generated-c, family: cifar-c" in r.stdout
     return out
 
 
@@ -136,6 +139,10 @@ def test_run_scores_a_generated_set_with_the_printed_declaration(npy_set: Path,
                      .read_text())
     assert rec["data"]["n"] == 1500 and len(rec["groups"]) == 75
     assert 10 < rec["metrics"]["acc1"] < 90
+    # the record says what the set is, from the set's manifest
+    made = rec["data"]["generated"]
+    assert (made["protocol"], made["resize"], made["base"]) == ("cifar-c", "none",
+                                                                "cifar10-subset-val")
 
 
 # -- larger images: the ImageNet-C folder layout -------------------------------------------------
@@ -168,23 +175,39 @@ def test_folder_layout_reads_back_as_imagenet_c(tmp_path: Path) -> None:
     r = robench("data", "corrupt", "--from", "imagenet", "--root", str(src_root), "--out",
                 str(out), "--workers", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "folders layout, 225 images" in r.stdout and "family: imagenet-c" in r.stdout
+    assert "folders layout, 225 images, protocol imagenet-c, resize 256-crop-224" in r.stdout
+    assert "family: imagenet-c" in r.stdout and "not the released ImageNet-C" in r.stdout
+    # suggested under its own name: a generated set is never declared as "imagenet-c"
+    assert "name: imagenet-generated-c," in r.stdout and "name: imagenet-c," not in r.stdout
     wnid, label = classes[0]
     assert (out / "gaussian_noise" / "3" / wnid / f"{wnid}_0.JPEG").is_file()
-    c = imagenet_c.load(out, name="imagenet-c")
+    c = imagenet_c.load(out, name="mine")
     assert len(c) == 225 and len(c.groups) == 75 and len(c.summary_groups) == 75
     assert len(c.classnames) == 1000
     assert sorted(set(c.labels.tolist())) == sorted(y for _, y in classes)  # 1k wnid indices
-    assert c.load_image(0).size == (64, 64)
+    # ImageNet-C's preparation by default: 64x64 -> shorter side 256 -> centre crop 224
+    assert c.load_image(0).size == (224, 224)
+    assert c.info["generated"]["resize"] == "256-crop-224"
+    assert json.loads((out / "robench_c.json").read_text())["protocol"] == "imagenet-c"
     # bit-identical with one worker
     again = tmp_path / "again"
     r = robench("data", "corrupt", "--from", "imagenet", "--root", str(src_root), "--out",
                 str(again), "--workers", "1", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert digests(again) == digests(out)
+    # native resolution on request, recorded as such
+    native = tmp_path / "native"
+    r = robench("data", "corrupt", "--from", "imagenet", "--root", str(src_root), "--out",
+                str(native), "--resize", "none", "--corruptions", "fog", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "protocol imagenet-c, resize none" in r.stdout
+    n = imagenet_c.load(native, name="native", corruptions="all")
+    assert n.load_image(0).size == (64, 64) and n.info["generated"]["resize"] == "none"
     # the registered imagenet-c entry reads it; verify flags it as far from a full release
+    # and says it is generated
     r = robench("data", "verify", "imagenet-c", "--root", str(out), "--no-progress")
     assert r.returncode == 1, r.stdout + r.stderr
+    assert "not the released ImageNet-C" in r.stdout
     assert "ok    layout" in r.stdout and "225 of 225 images decoded" in r.stdout
     assert "225 samples, expected 3750000" in r.stdout
     assert "997 of 1000 classes have no images" in r.stdout
@@ -216,6 +239,23 @@ def test_corrupt_errors(tmp_path: Path, npy_set: Path) -> None:
     r = robench("data", "corrupt", "--from", "imagenett", "--out", str(tmp_path / "w"))
     assert r.returncode != 0 and "imagenet" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "w").exists()
+    # protocol and resize: problem + fix, exit 2, the valid values named, nothing written
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(tmp_path / "p"),
+                "--protocol", "cifar10-c")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "imagenet-c" in r.stderr and "cifar-c" in r.stderr and "fix:" in r.stderr
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(tmp_path / "q"),
+                "--resize", "256-crop-224")
+    assert r.returncode == 2 and "--resize none" in r.stderr  # the npy layout is 32x32
+    r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(tmp_path / "q"),
+                "--resize", "half")
+    assert r.returncode == 2 and "256-crop-224" in r.stderr and "none" in r.stderr
+    src_root = tmp_path / "val"
+    imagenet_fixture(src_root, k=1)
+    r = robench("data", "corrupt", "--from", "imagenet", "--root", str(src_root), "--out",
+                str(tmp_path / "r"), "--protocol", "cifar-c", "--resize", "none")
+    assert r.returncode == 2 and "32x32 images only" in r.stderr and "64x64" in r.stderr
+    assert not any((tmp_path / d).exists() for d in "pqr")
     assert json.loads((npy_set / "robench_c.json").read_text())["base"] == "cifar10-subset-val"
 
 
@@ -239,3 +279,19 @@ def test_cifar10_c_suite_on_a_set_made_by_corrupt(tmp_path: Path) -> None:
     rec = json.loads((tmp_path / "r" / "cifar10-c" / "tiny-random" / "cifar10-c.json").read_text())
     assert rec["data"]["n"] == 40 * 75 and len(rec["groups"]) == 75
     assert rec["protocol"]["id_dataset"] == "cifar10" and rec["metrics"]["ood_auroc"] is not None
+
+
+def test_help_and_listing_say_generated_sets_are_not_the_benchmarks() -> None:
+    r = robench("data", "corrupt", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "--protocol" in text and "--resize" in text and "256-crop-224" in text
+    assert "GENERATED set, not the released CIFAR-10-C or ImageNet-C" in text
+    assert "never 'imagenet-c'" in text
+    r = robench("list", "datasets")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("cifar10-subset-test-c "))
+    assert "GENERATED, not the released CIFAR-10-C" in line and "cifar-c" in line
+    # the ImageNet-C download help no longer suggests generating into imagenet-c's own folder
+    r = robench("data", "download", "imagenet-c", "--data-root", "/nonexistent-robench")
+    assert r.returncode == 2 and "corrupt --from imagenet --out DIR" in r.stderr
+    assert "--out /nonexistent-robench/imagenet-c" not in r.stderr

@@ -275,6 +275,7 @@ def test_verify_a_generated_c_set_before_and_after_a_run_made_it(tmp_path, capsy
     assert main(args) == 0
     out = capsys.readouterr().out.split("val-c  (root ")[1]
     assert "every 50th of the 500 images of cifar10-subset-val" in out
+    assert "protocol cifar-c), in the cache; not a released -C set" in out
     assert "count     750 samples" in out and "10 of 10 classes present" in out
     assert "warn" not in out  # the 15 standard corruptions are all it was asked for
     assert "20 of 20 images decoded" in out and "=> val-c: OK" in out

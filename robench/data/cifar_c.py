@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from robench.data.base import ArrayRows, ImageSource, file_digests, hash_manifest
-from robench.data.corrupt_set import read_manifest
+from robench.data.corrupt_set import generation_info, read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
 
@@ -117,7 +117,9 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
         summary_groups=[f"{c}/{s}" for c in
                         ([c for c in present if c in STANDARD_CORRUPTIONS] or present)
                         for s in SEVERITIES],
-        info={"root": str(root), "corruptions": present, "rows_per_file": rows},
+        # a generated set says so (protocol, resize, base); None for the released CIFAR-10-C
+        info={"root": str(root), "corruptions": present, "rows_per_file": rows,
+              "generated": generation_info(meta)},
         # row j of every severity block of every file is (a corruption of) base image j
         base_index=np.tile(np.arange(rows // len(SEVERITIES), dtype=np.int64),
                            len(SEVERITIES) * len(files)),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from pathlib import Path
 
 USAGE = """explicit data management (robench never downloads data on its own):
@@ -15,11 +16,30 @@ USAGE = """explicit data management (robench never downloads data on its own):
   robench data verify NAME... [--root DIR] [--sample N] [--accept]
   robench data verify --suite S [NAME...] [key=value ...]
   robench data download [NAME] [--root DIR] [--force] [--archive FILE] [--sha256 HEX]
-  robench data corrupt --from NAME --out DIR [--corruptions standard|all|a,b] [--workers N]
+  robench data corrupt --from NAME --out DIR [--protocol auto|cifar-c|imagenet-c]
+                       [--resize auto|256-crop-224|none] [--corruptions standard|all|a,b]
 
 Dataset folders come from the same place as a run's: --root for one dataset, else the registered
 root under --data-root (default: $ROBENCH_DATA, else ./data); --suite S takes suite S's data_root
 and data.<name>.root instead."""
+
+
+CORRUPT_DESCRIPTION = "\n\n".join(textwrap.fill(p, 79) for p in (
+    "Generate a -C set: every image of a registered dataset with each corruption at severities "
+    "1-5 (Hendrycks & Dietterich 2019, via imagecorruptions), deterministically per image "
+    "(seeded by dataset, image, corruption and severity: the same pixels for any worker count), "
+    "in parallel processes. 32x32 images are written in the CIFAR-10-C npy layout, larger ones "
+    "in the ImageNet-C folder layout (JPEG, quality 85). An interrupted run resumes: finished "
+    "files are kept.",
+    "The result is a GENERATED set, not the released CIFAR-10-C or ImageNet-C (other random "
+    "draws; a numpy motion blur instead of ImageMagick's). Its robench_c.json manifest, every "
+    "record scored on it and the report say so, with its protocol and resize rule. Declare it "
+    "under its own name (the command prints <source>-generated-c), never 'imagenet-c' or "
+    "'cifar10-c'. AlexNet-normalised mCE is computed for it only with protocol imagenet-c, "
+    "resize 256-crop-224 and all 15 corruptions x 5 severities.",
+    "Defaults (--protocol auto --resize auto): a 32x32 source gets CIFAR-10-C's constants at "
+    "its native size, a larger one ImageNet-C's constants after ImageNet-C's resize to 256 and "
+    "centre crop to 224."))
 
 
 def default_data_root() -> str:
@@ -88,13 +108,10 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
     d.set_defaults(func=cmd_download)
 
     c = dsub.add_parser(
-        "corrupt", help="write a -C set (imagecorruptions) of any registered dataset",
-        description="Corrupt every image of a registered dataset with each corruption at "
-        "severities 1-5 (Hendrycks & Dietterich 2019), deterministically per image (seeded by "
-        "dataset, image, corruption and severity: the same pixels for any worker count), in "
-        "parallel processes. 32x32 images are written in the CIFAR-10-C npy layout, larger "
-        "ones in the ImageNet-C folder layout (JPEG, quality 85). An interrupted run resumes: "
-        "finished files are kept.")
+        "corrupt", help="generate a -C set of any registered dataset (never the released "
+        "CIFAR-10-C / ImageNet-C)",
+        description=CORRUPT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--from", dest="source", required=True, metavar="NAME",
                    help="registered dataset to corrupt")
     c.add_argument("--out", type=Path, required=True, help="folder to write the -C set into")
@@ -103,6 +120,16 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
                    "./data)")
     c.add_argument("--corruptions", default="standard",
                    help="standard (15), all (19) or a comma-separated list (default: standard)")
+    c.add_argument("--protocol", default="auto", metavar="P",
+                   help="whose severity constants: cifar-c (make_cifar_c.py's, with which "
+                   "CIFAR-10-C was made; 32x32 images only), imagenet-c (imagecorruptions', "
+                   "those of make_imagenet_c.py) or auto (default): cifar-c for 32x32 images, "
+                   "else imagenet-c. The resolved value is recorded")
+    c.add_argument("--resize", default="auto", metavar="R",
+                   help="before corrupting, folder layout only: 256-crop-224 (shorter side to "
+                   "256, centre crop 224x224: ImageNet-C's preparation, torchvision Resize(256) + "
+                   "CenterCrop(224)), none (native resolution) or auto (default): 256-crop-224 "
+                   "under imagenet-c, none under cifar-c. Recorded in the manifest")
     c.add_argument("--layout", choices=["auto", "npy", "folders"], default="auto",
                    help="auto: npy for 32x32 images, else folders")
     c.add_argument("--stride", type=int, default=1,
@@ -252,11 +279,22 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     import numpy as np
 
     from robench.data import family_loader
-    from robench.data.corrupt_set import default_workers, generate_c_folders, generate_c_set
+    from robench.data.corrupt_set import (
+        RESIZE_RULES,
+        default_workers,
+        generate_c_folders,
+        generate_c_set,
+        read_manifest,
+        resolve_resize,
+    )
+    from robench.data.corruptions import check_protocol
     from robench.errors import RobenchError
     from robench.registry import dataset_root, get_dataset
 
     corruptions = _corruption_list(args.corruptions)
+    check_protocol(args.protocol, auto=True)  # both named before any data is read
+    if args.resize not in ("auto", *RESIZE_RULES):
+        resolve_resize(args.resize, "imagenet-c")  # raises, naming the valid rules
     if args.stride < 1:
         raise RobenchError(f"--stride {args.stride} must be >= 1", "give --stride 1 (every image)")
     data_root = args.data_root or default_data_root()
@@ -282,20 +320,26 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     if layout == "auto":
         layout = "npy" if np.asarray(source.load_image(0)).shape == (32, 32, 3) else "folders"
     if layout == "npy":
+        if args.resize != "auto":  # the npy layout holds the native 32x32 images
+            resolve_resize(args.resize, "imagenet-c", "npy")
         rows = list(range(0, len(source), args.stride))
         generate_c_set(source, args.out, rows=rows, corruptions=corruptions, seed=args.seed,
-                       workers=workers, progress=not args.no_progress)
+                       workers=workers, progress=not args.no_progress, protocol=args.protocol)
         family, n = "cifar-c", len(rows) * 5 * len(corruptions)
     else:
         if args.stride != 1:
             raise RobenchError("--stride applies to the npy layout only",
                                "drop --stride, or corrupt a smaller registered dataset")
         generate_c_folders(source, args.out, corruptions=corruptions, seed=args.seed,
-                           workers=workers, progress=not args.no_progress)
+                           workers=workers, progress=not args.no_progress,
+                           protocol=args.protocol, resize=args.resize)
         family, n = "imagenet-c", len(source) * 5 * len(corruptions)
+    made = read_manifest(args.out)
     print(f"{args.source}: {len(corruptions)} corruption(s) x 5 severities -> {args.out} "
-          f"({layout} layout, {n} images)")
-    decl = (f"{{name: {args.source}-c, family: {family}, root: {args.out.resolve()}, "
-            f"templates: {base.templates}}}")
+          f"({layout} layout, {n} images, protocol {made['protocol']}, resize {made['resize']})")
+    print(f"  {made['note']}")
+    # its own name: a generated set must never pass for the released one ('imagenet-c')
+    decl = (f"{{name: {args.source}-generated-c, family: {family}, "
+            f"root: {args.out.resolve()}, templates: {base.templates}}}")
     print(f'  score it: robench run suite=SUITE "datasets=[{decl}]"')
     return 0

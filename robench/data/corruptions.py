@@ -12,10 +12,20 @@ reproducible. This module adds:
 * :func:`image_seed`, a stable hash giving every (image, corruption, severity) its own 32-bit
   seed, so a generated set does not depend on processing order or worker count.
 
-Note that ``imagecorruptions`` uses the ImageNet-C severity parameters for every image size.
-On 32x32 images these are much stronger than the parameters used to build the released
-CIFAR-10-C (``make_cifar_c.py``), so a CIFAR set made here is "CIFAR-10 with ImageNet-C
-corruptions", not a re-creation of CIFAR-10-C.
+Two protocols (:data:`PROTOCOLS`), i.e. two tables of per-severity constants:
+
+* ``imagenet-c``: ``imagecorruptions`` as it is. Its constants are those of Hendrycks'
+  ``make_imagenet_c.py`` (tuned on 224x224 crops), except where it re-designed a corruption to
+  work at any size (elastic_transform without the random affine, frost scaled to the image);
+  it applies them at any image size.
+* ``cifar-c``: the constants of Hendrycks' ``make_cifar_c.py``, with which the released
+  CIFAR-10-C was made (:mod:`robench.data.cifar_corruptions`), for 32x32 images only. At 32 px
+  the ImageNet-C constants are about twice as strong (Gaussian noise sigma 0.08 at severity 1
+  against CIFAR-10-C's 0.04), so a CIFAR set made with ``imagenet-c`` is "CIFAR-10 with
+  ImageNet-C corruptions", not a re-creation of CIFAR-10-C.
+
+Neither protocol re-creates the released pixels bit for bit: both draw from their own seeds, and
+``imagecorruptions`` replaced ImageMagick's motion blur (motion_blur, snow) by a numpy kernel.
 """
 
 from __future__ import annotations
@@ -39,7 +49,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["CORRUPTIONS", "STANDARD_CORRUPTIONS", "SEVERITIES", "corrupt", "image_seed"]
+from robench.errors import RobenchError, unknown
+
+__all__ = ["CORRUPTIONS", "PROTOCOLS", "SEVERITIES", "STANDARD_CORRUPTIONS", "check_protocol",
+           "corrupt", "image_seed"]
 
 #: All 19 corruptions, in the canonical order of Hendrycks' ``make_cifar_c.py`` (and of
 #: ``imagecorruptions.corruption_tuple``): 15 standard ones (noise, blur, weather, digital),
@@ -69,13 +82,19 @@ CORRUPTIONS: tuple[str, ...] = (
 #: The 15 corruptions of the ImageNet-C / CIFAR-10-C benchmark (mCE etc.).
 STANDARD_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS[:15]
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+#: Which table of severity constants :func:`corrupt` applies (see the module docstring).
+PROTOCOLS: tuple[str, ...] = ("imagenet-c", "cifar-c")
+#: The only image size make_cifar_c.py defines its constants for (it hard-codes 32).
+CIFAR_SIZE = (32, 32)
 
 _MIN_SIDE = 32  # imagecorruptions.corrupt refuses smaller images; we keep its contract.
 _SEED_DOMAIN = b"robench.corruptions.image_seed.v1\x00"
 
 # One lock for the lazy shim and for every use of np.random's (process-wide) legacy state.
 _LOCK = threading.RLock()
+_MODULE: types.ModuleType | None = None  # imagecorruptions.corruptions, patched
 _BACKEND: dict[str, Callable[..., Any]] | None = None
+_CIFAR_BACKEND: dict[str, Callable[..., Any]] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +102,8 @@ _BACKEND: dict[str, Callable[..., Any]] | None = None
 # --------------------------------------------------------------------------------------------
 
 
-def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
+def corrupt(image: np.ndarray, name: str, severity: int, seed: int,
+            protocol: str = "imagenet-c") -> np.ndarray:
     """Apply corruption ``name`` at ``severity`` to ``image``, deterministically in ``seed``.
 
     Args:
@@ -92,6 +112,8 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarra
         name: one of :data:`CORRUPTIONS`.
         severity: integer in 1..5.
         seed: integer in ``[0, 2**32)``, e.g. from :func:`image_seed`.
+        protocol: ``imagenet-c`` (imagecorruptions' constants, any size) or ``cifar-c``
+            (make_cifar_c.py's constants; 32x32 images only, others raise RobenchError).
 
     Returns:
         A new ``uint8`` array of shape ``HxWx3``. Float results of the corruption are clipped to
@@ -102,8 +124,13 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarra
     fn_name = _check_name(name)
     _check_severity(severity)
     seed = _check_seed(seed)
+    protocol = check_protocol(protocol)
     rgb = _as_rgb_uint8(image)
-    fn = _load_backend()[fn_name]
+    if protocol == "cifar-c":
+        check_cifar_size(rgb.shape[:2], "the image")
+        fn = _load_cifar_backend()[fn_name]
+    else:
+        fn = _load_backend()[fn_name]
     pil = Image.fromarray(rgb)
     with _seeded_global_rng(seed):
         out = fn(pil, int(severity))
@@ -130,6 +157,28 @@ def image_seed(base_seed: int, key: str, index: int, name: str, severity: int) -
     ).encode("utf-8")
     digest = hashlib.sha256(_SEED_DOMAIN + payload).digest()
     return int.from_bytes(digest[:4], "big")
+
+
+def check_protocol(protocol: object, auto: bool = False) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS` (or ``auto`` where the caller resolves
+    it), else a RobenchError naming the valid values."""
+    valid = ("auto", *PROTOCOLS) if auto else PROTOCOLS
+    if not isinstance(protocol, str) or protocol not in valid:
+        raise unknown("corruption protocol", str(protocol), valid,
+                      fix=f"use {', '.join(valid)} (cifar-c: make_cifar_c.py's constants, 32x32 "
+                      "images only; imagenet-c: imagecorruptions' constants"
+                      + ("; auto: cifar-c for 32x32 images, else imagenet-c)" if auto else ")"))
+    return protocol
+
+
+def check_cifar_size(size: tuple[int, ...], what: str) -> None:
+    """Refuse the cifar-c protocol for anything but 32x32: make_cifar_c.py hard-codes that size
+    (crop offsets, plasma map, glass-blur loop, elastic constants) and defines nothing else."""
+    if tuple(int(v) for v in size) != CIFAR_SIZE:
+        raise RobenchError(
+            f"the cifar-c protocol is defined for 32x32 images only (make_cifar_c.py), but "
+            f"{what} is {size[0]}x{size[1]}",
+            "use protocol imagenet-c for images of other sizes, or a 32x32 dataset")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,13 +332,46 @@ def _module_missing(name: str) -> bool:
 
 
 def _load_backend() -> dict[str, Callable[..., Any]]:
-    """Import imagecorruptions once, patch its module namespace, return name -> function."""
+    """The ``imagenet-c`` protocol: name -> imagecorruptions' function (patched, sped up)."""
     global _BACKEND
     if _BACKEND is not None:
         return _BACKEND
     with _LOCK:
         if _BACKEND is not None:
             return _BACKEND
+        ic = load_module()
+        backend = {n: getattr(ic, n) for n in CORRUPTIONS}
+        # Speed-ups that give bit-identical results (tested against the originals).
+        backend["glass_blur"] = functools.partial(_fast_glass_blur, ic)
+        backend["frost"] = functools.partial(_fast_frost, ic)
+        backend["spatter"] = functools.partial(_spatter_without_nan, ic)
+        _BACKEND = backend
+        return backend
+
+
+def _load_cifar_backend() -> dict[str, Callable[..., Any]]:
+    """The ``cifar-c`` protocol: name -> function with make_cifar_c.py's constants."""
+    global _CIFAR_BACKEND
+    if _CIFAR_BACKEND is not None:
+        return _CIFAR_BACKEND
+    with _LOCK:
+        if _CIFAR_BACKEND is None:
+            from robench.data import cifar_corruptions
+
+            _CIFAR_BACKEND = cifar_corruptions.backend(load_module())
+        return _CIFAR_BACKEND
+
+
+def load_module() -> types.ModuleType:
+    """Import ``imagecorruptions.corruptions`` once and patch its module namespace (see the
+    numbered steps); its helpers (plasma fractal, clipped zoom, disk and motion-blur kernels,
+    frost photos) are shared by both protocols."""
+    global _MODULE
+    if _MODULE is not None:
+        return _MODULE
+    with _LOCK:
+        if _MODULE is not None:
+            return _MODULE
         stand_ins: dict[str, types.ModuleType] = {}
         # (1) pkg_resources: always the stand-in unless the real one is already imported. It is
         # removed from sys.modules again right after the import, so other code never sees it.
@@ -328,13 +410,8 @@ def _load_backend() -> dict[str, Callable[..., Any]]:
             ),
         )
 
-        backend = {n: getattr(ic, n) for n in CORRUPTIONS}
-        # Speed-ups that give bit-identical results (tested against the originals).
-        backend["glass_blur"] = functools.partial(_fast_glass_blur, ic)
-        backend["frost"] = functools.partial(_fast_frost, ic)
-        backend["spatter"] = functools.partial(_spatter_without_nan, ic)
-        _BACKEND = backend
-        return backend
+        _MODULE = ic
+        return ic
 
 
 def _gaussian_compat(gaussian: Callable[..., Any]) -> Callable[..., Any]:
@@ -380,19 +457,27 @@ def _spatter_without_nan(ic: types.ModuleType, x: Image.Image, severity: int = 1
 
 
 def _fast_glass_blur(ic: types.ModuleType, x: Image.Image, severity: int = 1) -> np.ndarray:
-    """``imagecorruptions.corruptions.glass_blur`` without the per-pixel numpy overhead.
+    """``imagecorruptions.corruptions.glass_blur``, bit-identical, via :func:`glass_blur_with`."""
+    if x.mode != "RGB":  # grayscale: there the swap is a real swap; never reached via corrupt()
+        return ic.glass_blur(x, severity)
+    sigma, delta, iterations = [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2),
+                                (1.5, 4, 2)][severity - 1]
+    return glass_blur_with(ic, x, sigma, delta, iterations)
 
-    The original loops over every pixel calling ``np.random.randint(..., size=(2,))`` and does
+
+def glass_blur_with(ic: types.ModuleType, x: Image.Image, sigma: float, delta: int,
+                    iterations: int) -> np.ndarray:
+    """Glass blur (Hendrycks & Dietterich 2019) of an RGB image with the given constants:
+    Gaussian blur (``sigma``), ``iterations`` passes that move each pixel (h, w), h and w from
+    the far edge down to ``delta + 1``, to a random neighbour within ``delta``, blur again.
+
+    The reference loops over every pixel calling ``np.random.randint(..., size=(2,))`` and does
     ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` on an HxWx3 array. Because the right-hand side
     holds *views*, that "swap" is really the copy ``x[h, w] = x[h', w']`` (a well-known quirk of
     the reference code, which we must reproduce). Here the same random numbers are drawn in one
     call per iteration (the legacy RandomState produces the identical stream) and the copies are
     replayed on a list of pixel indices, then applied with one fancy-indexing gather.
     """
-    c = [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)][severity - 1]
-    sigma, delta, iterations = c
-    if x.mode != "RGB":  # grayscale: there the swap is a real swap; never reached via corrupt()
-        return ic.glass_blur(x, severity)
     x = np.uint8(ic.gaussian(np.array(x) / 255.0, sigma=sigma, multichannel=True) * 255)
     height, width = x.shape[:2]
     rows = range(height - delta, delta, -1)
@@ -415,8 +500,19 @@ def _fast_glass_blur(ic: types.ModuleType, x: Image.Image, severity: int = 1) ->
     return np.clip(ic.gaussian(x / 255.0, sigma=sigma, multichannel=True), 0, 1) * 255
 
 
+#: The frost photos shipped with imagecorruptions (as with Hendrycks' code, ``randint(5)`` picks
+#: one of the first five: frost6 is never used).
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+
+
+def frost_path(ic: types.ModuleType, idx: int) -> str:
+    """Path of frost photo ``idx`` inside the imagecorruptions package."""
+    return ic.resource_filename(ic.__name__, "./frost/" + FROST_FILES[idx])
+
+
 @functools.lru_cache(maxsize=8)
-def _frost_image(path: str) -> np.ndarray:
+def frost_photo(path: str) -> np.ndarray:
+    """A frost photo of imagecorruptions as cv2 reads it (BGR), decoded once per process."""
     import cv2
 
     frost = cv2.imread(path)
@@ -430,7 +526,7 @@ def _frost_image(path: str) -> np.ndarray:
 def _frost_layer(path: str, dsize: tuple[int, int]) -> np.ndarray:
     import cv2
 
-    out = cv2.resize(_frost_image(path), dsize=dsize, interpolation=cv2.INTER_CUBIC)
+    out = cv2.resize(frost_photo(path), dsize=dsize, interpolation=cv2.INTER_CUBIC)
     out.setflags(write=False)
     return out
 
@@ -444,10 +540,8 @@ def _fast_frost(ic: types.ModuleType, x: Image.Image, severity: int = 1) -> np.n
     if x.mode != "RGB":  # never reached via corrupt()
         return ic.frost(x, severity)
     c = [(1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)][severity - 1]
-    idx = np.random.randint(5)
-    name = ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg"][idx]
-    path = ic.resource_filename(ic.__name__, "./frost/" + name)
-    frost_shape = _frost_image(path).shape
+    path = frost_path(ic, np.random.randint(5))
+    frost_shape = frost_photo(path).shape
     x = np.array(x)
     x_shape = x.shape
 

@@ -131,8 +131,9 @@ SOURCES: dict[str, Archive | Manual] = {
         "extra corruptions) from https://zenodo.org/record/2235448; 2) extract each into "
         "{target} so that it holds <corruption>/<1..5>/<wnid>/*.JPEG (`tar -xf blur.tar -C "
         "{target}`), or set data.imagenet-c.root to where they are; 3) robench data verify "
-        "imagenet-c --sample 2000. To make a -C set yourself from ImageNet val instead: robench "
-        "data corrupt --from imagenet --out {target}"),
+        "imagenet-c --sample 2000. To generate a -C set from ImageNet val instead (not the "
+        "released ImageNet-C, so keep it out of {target} and declare it under its own name): "
+        "robench data corrupt --from imagenet --out DIR"),
     "imagenet-sketch": Manual(
         "ImageNet-Sketch is distributed by its authors through Google Drive / Kaggle, which "
         "robench does not script",

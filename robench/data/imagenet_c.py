@@ -17,7 +17,7 @@ import numpy as np
 
 from robench.data.base import ImageSource, content_manifest
 from robench.data.content import FileStats
-from robench.data.corrupt_set import MANIFEST, read_manifest
+from robench.data.corrupt_set import MANIFEST, generation_info, read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.data.imagenet import (
     _child_dirs,
@@ -101,7 +101,8 @@ def load(root: Path, name: str, corruptions: str = "standard", cache_dir: str = 
         info={"root": str(root), "layout": "imagenet-c: <corruption>/<severity>/<class>/<image>",
               "label_rule": ("label = index of the wnid folder in the 1000 sorted ImageNet wnids"
                              if generated is None else f"label from the class table in {MANIFEST}"),
-              "corruptions": present, "generated": generated is not None,
+              # protocol, resize and base of a generated set; None for the released ImageNet-C
+              "corruptions": present, "generated": generation_info(read_manifest(root)),
               "files_hashed": hashed},
         base_index=base.astype(np.int64).ravel(),
     )

@@ -128,15 +128,16 @@ def _generated(report: VerifyReport, spec: DatasetSpec, cache_dir: Path | None,
         raise RobenchError(f"{report.name}: a generated -C set needs its base dataset",
                            "verify it with --suite SUITE, or verify the base dataset")
     src = generated_c.base_source(report.name, base, source_of)
+    protocol = generated_c.resolved_protocol(src, opts.get("protocol", "auto"))
     out = generated_c.output_dir(src, opts["stride"], opts["corruptions"], opts["seed"],
-                                 cache_dir or "")
+                                 cache_dir or "", protocol)
     report.root = out
     if not generated_c.is_generated(out, opts["corruptions"]):
         report.add("ok", "generated", f"not generated yet: `robench run` makes it on first use "
                    f"from {_rows(len(src), opts['stride'])} of {base}, into the cache")
         return None
     report.add("ok", "generated", f"from {_rows(len(src), opts['stride'])} of {base} (seed "
-               f"{opts['seed']}), in the cache")
+               f"{opts['seed']}, protocol {protocol}), in the cache; not a released -C set")
     return generated_c.read_generated(out, report.name, src, base, opts["stride"],
                                       opts["corruptions"], opts["seed"])
 
@@ -158,6 +159,8 @@ def _check_layout(report: VerifyReport, spec: DatasetSpec, source: ImageSource) 
     else:
         detail = f"{spec.family}: {scored}"
     report.add("ok", "layout", detail)
+    if info.get("generated") and spec.family != "generated-c":  # that one says so already
+        report.add("ok", "generated", str(info["generated"].get("note")))
     if source.groups and "corruptions" in info:
         from robench.data.corruptions import CORRUPTIONS
 
