@@ -161,7 +161,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     from robench.rescore import rescore
 
     rows = rescore(args.dir, n_bins=args.n_bins, bootstrap=args.bootstrap, alpha=args.alpha,
-                   out_dir=args.out)
+                   adaptive_bins=args.adaptive_bins, out_dir=args.out)
     moved = [r for r in rows if r.changed]
     for r in rows:
         what = ", ".join(r.changed[:6]) + (" ..." if len(r.changed) > 6 else "")
@@ -478,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--n-bins", type=int, help="ECE bins (default: the record's)")
     rs.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the record's)")
     rs.add_argument("--alpha", type=float, help="1 - interval level (default: the record's)")
+    from robench.metrics import ADAPTIVE_BINS
+
+    rs.add_argument("--adaptive-bins", choices=list(ADAPTIVE_BINS),
+                    help="equal-mass bin rule of ece_adaptive (default: the record's; see "
+                         "metrics.adaptive_bins in robench run --help)")
     rs.add_argument("--out", help="write re-scored records here instead of in place")
     rs.add_argument("--verify", action="store_true",
                     help="exit 1 if a record changes (use without new settings)")

@@ -39,6 +39,7 @@ from robench.features import FeatureSet, describe, extract_features, sample_name
 from robench.io import sweep_stale
 from robench.methods import make_method
 from robench.methods.base import HeadContext, Method, Settings
+from robench.metrics import ADAPTIVE_BINS
 from robench.models.arch_configs import register_model_configs
 from robench.models.heads import LinearHead
 from robench.models.weights import weights_identity
@@ -425,7 +426,7 @@ class Runner:
             out.ood_id_conf = pairing
         headline, group_metrics = cell_metrics(
             out, source.summary_groups, n_bins=mc.n_bins, n_bootstrap=mc.bootstrap,
-            seed=self.cfg.seed, alpha=mc.alpha)
+            seed=self.cfg.seed, alpha=mc.alpha, adaptive_bins=mc.adaptive_bins)
         spec = self.models[model]
         scored = "all" if out.scored_classes is None else [int(c) for c in out.scored_classes]
         record = {
@@ -437,6 +438,7 @@ class Runner:
             "protocol": {
                 "version": PROTOCOL_VERSION, "method": spec.method, "confidence": "msp",
                 "ece_bins": mc.n_bins, "bootstrap": mc.bootstrap,
+                "adaptive_bins": mc.adaptive_bins, "ece_adaptive": ADAPTIVE_BINS[mc.adaptive_bins],
                 "interval_level": 1 - mc.alpha, "seed": self.cfg.seed,
                 "scored_classes": scored, "n_classes_scored": out.samples.num_classes,
                 "summary": "mean over groups " + ",".join(source.summary_groups or [])

@@ -189,10 +189,12 @@ def id_confidence(head: LinearHead, id_feats: FeatureSet, id_source: ImageSource
 
 
 def cell_metrics(out: CellOutputs, summary_groups: list[str] | None, *, n_bins: int,
-                 n_bootstrap: int, seed: int, alpha: float) -> tuple[dict, dict | None]:
+                 n_bootstrap: int, seed: int, alpha: float,
+                 adaptive_bins: str = "robench") -> tuple[dict, dict | None]:
     """(headline metrics, per-group metrics or None) of stored outputs: the only path from
     outputs to metrics, used by the run and by ``robench rescore`` alike."""
-    kw = {"n_bins": n_bins, "n_bootstrap": n_bootstrap, "seed": seed, "alpha": alpha}
+    kw = {"n_bins": n_bins, "n_bootstrap": n_bootstrap, "seed": seed, "alpha": alpha,
+          "adaptive_bins": adaptive_bins}
 
     def metrics(rows: np.ndarray, what: str) -> dict:
         if rows.size == 0:

@@ -245,3 +245,16 @@ def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
     assert "FAIL" in (tmp_path / "summary.md").read_text()
     missing = run_cli("check", "--baseline", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_the_adaptive_bin_rule_must_agree(tmp_path):
+    old = _record()  # written before the rule was an option: robench's own rule
+    a = _write(tmp_path / "a", old)
+    same = _record()
+    same["protocol"]["adaptive_bins"] = "robench"
+    assert not run_check(a, _write(tmp_path / "b", same)).failed
+    other = _record()
+    other["protocol"]["adaptive_bins"] = "torch-uncertainty"
+    res = run_check(a, _write(tmp_path / "c", other))
+    assert res.failed and res.frame().iloc[0]["status"] == "incomparable"
+    assert "adaptive_bins" in res.frame().iloc[0]["note"]
