@@ -192,7 +192,9 @@ class Runner:
             "dataset": dataset, "dataset_spec": asdict(self.dataset_specs[dataset]),
             "manifest": source.manifest_hash, "metrics": OmegaConf.to_container(self.cfg.metrics),
             "seed": self.cfg.seed, "precision": self.cfg.model.precision,
-            "features_dtype": self.cfg.model.features_dtype, "outputs": self.cfg.outputs,
+            "features_dtype": self.cfg.model.features_dtype,
+            # not `outputs`: it changes what is stored, not what is computed (is_done redoes
+            # a cell whose stored outputs lack the logits a run asks for)
             "id_dataset": self.cfg.id_dataset,
             "id_manifest": self.source(self.cfg.id_dataset).manifest_hash
             if self.cfg.id_dataset else None,
@@ -235,6 +237,8 @@ class Runner:
             return False
         if self.cfg.strict and rec.get("data", {}).get("n_bad"):
             return False  # scored without its corrupt images: strict=true must fail on them
+        if self.cfg.outputs == "logits" and not (rec.get("outputs") or {}).get("logits"):
+            return False  # the cell's outputs lack the full logits this run asks for
         return rec.get("cell_key") == self.cell_key(model, dataset)
 
     def data_roles(self, name: str) -> list[tuple[str, str]]:
