@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,74 @@ def clean(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+# A path in a record names the folder it lies under, not this machine's absolute path:
+# "<cache_dir>/corrupted/a4a3...", "<data_root>/imagenet-r", "assets:cifar10-subset/test" (the
+# registry's own scheme for data shipped with robench). A record is copied between machines and
+# committed; the manifest hash, not the path, is the data's identity.
+CACHE_DIR, DATA_ROOT, ASSETS_SCHEME = "<cache_dir>", "<data_root>", "assets:"
+LOCAL_DIR = "local-dir:"  # open_clip's prefix of a checkpoint folder, kept in front
+
+
+def path_roots(data_root: str | Path, cache_dir: str | Path) -> dict[str, Path]:
+    """The named folders a record's paths are written relative to (see :func:`portable_path`)."""
+    from robench.registry import ASSETS
+
+    return {ASSETS_SCHEME: ASSETS, CACHE_DIR: Path(cache_dir).expanduser(),
+            DATA_ROOT: Path(data_root).expanduser()}
+
+
+def _forms(path: str | Path) -> set[str]:
+    """The absolute forms of a path: as given (made absolute) and with links resolved, so a
+    cache reached through a symlink (/tmp -> /private/tmp) still matches."""
+    return {os.path.abspath(path), os.path.realpath(path)}
+
+
+def portable_path(text: str, roots: dict[str, Path]) -> str:
+    """``text`` written relative to the deepest of ``roots`` that holds it (``<name>/rel``, or
+    ``assets:rel`` for the shipped assets); a path under none of them, or no absolute path at
+    all, is returned unchanged (a dataset the user placed elsewhere keeps its given path)."""
+    prefix = LOCAL_DIR if text.startswith(LOCAL_DIR) else ""
+    path = text[len(prefix):]
+    if not os.path.isabs(path):
+        return text
+    best: tuple[int, str, str] | None = None
+    for name, root in roots.items():
+        for r in _forms(root):
+            for p in _forms(path):
+                if p == r or p.startswith(r.rstrip(os.sep) + os.sep):
+                    rel = os.path.relpath(p, r)
+                    if best is None or len(r) > best[0]:
+                        best = (len(r), name, "" if rel == "." else rel)
+    if best is None:
+        return text
+    _, name, rel = best
+    sep = "" if name.endswith(":") or not rel else "/"
+    return f"{prefix}{name}{sep}{Path(rel).as_posix() if rel else ''}"
+
+
+def portable_paths(value: Any, roots: dict[str, Path]) -> Any:
+    """``value`` (a record or any part of it) with every absolute path under ``roots`` made
+    relative by :func:`portable_path`; other values unchanged."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v, roots) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, roots) for v in value]
+    return portable_path(value, roots) if isinstance(value, str) else value
+
+
+def portable_record(record: dict, data_root: str | Path, cache_dir: str | Path) -> dict:
+    """A new record whose paths under ``data_root``, ``cache_dir`` or the shipped assets are
+    written relative to them (:func:`portable_path`); ``data.root``, which a loader may hold
+    relative to the working directory, is made absolute first so it gets its ``<data_root>``
+    form too. Nothing reads these paths back: they say where the data was, the manifest hash
+    what it was."""
+    data = record.get("data")
+    root = data.get("root") if isinstance(data, dict) else None
+    if isinstance(root, str) and root and not root.startswith(ASSETS_SCHEME):
+        record = {**record, "data": {**data, "root": os.path.abspath(root)}}
+    return portable_paths(record, path_roots(data_root, cache_dir))
 
 
 def write_record(path: Path, record: dict, outputs: Any) -> None:

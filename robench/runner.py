@@ -52,7 +52,7 @@ from robench.registry import (
     resolve_model,
     template_set,
 )
-from robench.results import read_record, record_path, verify_outputs, write_record
+from robench.results import portable_record, read_record, record_path, verify_outputs, write_record
 from robench.scoring import OUTPUTS_VERSION, cell_metrics, cell_outputs, id_confidence
 
 if TYPE_CHECKING:  # torch and open_clip are imported only when a model is loaded
@@ -468,7 +468,8 @@ class Runner:
             "provenance": provenance(backbone, self.cfg, spec),
         }
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
-        write_record(path, record, out)
+        # cache and data paths relative to cache_dir / data_root: no path of this machine
+        write_record(path, portable_record(record, self.cfg.data_root, self.cfg.cache_dir), out)
 
     def ood_pairing(self, dataset: str, head: LinearHead, backbone: Backbone,
                     columns: np.ndarray | None) -> np.ndarray | None:
