@@ -136,6 +136,10 @@ def _mismatch(base: dict, fresh: dict) -> str | None:
     for k in PROTOCOL_KEYS:
         if bp.get(k) != fp.get(k):
             return f"protocol.{k}: {bp.get(k)!r} != {fp.get(k)!r}"
+    # ece_adaptive's bin rule; a record written before it was an option used robench's own
+    ba, fa = (p.get("adaptive_bins") or "robench" for p in (bp, fp))
+    if ba != fa:
+        return f"protocol.adaptive_bins: {ba!r} != {fa!r} (ece_adaptive is binned differently)"
     if base.get("data", {}).get("manifest_hash") != fresh.get("data", {}).get("manifest_hash"):
         return "dataset manifest hash differs (different images)"
     bw = base.get("provenance", {}).get("weights_hash")

@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_suite(suite, overrides)  # config errors come before torch is even imported
     set_verbosity(cfg.verbosity)
     from robench import distributed
-    from robench.results import leaderboard_table, read_record, to_frame
+    from robench.results import leaderboard_table, read_record, shift_average, to_frame
     from robench.runner import Runner
 
     try:
@@ -61,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name} "
           f"(per cell: robench results --dir {cfg.results_dir}/{cfg.name})")
     print(leaderboard_table(frame, list(dict.fromkeys(r["model"] for r in records)),
-                            list(dict.fromkeys(r["dataset"] for r in records))).to_string())
+                            list(dict.fromkeys(r["dataset"] for r in records)),
+                            average=shift_average(records)).to_string())
     if cfg.check:
         from robench.check import render, run_check
 
@@ -80,14 +81,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(describe(jobs, slurm, cfg))
     if not slurm.wait:
         return 0
-    from robench.results import leaderboard_table, read_record, to_frame
+    from robench.results import leaderboard_table, read_record, shift_average, to_frame
 
     paths = list(dict.fromkeys(p for ps in wait_for(jobs) for p in ps))
     records = [read_record(p) for p in paths]
     frame = to_frame(records)
     print(f"\nsuite {cfg.name}: {len(paths)} cell(s) in {cfg.results_dir}/{cfg.name}")
     print(leaderboard_table(frame, list(dict.fromkeys(r["model"] for r in records)),
-                            list(dict.fromkeys(r["dataset"] for r in records))).to_string())
+                            list(dict.fromkeys(r["dataset"] for r in records)),
+                            average=shift_average(records)).to_string())
     return 0
 
 
@@ -129,19 +131,34 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from robench.results import interval_table, load_frame, render_table
+    import pandas as pd
 
-    frame = load_frame(args.dir, fix="run a suite first (robench run suite=...) or pass "
-                       "--dir FOLDER (e.g. --dir results/quickstart for the committed records)",
-                       groups=args.groups)
-    if args.format == "csv":  # every metric and interval bound, one column each
-        frame.to_csv(sys.stdout, index=False)
-    elif args.format == "json":
-        print(frame.to_json(orient="records", indent=1))
+    from robench.results import (
+        average_rows,
+        average_tables,
+        interval_table,
+        load_records,
+        render_table,
+        to_frame,
+    )
+
+    records = load_records(args.dir, fix="run a suite first (robench run suite=...) or pass "
+                           "--dir FOLDER (e.g. --dir results/quickstart for the committed "
+                           "records)")
+    frame = to_frame(records, groups=args.groups)
+    if args.format in ("csv", "json"):  # every metric and interval bound, one column each,
+        # then one row per model with its avg shift acc1 (dataset "avg shift")
+        frame = pd.concat([frame, average_rows(records, groups=args.groups)], ignore_index=True)
+        if args.format == "csv":
+            frame.to_csv(sys.stdout, index=False)
+        else:
+            print(frame.to_json(orient="records", indent=1))
     else:
         fmt = {"md": "md", "latex": "latex"}.get(args.format, "table")
         print(render_table(interval_table(frame), fmt, caption="robench results: value [95% "
                            "interval]" if fmt == "latex" else None))
+        for title, table in average_tables(records, fmt):
+            print(f"\n{title}\n{table}" if fmt != "latex" else f"\n{table}")
         if args.analysis:
             from robench.analysis import read_analysis, suites_under
             from robench.results import analysis_tables
@@ -161,7 +178,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     from robench.rescore import rescore
 
     rows = rescore(args.dir, n_bins=args.n_bins, bootstrap=args.bootstrap, alpha=args.alpha,
-                   out_dir=args.out)
+                   adaptive_bins=args.adaptive_bins, out_dir=args.out)
     moved = [r for r in rows if r.changed]
     for r in rows:
         what = ", ".join(r.changed[:6]) + (" ..." if len(r.changed) > 6 else "")
@@ -478,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--n-bins", type=int, help="ECE bins (default: the record's)")
     rs.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the record's)")
     rs.add_argument("--alpha", type=float, help="1 - interval level (default: the record's)")
+    from robench.metrics import ADAPTIVE_BINS
+
+    rs.add_argument("--adaptive-bins", choices=list(ADAPTIVE_BINS),
+                    help="equal-mass bin rule of ece_adaptive (default: the record's; see "
+                         "metrics.adaptive_bins in robench run --help)")
     rs.add_argument("--out", help="write re-scored records here instead of in place")
     rs.add_argument("--verify", action="store_true",
                     help="exit 1 if a record changes (use without new settings)")

@@ -46,6 +46,10 @@ class MetricsConfig:
     n_bins: int = _f(15, "equal-width confidence bins of ECE / MCE")
     bootstrap: int = _f(200, "bootstrap resamples for the ECE / AUROC intervals (0: none)")
     alpha: float = _f(0.05, "interval level is 1 - alpha (0.05: 95% intervals)")
+    adaptive_bins: str = _f("robench", "equal-mass bins of ece_adaptive: robench (sample at "
+                            "sorted rank r in bin floor(r * n_bins / n)) | torch-uncertainty "
+                            "(its AdaptiveCalibrationError's cut: the first n mod n_bins bins "
+                            "one larger)")
 
 
 @dataclass
@@ -296,6 +300,12 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.metrics.alpha < 1:
         raise RobenchError(f"metrics.alpha={cfg.metrics.alpha} must lie in (0, 1)",
                            "e.g. metrics.alpha=0.05 for 95% intervals")
+    from robench.metrics import ADAPTIVE_BINS
+
+    if cfg.metrics.adaptive_bins not in ADAPTIVE_BINS:
+        raise unknown("metrics.adaptive_bins", cfg.metrics.adaptive_bins, ADAPTIVE_BINS,
+                      fix="use metrics.adaptive_bins=robench (default) or "
+                          "metrics.adaptive_bins=torch-uncertainty")
     if not cfg.models or not cfg.datasets:
         raise RobenchError(f"suite '{cfg.name}' names no models or no datasets",
                            "list at least one model and one dataset in the suite")

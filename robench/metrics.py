@@ -35,6 +35,8 @@ __all__ = [
     "BootstrapEvaluator",
     "MetricInfo",
     "accuracy_topk",
+    "ADAPTIVE_BINS",
+    "adaptive_bin_index",
     "adaptive_ece",
     "aupr_err",
     "auroc",
@@ -342,15 +344,55 @@ def max_calibration_error(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15)
     return _mce_from_gaps(*_bin_gaps(c, k, _check_n_bins(n_bins)))
 
 
-def adaptive_ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+#: The rules for cutting the confidence-sorted samples into ``n_bins`` equal-mass bins of the
+#: adaptive ECE (``metrics.adaptive_bins``), each with the sentence a record's protocol states.
+#: Both give bins whose sizes differ by at most one; they differ in WHICH bins hold the extra
+#: sample when ``n_bins`` does not divide ``n``, which moves the value in the last digits.
+ADAPTIVE_BINS: dict[str, str] = {
+    "robench": "equal-mass bins: the sample at rank r of the stable ascending confidence sort "
+               "goes to bin floor(r * n_bins / n); sum_b |B_b|/n * |acc(B_b) - conf(B_b)|",
+    "torch-uncertainty": "equal-mass bins as torch-uncertainty's: the confidence sort "
+                         "cut by tensor_split into n_bins runs (first n mod n_bins one longer); "
+                         "sum_b |B_b|/n*|acc - conf|",
+}
+
+
+def adaptive_bin_index(n: int, n_bins: int, rule: str = "robench") -> NDArray[np.int64]:
+    """The bin of each position ``r = 0..n-1`` of the ascending confidence sort.
+
+    ``robench``: ``floor(r * n_bins / n)``. ``torch-uncertainty``: with ``q, m = divmod(n,
+    n_bins)``, bins ``0..m-1`` take ``q + 1`` consecutive positions and the others ``q`` -- the
+    cut ``torch.tensor_split(sorted, n_bins)`` makes in torch-uncertainty's
+    ``_equal_binning_bucketize`` (torch_uncertainty/metrics/classification/calibration/
+    adaptive_calibration_error.py, v0.13). E.g. ``n = 7, n_bins = 5``: robench's sizes are
+    ``2, 1, 2, 1, 1``, torch-uncertainty's ``2, 2, 1, 1, 1``.
+    """
+    if rule not in ADAPTIVE_BINS:
+        raise ValueError(f"unknown adaptive bin rule {rule!r}; use one of {sorted(ADAPTIVE_BINS)}")
+    if rule == "robench":
+        return (np.arange(n, dtype=np.int64) * n_bins) // n
+    q, m = divmod(n, n_bins)
+    sizes = np.full(n_bins, q, dtype=np.int64)
+    sizes[:m] += 1
+    return np.repeat(np.arange(n_bins, dtype=np.int64), sizes)
+
+
+def adaptive_ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15,
+                 bins: str = "robench") -> float:
     """ECE with equal-mass (adaptive) bins, as a fraction (Nixon et al. 2019).
 
-    Samples are sorted by confidence (stable sort, so tied confidences keep input order) and the
-    sample at sorted position ``r`` goes to bin ``floor(r * n_bins / n)``; bin sizes therefore
-    differ by at most one, and tied confidences may straddle a bin boundary. Then
-    ``ECE_adaptive = sum_b (|B_b| / n) * |acc(B_b) - conf(B_b)|``. With ``n < n_bins`` each sample
-    is its own bin. This is the top-label variant (also called ECE-EM); Nixon et al.'s ACE further
-    averages the same quantity over all classes' probabilities.
+    Samples are sorted by confidence (stable sort, so tied confidences keep input order) and cut
+    into ``n_bins`` bins of consecutive sorted samples by ``bins`` (:data:`ADAPTIVE_BINS`,
+    :func:`adaptive_bin_index`): by default (``"robench"``) the sample at sorted position ``r``
+    goes to bin ``floor(r * n_bins / n)``; ``"torch-uncertainty"`` makes the first
+    ``n mod n_bins`` bins the one-larger ones, as torch-uncertainty's AdaptiveCalibrationError
+    does. Either way bin sizes differ by at most one, and tied confidences may straddle a bin
+    boundary. Then ``ECE_adaptive = sum_b (|B_b| / n) * |acc(B_b) - conf(B_b)|
+    = sum_b |sum_{i in B_b} (correct_i - conf_i)| / n``. With ``n < n_bins`` each sample is its
+    own bin under the robench rule; under torch-uncertainty's the last ``n_bins - n`` bins are
+    empty and add nothing (torch-uncertainty itself then returns NaN: 0/0 in an empty bin).
+    This is the top-label variant (also called ECE-EM); Nixon et al.'s ACE further averages the
+    same quantity over all classes' probabilities.
 
     Reference: J. Nixon, M. W. Dusenberry, L. Zhang, G. Jerfel and D. Tran, "Measuring
     Calibration in Deep Learning", CVPR Workshops 2019.
@@ -358,12 +400,15 @@ def adaptive_ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float
     c, k = _as_conf_correct(conf, correct, unit_interval=True)
     n_bins = _check_n_bins(n_bins)
     order = np.argsort(c, kind="stable")
-    return _adaptive_ece_sorted(c[order], k[order], n_bins)
+    return _adaptive_ece_sorted(c[order], k[order], n_bins, bins)
 
 
-def _adaptive_ece_sorted(cs: NDArray[np.float64], ks: NDArray[np.bool_], n_bins: int) -> float:
+def _adaptive_ece_sorted(cs: NDArray[np.float64], ks: NDArray[np.bool_], n_bins: int,
+                         bins: str = "robench") -> float:
+    """:func:`adaptive_ece` of samples already in ascending confidence order: the sum over the
+    bins of :func:`adaptive_bin_index` of ``|sum (correct - conf)|``, divided by ``n``."""
     n = cs.size
-    b = (np.arange(n, dtype=np.int64) * n_bins) // n
+    b = adaptive_bin_index(n, n_bins, bins)
     gap = np.bincount(b, weights=ks - cs, minlength=n_bins)
     return float(np.abs(gap).sum() / n)
 
@@ -979,6 +1024,7 @@ def compute_all(
     n_bootstrap: int = 200,
     seed: int = 0,
     alpha: float = 0.05,
+    adaptive_bins: str = "robench",
 ) -> dict[str, float | int | None]:
     """All per-cell metrics from logits and integer labels, as a flat dict (see METRIC_INFO).
 
@@ -987,7 +1033,8 @@ def compute_all(
     are processed in float32 one block of rows at a time, never materialising the probabilities.
     """
     return metrics_from_outputs(sample_outputs(logits, labels), n_bins=n_bins,
-                                n_bootstrap=n_bootstrap, seed=seed, alpha=alpha)
+                                n_bootstrap=n_bootstrap, seed=seed, alpha=alpha,
+                                adaptive_bins=adaptive_bins)
 
 
 def metrics_from_outputs(
@@ -997,6 +1044,7 @@ def metrics_from_outputs(
     n_bootstrap: int = 200,
     seed: int = 0,
     alpha: float = 0.05,
+    adaptive_bins: str = "robench",
 ) -> dict[str, float | int | None]:
     """All per-cell metrics from exact per-sample outputs (:class:`SampleOutputs`).
 
@@ -1005,7 +1053,8 @@ def metrics_from_outputs(
     max_cal_err, ece_adaptive, nll, brier, auroc, auroc_ci_low, auroc_ci_high, aupr_err, fpr95,
     mean_confidence``. Accuracies and their Clopper-Pearson interval are in percent; ECE-type
     values are fractions; ``nll = mean(min(-log p_y, -log 1e-12))``, ``brier = mean(sum_k p_k^2 -
-    2 p_y + 1)``. Undefined values (e.g. AUROC with no errors; every interval when
+    2 p_y + 1)``; ``ece_adaptive`` cuts its equal-mass bins by ``adaptive_bins`` (a key of
+    :data:`ADAPTIVE_BINS`). Undefined values (e.g. AUROC with no errors; every interval when
     ``n_bootstrap = 0``) are ``float('nan')``. ``n`` and ``num_classes`` are ints, everything else
     a Python float. Every reduction is float64; this function is the only place metrics are
     computed, so a record and its re-scoring from stored outputs agree exactly.
@@ -1017,6 +1066,9 @@ def metrics_from_outputs(
     alpha = _check_alpha(alpha)
     if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be a non-negative integer; got {n_bootstrap!r}")
+    if adaptive_bins not in ADAPTIVE_BINS:  # before the sort and the bootstrap
+        raise ValueError(f"unknown adaptive bin rule {adaptive_bins!r}; use one of "
+                         f"{sorted(ADAPTIVE_BINS)}")
 
     correct = out.correct
     conf = out.conf
@@ -1047,7 +1099,7 @@ def metrics_from_outputs(
         "ece_ci_low": ece_low,
         "ece_ci_high": ece_high,
         "max_cal_err": _mce_from_gaps(bin_count, bin_gap),
-        "ece_adaptive": _adaptive_ece_sorted(srt.score, srt.positive, n_bins),
+        "ece_adaptive": _adaptive_ece_sorted(srt.score, srt.positive, n_bins, adaptive_bins),
         "nll": float(np.minimum(-log_p_label, -math.log(NLL_EPS)).mean()) + 0.0,
         "brier": float((out.sum_sq_prob - 2.0 * p_label + 1.0).mean()),
         "auroc": auroc_point,

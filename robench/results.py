@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,74 @@ def clean(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+# A path in a record names the folder it lies under, not this machine's absolute path:
+# "<cache_dir>/corrupted/a4a3...", "<data_root>/imagenet-r", "assets:cifar10-subset/test" (the
+# registry's own scheme for data shipped with robench). A record is copied between machines and
+# committed; the manifest hash, not the path, is the data's identity.
+CACHE_DIR, DATA_ROOT, ASSETS_SCHEME = "<cache_dir>", "<data_root>", "assets:"
+LOCAL_DIR = "local-dir:"  # open_clip's prefix of a checkpoint folder, kept in front
+
+
+def path_roots(data_root: str | Path, cache_dir: str | Path) -> dict[str, Path]:
+    """The named folders a record's paths are written relative to (see :func:`portable_path`)."""
+    from robench.registry import ASSETS
+
+    return {ASSETS_SCHEME: ASSETS, CACHE_DIR: Path(cache_dir).expanduser(),
+            DATA_ROOT: Path(data_root).expanduser()}
+
+
+def _forms(path: str | Path) -> set[str]:
+    """The absolute forms of a path: as given (made absolute) and with links resolved, so a
+    cache reached through a symlink (/tmp -> /private/tmp) still matches."""
+    return {os.path.abspath(path), os.path.realpath(path)}
+
+
+def portable_path(text: str, roots: dict[str, Path]) -> str:
+    """``text`` written relative to the deepest of ``roots`` that holds it (``<name>/rel``, or
+    ``assets:rel`` for the shipped assets); a path under none of them, or no absolute path at
+    all, is returned unchanged (a dataset the user placed elsewhere keeps its given path)."""
+    prefix = LOCAL_DIR if text.startswith(LOCAL_DIR) else ""
+    path = text[len(prefix):]
+    if not os.path.isabs(path):
+        return text
+    best: tuple[int, str, str] | None = None
+    for name, root in roots.items():
+        for r in _forms(root):
+            for p in _forms(path):
+                if p == r or p.startswith(r.rstrip(os.sep) + os.sep):
+                    rel = os.path.relpath(p, r)
+                    if best is None or len(r) > best[0]:
+                        best = (len(r), name, "" if rel == "." else rel)
+    if best is None:
+        return text
+    _, name, rel = best
+    sep = "" if name.endswith(":") or not rel else "/"
+    return f"{prefix}{name}{sep}{Path(rel).as_posix() if rel else ''}"
+
+
+def portable_paths(value: Any, roots: dict[str, Path]) -> Any:
+    """``value`` (a record or any part of it) with every absolute path under ``roots`` made
+    relative by :func:`portable_path`; other values unchanged."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v, roots) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, roots) for v in value]
+    return portable_path(value, roots) if isinstance(value, str) else value
+
+
+def portable_record(record: dict, data_root: str | Path, cache_dir: str | Path) -> dict:
+    """A new record whose paths under ``data_root``, ``cache_dir`` or the shipped assets are
+    written relative to them (:func:`portable_path`); ``data.root``, which a loader may hold
+    relative to the working directory, is made absolute first so it gets its ``<data_root>``
+    form too. Nothing reads these paths back: they say where the data was, the manifest hash
+    what it was."""
+    data = record.get("data")
+    root = data.get("root") if isinstance(data, dict) else None
+    if isinstance(root, str) and root and not root.startswith(ASSETS_SCHEME):
+        record = {**record, "data": {**data, "root": os.path.abspath(root)}}
+    return portable_paths(record, path_roots(data_root, cache_dir))
 
 
 def write_record(path: Path, record: dict, outputs: Any) -> None:
@@ -247,6 +318,16 @@ def interval_table(frame: pd.DataFrame,
     return out
 
 
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped (as pandas escapes table cells)."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
 def render_table(table: pd.DataFrame, fmt: str, caption: str | None = None) -> str:
     """A text table as ``table`` (aligned text), ``md`` (Markdown) or ``latex`` (booktabs
     tabular, every cell escaped, numbers right-aligned)."""
@@ -255,7 +336,9 @@ def render_table(table: pd.DataFrame, fmt: str, caption: str | None = None) -> s
     if fmt == "latex":
         text_cols = {"model", "dataset", "group", "reference", "method", "suite", "baseline"}
         spec = "".join("l" if c in text_cols else "r" for c in table.columns)
-        return table.to_latex(index=False, escape=True, column_format=spec, caption=caption)
+        # pandas escapes the cells, not the caption ("mCE (%; ...)", "id_dataset" would break)
+        return table.to_latex(index=False, escape=True, column_format=spec,
+                              caption=None if caption is None else latex_escape(caption))
     return table.to_string(index=False)
 
 
@@ -318,6 +401,150 @@ def analysis_tables(doc: dict, fmt: str = "table") -> list[tuple[str, str]]:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# The headline average: over the shifted sets, the ID set apart
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShiftAverage:
+    """Which datasets a suite's one-number summary of accuracy averages.
+
+    Robustness papers report the unweighted mean top-1 accuracy over the *shifted* sets, with
+    the in-distribution (ID) set in its own column (CLIP, Radford et al. 2021, Table 16; WiSE-FT,
+    Wortsman et al. 2022, "avg shifts"; CAR-FT, Mao et al. 2024): averaging the ID set in with
+    the shifts mixes two different questions. The ID set is the one the records name as
+    ``protocol.id_dataset``; when none names one, the suite pairs no ID set and the mean runs
+    over every dataset, labelled as such.
+    """
+
+    id_datasets: tuple[str, ...]  # the ID set(s) the records name (normally one)
+    datasets: tuple[str, ...]  # the datasets averaged: the shifted ones, or all when unpaired
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.id_datasets)
+
+    @property
+    def name(self) -> str:
+        """The row / band name: ``avg shift``, or ``mean over all datasets`` when unpaired."""
+        return "avg shift" if self.paired else "mean over all datasets"
+
+    @property
+    def label(self) -> str:
+        """The column name of the averaged accuracy."""
+        return "avg shift acc1" if self.paired else "mean acc1 over all datasets"
+
+    @property
+    def key(self) -> str:
+        """A stable machine name (the report's column key)."""
+        return "avg-shift" if self.paired else "mean-all"
+
+    def describe(self) -> str:
+        """One sentence saying what is averaged and what is not."""
+        n, names = len(self.datasets), ", ".join(self.datasets)
+        if self.paired:
+            ids = ", ".join(self.id_datasets)
+            return (f"unweighted mean of top-1 accuracy over the {n} shifted set"
+                    f"{'' if n == 1 else 's'} ({names}); the ID set {ids} is left out of it and "
+                    "shown apart, as robustness papers report")
+        return (f"no ID set is paired (protocol.id_dataset is null in every record), so this is "
+                f"the unweighted mean of top-1 accuracy over all {n} datasets ({names}), "
+                "in-distribution and shifted alike")
+
+    def value(self, acc1: Mapping[str, float | None]) -> float | None:
+        """The mean of ``acc1[d]`` over the averaged datasets; None unless every one has a
+        number (a mean over fewer sets would not be comparable between models)."""
+        vals = [acc1.get(d) for d in self.datasets]
+        if not vals or any(v is None or pd.isna(v) for v in vals):
+            return None
+        return float(np.mean([float(v) for v in vals]))  # type: ignore[arg-type]
+
+
+def shift_average(records: Iterable[dict]) -> ShiftAverage:
+    """The :class:`ShiftAverage` of one suite's records: every dataset but the ID set(s) their
+    ``protocol.id_dataset`` names, or all datasets when none is named."""
+    records = list(records)
+    datasets = sorted({str(r["dataset"]) for r in records})
+    ids = sorted({str(i) for r in records
+                  if (i := (r.get("protocol") or {}).get("id_dataset"))})
+    return ShiftAverage(tuple(ids), tuple(d for d in datasets if d not in ids))
+
+
+def _by_suite(records: Iterable[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(str(r["suite"]), []).append(r)
+    return dict(sorted(out.items()))
+
+
+def average_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (suite, model): the ID set's acc1 and the averaged acc1 (full precision),
+    best average first within a suite. Columns: suite, model, method, id_dataset, id_acc1,
+    average (``avg shift`` / ``mean over all datasets``), acc1, averaged (the datasets)."""
+    rows = []
+    for suite, recs in _by_suite(records).items():
+        avg = shift_average(recs)
+        for model in sorted({str(r["model"]) for r in recs}):
+            cells = {str(r["dataset"]): r for r in recs if str(r["model"]) == model}
+            acc = {d: r["metrics"].get("acc1") for d, r in cells.items()}
+            ids = [d for d in avg.id_datasets if d in cells]
+            methods = sorted({str((r.get("protocol") or {}).get("method") or "-")
+                              for r in cells.values()})
+            rows.append({"suite": suite, "model": model, "method": ", ".join(methods),
+                         "id_dataset": ", ".join(ids) or None,
+                         "id_acc1": acc[ids[0]] if len(ids) == 1 else None,
+                         "average": avg.name, "acc1": avg.value(acc),
+                         "averaged": ";".join(avg.datasets)})
+    frame = pd.DataFrame(rows, columns=["suite", "model", "method", "id_dataset", "id_acc1",
+                                        "average", "acc1", "averaged"])
+    if not len(frame):
+        return frame
+    order = frame.assign(_missing=frame["acc1"].isna(), _neg=-frame["acc1"].fillna(0.0))
+    return frame.loc[order.sort_values(["suite", "_missing", "_neg", "model"], kind="stable")
+                     .index].reset_index(drop=True)
+
+
+def average_rows(records: list[dict], groups: bool = False) -> pd.DataFrame:
+    """The per-model averages as rows shaped like :func:`to_frame`'s, for ``robench results
+    --format csv|json``: ``dataset`` is ``avg shift`` (or ``mean over all datasets``), ``acc1``
+    the mean, ``averaged`` the datasets it runs over (``;``-separated); no interval, no n."""
+    avg = average_frame(records)
+    if not len(avg):
+        return avg
+    out = avg[["suite", "model", "average", "method", "acc1", "averaged"]].rename(
+        columns={"average": "dataset"})
+    if groups:
+        out.insert(3, "group", "")
+    out.insert(len(out.columns) - 2, "n", None)
+    return out
+
+
+def average_tables(records: list[dict], fmt: str = "table",
+                   digits: int | None = None) -> list[tuple[str, str]]:
+    """(title, rendered table) per suite with more than one dataset: each model's ID acc1 and
+    its avg shift acc1 (or, when no ID set is paired, its mean over all datasets); ``digits``
+    overrides the decimals of :func:`decimals` (the report shows acc1 with one)."""
+    def shown(v: Any) -> str:
+        return fmt_value("acc1", v) if digits is None or v is None or pd.isna(v) else \
+            f"{v:.{digits}f}"
+
+    out = []
+    frame = average_frame(records)
+    for suite, recs in _by_suite(records).items():
+        avg = shift_average(recs)
+        if not avg.datasets or (not avg.paired and len(avg.datasets) < 2):
+            continue  # nothing shifted to average, or one dataset: its own column says it
+        rows = frame[frame["suite"] == suite]
+        table = pd.DataFrame({"model": rows["model"], "method": rows["method"]})
+        if avg.paired:
+            table[f"{', '.join(avg.id_datasets)} acc1 (ID)"] = [shown(v) for v in rows["id_acc1"]]
+        table[avg.label] = [shown(v) for v in rows["acc1"]]
+        title = f"suite {suite}: {avg.label} = {avg.describe()}"
+        out.append((title, render_table(table.reset_index(drop=True), fmt, caption=title)))
+    return out
+
+
 def leaderboard(frame: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
     """Models x datasets pivot of one metric."""
     return frame.pivot_table(index="model", columns="dataset", values=metric, aggfunc="first")
@@ -341,16 +568,22 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
 def leaderboard_table(frame: pd.DataFrame, models: list[str] | None = None,
                       datasets: list[str] | None = None,
                       metrics: tuple[str, ...] = ("acc1", "acc5", "ece", "auroc", "ood_auroc"),
-                      ) -> pd.DataFrame:
+                      average: ShiftAverage | None = None) -> pd.DataFrame:
     """The leaderboard printed after a run: one row per model, (dataset, metric) columns.
 
     ``models`` / ``datasets`` give the order (the suite's); a metric that is empty for a dataset
-    (``ood_auroc`` of the in-distribution set) is left out for it.
+    (``ood_auroc`` of the in-distribution set) is left out for it. With ``average`` (the suite's
+    :func:`shift_average`) averaging two datasets or more, the first column is each model's
+    ``(avg shift, acc1)`` -- or ``(mean over all datasets, acc1)`` when no ID set is paired (a
+    single shifted set's own acc1 column says it already).
     """
     models = models or list(dict.fromkeys(frame["model"]))
     datasets = datasets or list(dict.fromkeys(frame["dataset"]))
     cells = frame.set_index(["model", "dataset"])
     columns: dict[tuple[str, str], list[str]] = {}
+    if average is not None and len(average.datasets) > 1:
+        columns[(average.name, "acc1")] = [fmt_value("acc1", average.value(
+            {d: cells["acc1"].get((m, d)) for d in datasets})) for m in models]
     for d in datasets:
         for m in metrics:
             if m not in cells:

@@ -39,6 +39,7 @@ from robench.features import FeatureSet, describe, extract_features, sample_name
 from robench.io import sweep_stale
 from robench.methods import make_method
 from robench.methods.base import HeadContext, Method, Settings
+from robench.metrics import ADAPTIVE_BINS
 from robench.models.arch_configs import register_model_configs
 from robench.models.heads import LinearHead
 from robench.models.weights import weights_identity
@@ -51,7 +52,7 @@ from robench.registry import (
     resolve_model,
     template_set,
 )
-from robench.results import read_record, record_path, verify_outputs, write_record
+from robench.results import portable_record, read_record, record_path, verify_outputs, write_record
 from robench.scoring import (
     OUTPUTS_VERSION,
     CellOutputs,
@@ -199,7 +200,9 @@ class Runner:
             "dataset": dataset, "dataset_spec": asdict(self.dataset_specs[dataset]),
             "manifest": source.manifest_hash, "metrics": OmegaConf.to_container(self.cfg.metrics),
             "seed": self.cfg.seed, "precision": self.cfg.model.precision,
-            "features_dtype": self.cfg.model.features_dtype, "outputs": self.cfg.outputs,
+            "features_dtype": self.cfg.model.features_dtype,
+            # not `outputs`: it changes what is stored, not what is computed (is_done redoes
+            # a cell whose stored outputs lack the logits a run asks for)
             "id_dataset": self.cfg.id_dataset,
             "id_manifest": self.source(self.cfg.id_dataset).manifest_hash
             if self.cfg.id_dataset else None,
@@ -242,6 +245,8 @@ class Runner:
             return False
         if self.cfg.strict and rec.get("data", {}).get("n_bad"):
             return False  # scored without its corrupt images: strict=true must fail on them
+        if self.cfg.outputs == "logits" and not (rec.get("outputs") or {}).get("logits"):
+            return False  # the cell's outputs lack the full logits this run asks for
         return rec.get("cell_key") == self.cell_key(model, dataset)
 
     def data_roles(self, name: str) -> list[tuple[str, str]]:
@@ -433,7 +438,7 @@ class Runner:
             out.ood_id_conf, out.ood_id_correct = pairing
         headline, group_metrics = cell_metrics(
             out, source.summary_groups, n_bins=mc.n_bins, n_bootstrap=mc.bootstrap,
-            seed=self.cfg.seed, alpha=mc.alpha)
+            seed=self.cfg.seed, alpha=mc.alpha, adaptive_bins=mc.adaptive_bins)
         spec = self.models[model]
         scored = "all" if out.scored_classes is None else [int(c) for c in out.scored_classes]
         record = {
@@ -445,6 +450,7 @@ class Runner:
             "protocol": {
                 "version": PROTOCOL_VERSION, "method": spec.method, "confidence": "msp",
                 "ece_bins": mc.n_bins, "bootstrap": mc.bootstrap,
+                "adaptive_bins": mc.adaptive_bins, "ece_adaptive": ADAPTIVE_BINS[mc.adaptive_bins],
                 "interval_level": 1 - mc.alpha, "seed": self.cfg.seed,
                 "scored_classes": scored, "n_classes_scored": out.samples.num_classes,
                 "summary": "mean over groups " + ",".join(source.summary_groups or [])
@@ -473,7 +479,8 @@ class Runner:
             "provenance": provenance(backbone, self.cfg, spec),
         }
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
-        write_record(path, record, out)
+        # cache and data paths relative to cache_dir / data_root: no path of this machine
+        write_record(path, portable_record(record, self.cfg.data_root, self.cfg.cache_dir), out)
 
     def ood_pairing(self, dataset: str, head: LinearHead, backbone: Backbone,
                     columns: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:

@@ -207,14 +207,16 @@ def id_confidence(head: LinearHead, id_feats: FeatureSet, id_source: ImageSource
 
 
 def cell_metrics(out: CellOutputs, summary_groups: list[str] | None, *, n_bins: int,
-                 n_bootstrap: int, seed: int, alpha: float) -> tuple[dict, dict | None]:
+                 n_bootstrap: int, seed: int, alpha: float,
+                 adaptive_bins: str = "robench") -> tuple[dict, dict | None]:
     """(headline metrics, per-group metrics or None) of stored outputs: the only path from
     outputs to metrics, used by the run and by ``robench rescore`` alike.
 
     A grouped cell's headline is the unweighted mean over its summary groups, with intervals
     from the bootstrap over base images (:func:`robench.clustered.headline_intervals`); a cell
     paired with an ID set also gets ``id_acc1``, the ID set's accuracy over its scored classes."""
-    kw = {"n_bins": n_bins, "n_bootstrap": n_bootstrap, "seed": seed, "alpha": alpha}
+    kw = {"n_bins": n_bins, "n_bootstrap": n_bootstrap, "seed": seed, "alpha": alpha,
+          "adaptive_bins": adaptive_bins}
 
     def metrics(rows: np.ndarray, what: str) -> dict:
         if rows.size == 0:
@@ -230,7 +232,8 @@ def cell_metrics(out: CellOutputs, summary_groups: list[str] | None, *, n_bins: 
     summary = summary_groups or list(out.group_names)
     headline = average_metrics([groups[g] for g in summary])
     headline["n"] = int(sum(groups[g]["n"] for g in summary))
-    headline.update(grouped_intervals(out, summary, headline, **kw))
+    headline.update(grouped_intervals(out, summary, headline, n_bins=n_bins,
+                                      n_bootstrap=n_bootstrap, seed=seed, alpha=alpha))
     return _with_id_acc(out, headline), groups
 
 

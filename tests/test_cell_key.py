@@ -89,3 +89,21 @@ def test_the_key_holds_training_data_and_the_models_built_from(tmp_path):
     assert other.cell_key("w", "cifar10-subset-val") != changed.cell_key("w", "cifar10-subset-val")
     assert other.cell_key("lp", "cifar10-subset-val") == \
         changed.cell_key("lp", "cifar10-subset-val")
+
+
+def test_the_key_holds_the_adaptive_bin_rule_not_the_stored_outputs(tmp_path):
+    from robench.config import build_config
+    from robench.runner import Runner
+
+    def key(*over: str) -> str:
+        raw = {"name": "k", "models": ["tiny-random"], "datasets": ["cifar10-subset-val"],
+               "id_dataset": None, "cache_dir": str(tmp_path / "c"), "device": "cpu",
+               "results_dir": str(tmp_path / "r"), "progress": False}
+        return Runner(build_config(raw, list(over))).cell_key("tiny-random", "cifar10-subset-val")
+
+    base = key()
+    # the bin rule changes ece_adaptive: another cell (through the hashed metrics section)
+    assert key("metrics.adaptive_bins=torch-uncertainty") != base
+    assert key("metrics.adaptive_bins=robench") == base
+    # outputs=logits changes what is stored beside the record, not what is computed
+    assert key("outputs=logits") == base

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -245,3 +247,93 @@ def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
     assert "FAIL" in (tmp_path / "summary.md").read_text()
     missing = run_cli("check", "--baseline", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_the_adaptive_bin_rule_must_agree(tmp_path):
+    old = _record()  # written before the rule was an option: robench's own rule
+    a = _write(tmp_path / "a", old)
+    same = _record()
+    same["protocol"]["adaptive_bins"] = "robench"
+    assert not run_check(a, _write(tmp_path / "b", same)).failed
+    other = _record()
+    other["protocol"]["adaptive_bins"] = "torch-uncertainty"
+    res = run_check(a, _write(tmp_path / "c", other))
+    assert res.failed and res.frame().iloc[0]["status"] == "incomparable"
+    assert "adaptive_bins" in res.frame().iloc[0]["note"]
+
+
+# -- outputs=logits changes what is stored, not what is computed ------------------------------
+
+def _run_outputs(tmp, results: str, outputs: str) -> Path:
+    """tiny-random on the 500 shipped validation images, in-process; the record's path."""
+    from robench.config import build_config
+    from robench.runner import Runner
+
+    raw = {"name": "o", "models": ["tiny-random"], "datasets": ["cifar10-subset-val"],
+           "id_dataset": None, "cache_dir": str(tmp / "cache"), "results_dir": str(tmp / results),
+           "device": "cpu", "progress": False, "outputs": outputs,
+           "metrics": {"bootstrap": 20}, "model": {"num_workers": 0}}
+    Runner(build_config(raw)).run()
+    return tmp / results / "o" / "tiny-random" / "cifar10-subset-val.json"
+
+
+@pytest.fixture(scope="module")
+def exact_and_logits(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("outputs")
+    return tmp, _run_outputs(tmp, "exact", "exact"), _run_outputs(tmp, "logits", "logits")
+
+
+def _scored(monkeypatch) -> list:
+    from robench.runner import Runner
+
+    calls, score = [], Runner.score_cell
+
+    def counting(self, model, dataset, *args):
+        calls.append((model, dataset))
+        return score(self, model, dataset, *args)
+
+    monkeypatch.setattr(Runner, "score_cell", counting)
+    return calls
+
+
+def test_check_passes_between_an_exact_and_a_logits_run(exact_and_logits, capsys):
+    from robench.cli import main
+
+    _, exact, logits = exact_and_logits
+    e, lg = json.loads(exact.read_text()), json.loads(logits.read_text())
+    assert (e["outputs"]["logits"], lg["outputs"]["logits"]) == (False, True)
+    assert e["cell_key"] == lg["cell_key"]
+    for base, fresh in ((exact, logits), (logits, exact)):
+        res = run_check(base.parents[2], fresh.parents[2])
+        assert not res.failed and res.mode == {"tiny-random/cifar10-subset-val": "exact"}
+        assert not {r["status"] for r in res.rows} - {"ok"}
+    assert main(["check", "--baseline", str(exact.parents[1]),
+                 "--results", str(logits.parents[1])]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_exact_then_logits_recomputes_the_cell_with_the_same_metrics(exact_and_logits,
+                                                                      monkeypatch):
+    tmp, exact, _ = exact_and_logits
+    shutil.copytree(tmp / "exact", tmp / "e2l")
+    calls = _scored(monkeypatch)
+    rec = _run_outputs(tmp, "e2l", "logits")
+    assert calls == [("tiny-random", "cifar10-subset-val")]  # the stored npz lacked logits
+    new, old = json.loads(rec.read_text()), json.loads(exact.read_text())
+    assert new["outputs"]["logits"] is True and new["metrics"] == old["metrics"]
+    assert new["groups"] == old["groups"] and new["cell_key"] == old["cell_key"]
+    with np.load(rec.with_suffix(".npz")) as z:
+        assert z["logits"].shape == (500, 10)
+    calls.clear()
+    _run_outputs(tmp, "e2l", "logits")  # now the logits are there: nothing to do
+    assert calls == []
+
+
+def test_logits_then_exact_reuses_the_cell(exact_and_logits, monkeypatch):
+    tmp, _, logits = exact_and_logits
+    shutil.copytree(tmp / "logits", tmp / "l2e")
+    before = (tmp / "l2e" / logits.relative_to(tmp / "logits")).read_bytes()
+    calls = _scored(monkeypatch)
+    rec = _run_outputs(tmp, "l2e", "exact")
+    assert calls == []  # full logits hold everything an exact run stores
+    assert rec.read_bytes() == before and json.loads(before)["outputs"]["logits"] is True

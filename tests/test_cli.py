@@ -99,7 +99,9 @@ def test_run_writes_records_then_resumes_without_decoding(tmp_path, suite):
     assert all(p.stat().st_mtime_ns != m for p, m in mtimes.items())
 
     res = run_cli("results", "--dir", str(out), "--format", "csv")
-    assert res.returncode == 0 and res.stdout.count("\n") == 5
+    # header, 4 cells, then per model its avg shift acc1 (cifar10-subset-val; cifar10 is the ID)
+    assert res.returncode == 0 and res.stdout.count("\n") == 1 + 4 + 2
+    assert res.stdout.count(",avg shift,") == 2
     table = run_cli("results", "--dir", str(out))
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].split() == ["model", "dataset", "n", "acc1", "acc5",

@@ -81,10 +81,14 @@ def test_results_formats_keep_the_intervals():
     csv = run_cli("results", "--dir", str(BASELINE), "--format", "csv").stdout
     header = csv.splitlines()[0].split(",")
     assert {"acc1", "acc1_ci_low", "acc1_ci_high", "ece_ci_low", "auroc_ci_high"} <= set(header)
-    assert len(csv.splitlines()) == n_cells + 1
+    n_models = len(list(BASELINE.glob("*/")))
+    assert len(csv.splitlines()) == 1 + n_cells + n_models  # + each model's avg shift row
     rows = json.loads(run_cli("results", "--dir", str(BASELINE), "--format", "json").stdout)
-    assert len(rows) == n_cells == 22
+    assert len(rows) == n_cells + n_models == 22 + 11
     assert rows[0]["acc1_ci_low"] < rows[0]["acc1"] < rows[0]["acc1_ci_high"]
+    avg = {r["model"]: r for r in rows if r["dataset"] == "avg shift"}
+    shifted = {r["model"]: r["acc1"] for r in rows if r["dataset"] == "cifar10-subset-test-c"}
+    assert {m: r["acc1"] for m, r in avg.items()} == shifted  # the one shifted set, not the ID
 
 
 @pytest.mark.parametrize("args", [("results", "--dir", str(BASELINE), "--format", "json"),

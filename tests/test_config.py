@@ -120,3 +120,16 @@ def test_id_dataset_pairing_kept_dropped_or_refused(tmp_path):
     p.write_text("models: [tiny-random]\ndatasets: [cifar10]\nid_dataset: cifar100\n")
     with pytest.raises(RobenchError, match="not one of its datasets"):
         Runner(load_suite(str(p)))
+
+
+def test_adaptive_bin_rule_is_a_checked_metrics_key():
+    from robench.config import config_help
+
+    assert load_suite("smoke").metrics.adaptive_bins == "robench"  # numbers do not move
+    cfg = load_suite("smoke", ["metrics.adaptive_bins=torch-uncertainty"])
+    assert cfg.metrics.adaptive_bins == "torch-uncertainty"
+    with pytest.raises(RobenchError) as e:
+        load_suite("smoke", ["metrics.adaptive_bins=torch_uncertainty"])
+    assert "Did you mean 'torch-uncertainty'" in str(e.value)
+    assert "metrics.adaptive_bins=robench" in e.value.fix
+    assert "metrics.adaptive_bins=robench" in config_help()  # robench run --help lists it

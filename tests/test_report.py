@@ -235,17 +235,19 @@ def cell(table: Node, row_label: str, key: str) -> Node:
 def test_leaderboard_cells_show_value_and_interval(report: dict) -> None:
     table = report["dom"].by_id(f"{SHIFTS}-leaderboard")
     rows = body_rows(table)
-    assert [r[0].text() for r in rows] == [B16, B32, EVIL]  # by mean acc1; EVIL lacks a dataset
+    # by avg shift acc1 (cifar10-c, cifar10-v2; the ID set cifar10 left out); EVIL lacks v2
+    assert [r[0].text() for r in rows] == [B16, B32, EVIL]
     assert cell(table, B16, "cifar10/acc1").text() == "90.0 [88.0, 92.0]"
     assert cell(table, B32, "cifar10/ece").text() == "0.050 [0.040, 0.060]"
     assert cell(table, B32, "cifar10/auroc").text() == "0.800 [0.780, 0.820]"
     assert cell(table, B16, "cifar10-c/acc1").text() == "71.0"  # a mean over groups: no interval
     assert cell(table, B16, "cifar10-v2/ood_auroc").text() == "0.700"
-    assert cell(table, B16, "mean/acc1").text() == f"{(90 + 71 + 78) / 3:.1f}"
+    assert cell(table, B16, "avg-shift/acc1").text() == f"{(71 + 78) / 2:.1f}"  # not cifar10
     assert cell(table, B16, "method").text() == "zeroshot"
-    # One band per dataset; ood_auroc only where a record of that dataset has it.
+    # The average's band, then one band per dataset, the ID set first and marked; ood_auroc
+    # only where a record of that dataset has it.
     bands = [(th.text(), th.attrs["colspan"]) for th in table.all("th", "band")]
-    assert bands == [("all datasets", "1"), ("cifar10", "3"), ("cifar10-c", "4"),
+    assert bands == [("avg over 2 shifted sets", "1"), ("cifar10 (ID)", "3"), ("cifar10-c", "4"),
                      ("cifar10-v2", "4")]
     assert "cifar10/ood_auroc" not in header_keys(table)
     # Sort keys are the full-precision values.
@@ -263,7 +265,7 @@ def test_best_value_per_column_respects_direction(report: dict) -> None:
     assert best["cifar10-v2/acc1"] == [B16]  # [76, 80] clears [68, 72]
     # the samples cannot support a winner without intervals: none is marked
     assert best["cifar10-v2/ood_auroc"] == []  # 0.70 vs 0.60, no interval recorded
-    assert best["mean/acc1"] == []  # a mean over datasets has no interval
+    assert best["avg-shift/acc1"] == []  # a mean over datasets has no interval
     assert best["cifar10-c/ece"] == []  # every model ties: nothing to win
     # A column with a single value (the one-model suite) has no winner.
     assert not report["dom"].by_id("suite-quick-leaderboard").all("td", "best")
@@ -292,7 +294,7 @@ def test_best_is_marked_only_when_the_intervals_do_not_overlap() -> None:
 
 def test_null_metrics_and_missing_cells_show_a_dash(report: dict) -> None:
     table = report["dom"].by_id(f"{SHIFTS}-leaderboard")
-    for key in ("cifar10/auroc", "cifar10-v2/acc1", "cifar10-v2/ood_auroc", "mean/acc1"):
+    for key in ("cifar10/auroc", "cifar10-v2/acc1", "cifar10-v2/ood_auroc", "avg-shift/acc1"):
         td = cell(table, EVIL, key)
         assert td.text() == DASH == "\u2013", key
         assert "null" in td.classes and "best" not in td.classes
@@ -401,6 +403,58 @@ def test_provenance_panel_and_metric_definitions(report: dict) -> None:
     assert defs["acc5"][0] == METRIC_INFO["acc5"].description  # "<=" survives escaping
     assert defs["ece"][1] == "lower" and defs["auroc"][1] == "higher"
     assert defs["acc1"][2].startswith("Clopper-Pearson") and "200 resamples" in defs["ece"][2]
+
+
+def _flip_suite(root: Path, id_dataset: str | None) -> None:
+    """Suite "flip": "narrow" is best in distribution (95) but worst under shift (40, 44);
+    "robust" the other way round (60 ID; 50, 52 shifted)."""
+    for model, accs in (("narrow", (95.0, 40.0, 44.0)), ("robust", (60.0, 50.0, 52.0))):
+        for dataset, acc in zip(("clean", "shift-a", "shift-b"), accs, strict=True):
+            rec = make_record("flip", model, dataset, metrics(acc, 0.05, 0.8))
+            rec["protocol"]["id_dataset"] = id_dataset
+            write(root, rec)
+
+
+def test_avg_shift_leaves_the_id_set_out_and_orders_the_leaderboard(tmp_path: Path) -> None:
+    _flip_suite(tmp_path / "results", "clean")
+    out = tmp_path / "out"
+    dom = parse(render_report(tmp_path / "results", out).read_text(encoding="utf-8"))
+    table = dom.by_id("suite-flip-leaderboard")
+    # mean over the two shifted sets only; over all three "narrow" would lead (59.7 vs 54.0)
+    assert [r[0].text() for r in body_rows(table)] == ["robust", "narrow"]
+    assert cell(table, "robust", "avg-shift/acc1").text() == "51.0"
+    assert cell(table, "narrow", "avg-shift/acc1").text() == "42.0"
+    head = table.all("tr", "cols")[0].all("th")[header_keys(table).index("avg-shift/acc1")]
+    assert head.text() == "avg shift acc1 (%)"
+    assert "shift-a, shift-b" in head.attrs["title"] and "ID set clean is left out" in \
+        head.attrs["title"]
+    assert [th.text() for th in table.all("th", "band")] == [
+        "avg over 2 shifted sets", "clean (ID)", "shift-a", "shift-b"]
+    assert cell(table, "narrow", "clean/acc1").text() == "95.0 [93.0, 97.0]"  # kept, apart
+    section = dom.by_id("suite-flip")
+    assert any(p.text().endswith("as robustness papers report.") and "ordered by avg shift "
+               "acc1, the unweighted mean" in p.text() for p in section.all("p"))
+    md = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert re.search(r"\| model +\| method +\| clean acc1 \(ID\) +\| avg shift acc1 +\|", md)
+    assert re.search(r"\| robust +\| zeroshot +\| 60\.0 +\| 51\.0 +\|", md)
+    assert re.search(r"\| narrow +\| zeroshot +\| 95\.0 +\| 42\.0 +\|", md)
+
+
+def test_without_an_id_set_the_mean_runs_over_all_datasets_and_says_so(tmp_path: Path) -> None:
+    _flip_suite(tmp_path / "results", None)
+    out = tmp_path / "out"
+    dom = parse(render_report(tmp_path / "results", out).read_text(encoding="utf-8"))
+    table = dom.by_id("suite-flip-leaderboard")
+    assert "avg-shift/acc1" not in header_keys(table)  # nothing says which sets are shifts
+    assert [r[0].text() for r in body_rows(table)] == ["narrow", "robust"]
+    assert cell(table, "narrow", "mean-all/acc1").text() == f"{(95 + 40 + 44) / 3:.1f}"
+    head = table.all("tr", "cols")[0].all("th")[header_keys(table).index("mean-all/acc1")]
+    assert head.text() == "mean acc1 over all datasets (%)"
+    assert "no ID set is paired" in head.attrs["title"]
+    assert [th.text() for th in table.all("th", "band")] == [
+        "all datasets (no ID set paired)", "clean", "shift-a", "shift-b"]
+    md = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert "no ID set is paired" in md and "mean acc1 over all datasets" in md
 
 
 def test_csv_and_markdown(report: dict) -> None:

@@ -113,6 +113,40 @@ def test_rescore_reproduces_every_metric_and_applies_new_settings(run):
                                                     "val-c.json").read_text()
 
 
+def test_rescore_under_the_other_adaptive_bin_rule(run):
+    from robench.cli import main
+
+    tmp, out = run
+    old = json.loads((out / "cifar10-subset-val.json").read_text())
+    assert old["protocol"]["adaptive_bins"] == "robench"  # the record states its bin rule
+    assert old["protocol"]["ece_adaptive"] == M.ADAPTIVE_BINS["robench"]
+    assert main(["rescore", "--dir", str(tmp / "r" / "s"), "--adaptive-bins",
+                 "torch-uncertainty", "--out", str(tmp / "tu")]) == 0
+    new = json.loads((tmp / "tu" / "tiny-random" / "cifar10-subset-val.json").read_text())
+    assert new["protocol"]["adaptive_bins"] == "torch-uncertainty"
+    assert new["protocol"]["ece_adaptive"] == M.ADAPTIVE_BINS["torch-uncertainty"]
+    z = stored(out / "cifar10-subset-val.json")
+    conf = M.softmax(z["logits"].astype(np.float64)).max(1)
+    correct = z["logits"].argmax(1) == z["target"]
+    want = M.adaptive_ece(conf, correct, 15, bins="torch-uncertainty")
+    assert new["metrics"]["ece_adaptive"] == pytest.approx(want, abs=1e-9)
+    assert want != pytest.approx(old["metrics"]["ece_adaptive"], abs=1e-9)  # 500 = 15 x 33 + 5
+    assert {k: v for k, v in new["metrics"].items() if k != "ece_adaptive"} == \
+        {k: v for k, v in old["metrics"].items() if k != "ece_adaptive"}
+    # the re-scored records hold their rule: --verify re-scores them unchanged, and going back
+    # to robench's rule gives the run's numbers again
+    assert main(["rescore", "--dir", str(tmp / "tu"), "--verify"]) == 0
+    assert main(["rescore", "--dir", str(tmp / "tu"), "--adaptive-bins", "robench",
+                 "--out", str(tmp / "back")]) == 0
+    back = json.loads((tmp / "back" / "tiny-random" / "cifar10-subset-val.json").read_text())
+    assert back["metrics"] == old["metrics"] and back["groups"] == old["groups"]
+    from robench.errors import RobenchError
+    from robench.rescore import rescore
+
+    with pytest.raises(RobenchError, match="Did you mean 'torch-uncertainty'"):
+        rescore(tmp / "tu", adaptive_bins="torch_uncertainty")
+
+
 def test_rescore_refuses_old_records_with_the_fix(tmp_path):
     folder = tmp_path / "r" / "m"
     folder.mkdir(parents=True)

@@ -40,7 +40,16 @@ import robench
 from robench.errors import RobenchError
 from robench.io import atomic_write
 from robench.metrics import RECORD_METRIC_INFO, MetricInfo
-from robench.results import HEADLINE, check_protocols, find_records, read_record, to_frame
+from robench.results import (
+    HEADLINE,
+    ShiftAverage,
+    average_tables,
+    check_protocols,
+    find_records,
+    read_record,
+    shift_average,
+    to_frame,
+)
 
 __all__ = ["DASH", "DEFAULT_TITLE", "load_records", "render_report"]
 
@@ -183,6 +192,7 @@ class SuiteView:
     common: list[tuple[str, str]]  # protocol/provenance fields equal in every cell
     varying: Table | None  # fields that differ, one row per cell
     analysis: AnalysisView | None = None
+    order_note: str = ""  # what the models are ordered by
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +485,8 @@ def _by_cell(records: Iterable[dict]) -> dict[tuple[str, str], dict]:
 
 def model_order(models: Iterable[str], datasets: Sequence[str],
                 cells: dict[tuple[str, str], dict]) -> list[str]:
-    """Best mean acc1 first among models with every dataset, then the rest by name."""
+    """Best mean acc1 over ``datasets`` (the suite's shifted sets: :class:`ShiftAverage`) first
+    among models with every one of them, then the rest by name."""
     def mean_acc(m: str) -> float | None:
         vals = [number(cells[(m, d)]["metrics"].get("acc1")) if (m, d) in cells else None
                 for d in datasets]
@@ -505,28 +516,37 @@ def er_title(er: dict, d: str) -> str:
 
 
 def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str],
-                      cells: dict[tuple[str, str], dict], er: dict | None = None) -> Table:
+                      cells: dict[tuple[str, str], dict], er: dict | None = None,
+                      average: ShiftAverage | None = None) -> Table:
     """Models x datasets, one band per dataset with acc1 / ECE / AUROC (/ OOD AUROC), and the
-    effective robustness of a shifted dataset when the suite's analysis has a fit for it."""
+    effective robustness of a shifted dataset when the suite's analysis has a fit for it.
+
+    The first column is the suite's one-number summary, ``average`` (by default from the
+    records): the avg shift acc1, the mean over the shifted sets with the ID set's band first
+    and apart, as papers report it; when no ID set is paired, the mean over all datasets,
+    labelled as such."""
     er = er or {}
     er_models = er.get("models") or {}
+    avg = average or shift_average(cells.values())
     columns: list[Column] = []
     bands: list[tuple[str, int]] = []
     plan: list[tuple[str | None, MetricFormat]] = []
-    if len(datasets) > 1:
-        mean_fmt = MetricFormat("acc1", "mean acc1 (%)", 1)
-        columns.append(Column("mean acc1 (%)", direction="higher", key="mean/acc1", title=(
-            "unweighted mean of the headline top-1 accuracy over this suite's datasets; "
-            "only for models with every dataset")))
-        bands.append(("all datasets", 1))
-        plan.append((None, mean_fmt))
-    for d in datasets:
+    if avg.datasets and (avg.paired or len(datasets) > 1):
+        n = len(avg.datasets)
+        label = f"{avg.label} (%)"
+        columns.append(Column(label, direction="higher", key=f"{avg.key}/acc1",
+                              title=f"{avg.describe()}; only for models with every one of them"))
+        bands.append((f"avg over {n} shifted set{'' if n == 1 else 's'}" if avg.paired
+                      else "all datasets (no ID set paired)", 1))
+        plan.append((None, MetricFormat("acc1", label, 1)))
+    ids = [d for d in datasets if d in avg.id_datasets]
+    for d in ids + [d for d in datasets if d not in ids]:  # the ID set first, apart
         recs = [cells[(m, d)] for m in models if (m, d) in cells]
         fmts = [f for f in LEADERBOARD_METRICS
                 if f.key != "ood_auroc" or any("ood_auroc" in r["metrics"] for r in recs)]
         if d in (er.get("fits") or {}):
             fmts.append(ER_FORMAT)
-        bands.append((d, len(fmts)))
+        bands.append((f"{d} (ID)" if d in ids else d, len(fmts)))
         for f in fmts:
             if f is ER_FORMAT:
                 columns.append(Column(f.label + (" (weak fit)" if er["fits"][d].get("weak")
@@ -540,12 +560,12 @@ def leaderboard_table(anchor: str, models: Sequence[str], datasets: Sequence[str
         row_cells = []
         for d, f in plan:
             if d is None:
-                vals = [number(cells[(m, x)]["metrics"].get("acc1")) if (m, x) in cells else None
-                        for x in datasets]
-                v = None if any(v is None for v in vals) else float(np.mean(vals))
-                row_cells.append(metric_cell({"acc1": v}, f, f"mean over {len(datasets)} datasets")
-                                 if v is not None else Cell(DASH, None, title="not every dataset "
-                                                            "has an accuracy for this model"))
+                v = avg.value({x: number(cells[(m, x)]["metrics"].get("acc1"))
+                               if (m, x) in cells else None for x in avg.datasets})
+                row_cells.append(metric_cell({"acc1": v}, f, avg.describe())
+                                 if v is not None else Cell(DASH, None, title=(
+                                     f"not every one of {', '.join(avg.datasets)} has an "
+                                     "accuracy for this model")))
             elif f is ER_FORMAT:
                 v = (er_models.get(m) or {}).get(d) or {}
                 band = v.get("er_interval") or (None, None)
@@ -833,17 +853,21 @@ def suite_view(name: str, records: list[dict], taken: set[str],
     anchor = slug(f"suite-{name}", taken)
     cells = _by_cell(records)
     datasets = sorted({str(r["dataset"]) for r in records})
-    models = model_order({str(r["model"]) for r in records}, datasets, cells)
+    avg = shift_average(records)
+    by = list(avg.datasets) or datasets  # a suite of its ID set alone: by that set
+    models = model_order({str(r["model"]) for r in records}, by, cells)
     styles = model_styles(models)
     breakdowns = [b for d in datasets
                   if (b := breakdown_view(slug(f"{anchor}-{d}", taken), d, models, cells, styles))]
     common, varying = provenance_view(anchor, records, models, datasets)
     er = ((analysis or {}).get("effective_robustness") or {})
+    order = (f"Models are ordered by {avg.label}, the {avg.describe()}." if avg.datasets else
+             f"Models are ordered by top-1 accuracy on {', '.join(by)}.")
     return SuiteView(name, anchor, models, datasets, len(records),
-                     leaderboard_table(anchor, models, datasets, cells, er),
+                     leaderboard_table(anchor, models, datasets, cells, er, avg),
                      scatter_chart(name, models, records, styles), breakdowns, common, varying,
                      analysis_view(anchor, name, analysis, models, datasets, cells, styles)
-                     if analysis else None)
+                     if analysis else None, order)
 
 
 def metric_definitions(records: Sequence[dict]) -> list[dict[str, str]]:
@@ -914,6 +938,8 @@ def markdown(suites: Sequence[SuiteView], records: list[dict], title: str,
                 rows.append(row)
         parts += [f"## {_md_escape(s.name)}", "",
                   pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+        for heading, table in average_tables(list(cells.values()), "md", digits=1):
+            parts += [f"### {_md_escape(heading)}", "", table, ""]
         doc = (analyses or {}).get(s.name)
         if doc:
             from robench.results import analysis_tables
