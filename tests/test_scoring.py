@@ -193,9 +193,15 @@ def test_ood_auroc_id_side_is_scored_over_the_same_classes():
     shifted = _source(labels[in_sub], c, subset=subset)
     id_feats = FeatureSet(feats, [], "id", False)
     out = S.cell_outputs(head, FeatureSet(feats[in_sub], [], "sh", False), shifted)
-    out.ood_id_conf = S.id_confidence(head, id_feats, id_src, out.scored_classes)
+    out.ood_id_conf, out.ood_id_correct = S.id_confidence(head, id_feats, id_src,
+                                                          out.scored_classes)
     m, _ = S.cell_metrics(out, None, n_bins=15, n_bootstrap=0, seed=0, alpha=0.05)
     assert m["ood_auroc"] == 0.5
+    # the ID set over the sub-list is this very set: effective robustness's x-axis, id_acc1,
+    # is its accuracy over the sub-list's classes (not the ID set's over all 50)
+    assert m["id_acc1"] == m["acc1"]
+    full = M.metrics_from_outputs(M.sample_outputs(head.logits(feats), labels), n_bootstrap=0)
+    assert abs(full["acc1"] - m["id_acc1"]) > 1
     # the old pairing: ID MSP over all 50 classes vs shifted MSP over 10 is biased
     conf_all = M.softmax(head.logits(feats)).max(1)
     assert abs(M.ood_auroc(conf_all, out.samples.conf) - 0.5) > 0.05
@@ -203,7 +209,7 @@ def test_ood_auroc_id_side_is_scored_over_the_same_classes():
     other = _features(rng, 800)
     sh2 = _source(np.full(800, subset[0]), c, subset=subset)
     out2 = S.cell_outputs(head, FeatureSet(other, [], "o", False), sh2)
-    out2.ood_id_conf = S.id_confidence(head, id_feats, id_src, out2.scored_classes)
+    out2.ood_id_conf, _ = S.id_confidence(head, id_feats, id_src, out2.scored_classes)
     m2, _ = S.cell_metrics(out2, None, n_bins=15, n_bootstrap=0, seed=0, alpha=0.05)
     lg = np.concatenate([feats[in_sub], other]).astype(np.float64) @ \
         head.weight[:, subset].astype(np.float64) * 100.0
