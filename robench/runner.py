@@ -49,6 +49,7 @@ from robench.registry import (
     dataset_root,
     resolve_dataset,
     resolve_model,
+    spec_identity,
     template_set,
 )
 from robench.results import read_record, record_path, verify_outputs, write_record
@@ -187,7 +188,7 @@ class Runner:
     def cell_key(self, model: str, dataset: str) -> str:
         source = self.source(dataset)
         ident = {
-            "protocol": PROTOCOL_VERSION, "model": model, "spec": asdict(self.models[model]),
+            "protocol": PROTOCOL_VERSION, "model": model, "spec": spec_identity(self.models[model]),
             "dataset": dataset, "dataset_spec": asdict(self.dataset_specs[dataset]),
             "manifest": source.manifest_hash, "metrics": OmegaConf.to_container(self.cfg.metrics),
             "seed": self.cfg.seed, "precision": self.cfg.model.precision,
@@ -202,7 +203,7 @@ class Runner:
             # the files of each dataset it learns from, and the models it is built from
             "training_data": {role: self.source(d).manifest_hash
                               for role, d in self.data_roles(model)},
-            "depends_on": {m: {"spec": asdict(self.declared(m)),
+            "depends_on": {m: {"spec": spec_identity(self.declared(m)),
                                "weights": self._weights_identity(m)}
                            for m in self.model_dependencies(model)},
         }
