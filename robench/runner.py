@@ -321,17 +321,19 @@ class Runner:
         for name in evaluated:
             if any((name, d) in pending for d in datasets):
                 spec = self.prepared(name)  # trains fine-tuned checkpoints if needed
-                groups.setdefault((spec.arch, spec.pretrained), []).append(name)
+                # a declared preprocess block is part of what is loaded
+                groups.setdefault((spec.arch, spec.pretrained, spec.preprocess), []).append(name)
         owner = self.owners(pending, evaluated, datasets)
         mine = [c for c in pending if owner[c] == self.world.rank]
         who = f"rank {self.world.rank}: " if self.world.distributed else ""
         t0 = time.time()
-        for (arch, pretrained), names in groups.items():
+        for (arch, pretrained, preprocess), names in groups.items():
             from robench.models.backbone import load_backbone
 
             backbone = self.backbones.get((arch, pretrained)) or load_backbone(
                 arch, pretrained, self.cfg.device, self.cfg.model.precision,
-                allow_download=self.cfg.allow_download, seed=self.cfg.seed)
+                allow_download=self.cfg.allow_download, seed=self.cfg.seed,
+                preprocess=preprocess)
             if self.world.distributed:  # extract together what this group's cells will read
                 for d in self.group_datasets(names, datasets, pending):
                     self.source_and_features(backbone, d, collective=True)
