@@ -359,3 +359,18 @@ def test_descriptions_are_read_off_the_transform():
     assert odd == "no resize, no crop, Grayscale(num_output_channels=3), no normalisation"
     assert describe_transform(T.Compose([T.Resize((32, 48)), T.ToTensor()])).startswith(
         "resize 32x48 bilinear")  # an exact (h, w), not a shorter side
+
+
+def test_the_readme_example_declares_robustbench_input():
+    """The README's CIFAR example loads as a block of no steps but ToTensor (RobustBench's
+    [0, 1] pixels), and the description it quotes is what such a block records."""
+    import re
+
+    import yaml
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "preprocess:" in b)
+    _, spec = resolve_model(yaml.safe_load(block)["models"][0])
+    assert spec.preprocess == Preprocess() and spec.method == "classifier"
+    assert f"`declared: {Preprocess(**RAW).describe()}`" in " ".join(text.split())
