@@ -327,6 +327,18 @@ def test_the_block_is_typed_in_every_form():
     assert based.preprocess == Preprocess(size=32) and based.arch == "robench-tiny-vit"
     assert resolve_model({"name": "d", "arch": TINY})[1].preprocess is None
     assert hash(want) == hash(Preprocess(**RAW))  # a key of the runner's backbone groups
+    assert robench.Preprocess is Preprocess and "Preprocess" in robench.__all__
+
+    # an inline declaration on the command line, through the config's override parser
+    from omegaconf import OmegaConf
+
+    from robench.config import build_config
+
+    cfg = build_config({"datasets": ["cifar10"]}, [
+        "models=[{name: c, arch: 'torchvision:resnet18', method: classifier, "
+        "preprocess: {size: 32, crop: null, mean: [0, 0, 0], std: [1, 1, 1]}}]"],
+        default_name="s")
+    assert resolve_model(OmegaConf.to_container(cfg.models[0]))[1].preprocess == want
 
 
 def test_interpolations_are_torchvisions():
