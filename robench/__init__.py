@@ -19,15 +19,17 @@ if TYPE_CHECKING:
     from robench.api import evaluate, load_results, run
     from robench.errors import RobenchError
     from robench.models.custom import CustomModel
+    from robench.preprocess import Preprocess
     from robench.registry import DatasetSpec, ModelSpec
 
 _EXPORTS = {
     "run": "robench.api", "evaluate": "robench.api", "load_results": "robench.api",
     "CustomModel": "robench.models.custom", "RobenchError": "robench.errors",
     "ModelSpec": "robench.registry", "DatasetSpec": "robench.registry",
+    "Preprocess": "robench.preprocess",
 }
-__all__ = ["CustomModel", "DatasetSpec", "ModelSpec", "RobenchError", "__version__", "evaluate",
-           "load_results", "run"]
+__all__ = ["CustomModel", "DatasetSpec", "ModelSpec", "Preprocess", "RobenchError", "__version__",
+           "evaluate", "load_results", "run"]
 
 
 def __getattr__(name: str) -> Any:

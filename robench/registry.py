@@ -7,11 +7,12 @@ up through :func:`get_model` / :func:`get_dataset`, which fail with the valid na
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from robench.errors import RobenchError, unknown
+from robench.preprocess import Preprocess
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METADATA = Path(__file__).resolve().parent / "data" / "metadata"
@@ -31,13 +32,58 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: an open_clip backbone plus the method that turns it into a classifier."""
+    """A registered model: a backbone (open_clip, ``timm:`` / ``torchvision:`` classifier) plus
+    the method that turns it into a classifier.
+
+    ``preprocess`` (:class:`robench.preprocess.Preprocess`, or its mapping) replaces the
+    backbone's own preprocessing; None keeps it (timm's pretrained config, torchvision's default
+    weights transforms, the open_clip tag's)."""
 
     arch: str
     pretrained: str | None = None
     method: str = "zeroshot"
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    preprocess: Preprocess | None = None
+
+    def __post_init__(self) -> None:
+        # a suite gives the block as a mapping: typed and checked here, as the suite loads
+        object.__setattr__(self, "preprocess", Preprocess.parse(self.preprocess))
+
+
+def spec_identity(spec: ModelSpec) -> dict[str, Any]:
+    """The spec as the cell key hashes it: every field, except ``preprocess`` when none is
+    declared, so that the key of a model declared without a block is the one it had before
+    the block existed (its records are reused and the committed baselines stay comparable)."""
+    ident = asdict(spec)
+    if spec.preprocess is None:
+        del ident["preprocess"]
+    return ident
+
+
+def check_preprocess(name: str, spec: ModelSpec) -> None:
+    """A declared preprocessing must reach every network the model evaluates. Methods that
+    train or load another backbone (finetune, car-ft, lp-ft, flyp, wise-ft, or temperature
+    scaling over one) build it through their own loading path and save a derived checkpoint
+    with open_clip's preprocessing config, which cannot carry the block: refused. A
+    ``CustomModel`` brings its own preprocessing callable."""
+    if spec.preprocess is None:
+        return
+    if spec.arch.startswith("custom:"):
+        raise RobenchError(f"model '{name}': a preprocess block does not apply to a CustomModel",
+                           "pass the transform as CustomModel(preprocess=...)")
+    from robench.methods import make_method  # the methods never import the registry's specs
+
+    method = make_method(spec.method, spec.options, name)
+    if method.changes_backbone:
+        base = getattr(method, "base", None)  # temperature scaling names what it wraps
+        over = f" over '{base.name}'" if base is not None else ""
+        raise RobenchError(
+            f"model '{name}': method '{spec.method}'{over} trains or loads its own backbone, "
+            "which would not see the declared preprocess block",
+            "drop the preprocess block (the backbone keeps its own preprocessing), or use it "
+            "with a method on the frozen backbone: zeroshot, linear-probe, lp-clip, classifier "
+            "or temperature-scaling over one of them")
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -185,6 +231,9 @@ def _from_dict(cls: type, name: str, entry: dict[str, Any]) -> Any:
     except TypeError as e:
         raise RobenchError(f"incomplete declaration of '{name}': {e}",
                            f"give the fields {sorted(valid)}") from e
+    except RobenchError as e:  # a field's own check (the preprocess block): name the entry
+        kind = "model" if cls is ModelSpec else "dataset"
+        raise RobenchError(f"{kind} '{name}': {e.problem}", e.fix) from None
 
 
 def resolve_model(item: Any) -> tuple[str, ModelSpec]:
@@ -200,8 +249,11 @@ def resolve_model(item: Any) -> tuple[str, ModelSpec]:
     if base is not None:  # inline entry that tweaks a registered model
         spec = get_model(base)
         merged = {f.name: getattr(spec, f.name) for f in fields(ModelSpec)} | entry
-        return name, _from_dict(ModelSpec, name, merged)
-    return name, _from_dict(ModelSpec, name, entry)
+        spec = _from_dict(ModelSpec, name, merged)
+    else:
+        spec = _from_dict(ModelSpec, name, entry)
+    check_preprocess(name, spec)
+    return name, spec
 
 
 def resolve_dataset(item: Any) -> tuple[str, DatasetSpec]:

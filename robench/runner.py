@@ -50,6 +50,7 @@ from robench.registry import (
     dataset_root,
     resolve_dataset,
     resolve_model,
+    spec_identity,
     template_set,
 )
 from robench.results import portable_record, read_record, record_path, verify_outputs, write_record
@@ -196,7 +197,7 @@ class Runner:
     def cell_key(self, model: str, dataset: str) -> str:
         source = self.source(dataset)
         ident = {
-            "protocol": PROTOCOL_VERSION, "model": model, "spec": asdict(self.models[model]),
+            "protocol": PROTOCOL_VERSION, "model": model, "spec": spec_identity(self.models[model]),
             "dataset": dataset, "dataset_spec": asdict(self.dataset_specs[dataset]),
             "manifest": source.manifest_hash, "metrics": OmegaConf.to_container(self.cfg.metrics),
             "seed": self.cfg.seed, "precision": self.cfg.model.precision,
@@ -213,7 +214,7 @@ class Runner:
             # the files of each dataset it learns from, and the models it is built from
             "training_data": {role: self.source(d).manifest_hash
                               for role, d in self.data_roles(model)},
-            "depends_on": {m: {"spec": asdict(self.declared(m)),
+            "depends_on": {m: {"spec": spec_identity(self.declared(m)),
                                "weights": self._weights_identity(m)}
                            for m in self.model_dependencies(model)},
         }
@@ -333,17 +334,19 @@ class Runner:
         for name in evaluated:
             if any((name, d) in pending for d in datasets):
                 spec = self.prepared(name)  # trains fine-tuned checkpoints if needed
-                groups.setdefault((spec.arch, spec.pretrained), []).append(name)
+                # a declared preprocess block is part of what is loaded
+                groups.setdefault((spec.arch, spec.pretrained, spec.preprocess), []).append(name)
         owner = self.owners(pending, evaluated, datasets)
         mine = [c for c in pending if owner[c] == self.world.rank]
         who = f"rank {self.world.rank}: " if self.world.distributed else ""
         t0 = time.time()
-        for (arch, pretrained), names in groups.items():
+        for (arch, pretrained, preprocess), names in groups.items():
             from robench.models.backbone import load_backbone
 
             backbone = self.backbones.get((arch, pretrained)) or load_backbone(
                 arch, pretrained, self.cfg.device, self.cfg.model.precision,
-                allow_download=self.cfg.allow_download, seed=self.cfg.seed)
+                allow_download=self.cfg.allow_download, seed=self.cfg.seed,
+                preprocess=preprocess)
             if self.world.distributed:  # extract together what this group's cells will read
                 for d in self.group_datasets(names, datasets, pending):
                     self.source_and_features(backbone, d, collective=True)

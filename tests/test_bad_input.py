@@ -16,6 +16,8 @@ from conftest import TINY, run_cli
 from robench.io import write_json
 
 LP = f"{{name: lp, arch: {TINY}, method: linear-probe, options: {{train_on: cifar10-subset-probe, "
+PRE = ("models=[{{name: c, arch: 'torchvision:resnet18', method: classifier, "
+       "preprocess: {}}}]")
 WISE = (f"[{{name: w, arch: {TINY}, method: wise-ft, options: {{finetuned: ft, alphas: {{a}}}}}},"
         f" {{name: ft, arch: {TINY}, method: finetune, options: {{train_on: cifar10-subset-probe"
         "}}]")
@@ -102,6 +104,16 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                   " options: {calibrate_on: cifar10-subset-val, base: "
                                   "linear-probe, base_options: {grid: 3}}}]"],
                            "grid=3 of linear-probe must be a list"),
+        "preprocess key": (run + [PRE.format("{sise: 32}")],
+                           "unknown preprocess key 'sise'. Did you mean 'size'?"),
+        "preprocess std=0": (run + [PRE.format("{mean: [0, 0, 0], std: [0, 1, 1]}")],
+                             "preprocess.std=[0.0, 1.0, 1.0] must be positive"),
+        "preprocess crop<0": (run + [PRE.format("{size: null, crop: -2}")],
+                              "preprocess.crop=-2 must be a positive integer"),
+        "preprocess finetune": (run + [f"models=[{{name: f, arch: {TINY}, method: finetune, "
+                                       "options: {train_on: cifar10-subset-probe}, "
+                                       "preprocess: {size: 32}}]"],
+                                "trains or loads its own backbone"),
         "results non-record": (["results", "--dir", str(tmp / "results")],
                                "notes.json is not a robench result record"),
         "check non-record": (["check", "--baseline", str(tmp / "results"), "--results",
@@ -120,7 +132,8 @@ NAMES = ["n_bins=0", "bootstrap<0", "alpha>1", "alpha=0", "seed<0", "seed huge",
          "batch_size<0", "num_workers<0", "batch_size=abc", "missing .pt", "garbage .pt",
          "broken override", "symlink loop root", "object -C npy", "truncated -C npy",
          "label out of range", "float labels", "alphas scalar", "epochs abc", "grid abc",
-         "unknown option", "ts base option", "results non-record", "check non-record",
+         "unknown option", "ts base option", "preprocess key", "preprocess std=0",
+         "preprocess crop<0", "preprocess finetune", "results non-record", "check non-record",
          "refused tar", "truncated tar"]
 
 
@@ -157,7 +170,7 @@ def test_bad_input_is_a_named_error(cases, name, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["broken override", "garbage .pt", "object -C npy",
-                                  "refused tar"])
+                                  "refused tar", "preprocess key"])
 def test_as_a_process_bad_input_prints_no_traceback(cases, name, tmp_path):
     args, phrase = _args(cases, name, tmp_path)
     r = run_cli(*args)

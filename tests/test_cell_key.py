@@ -6,7 +6,7 @@ import json
 
 import open_clip
 import torch
-from conftest import TINY, run_cli, same_outputs
+from conftest import REPO, TINY, run_cli, same_outputs
 
 import robench.models.backbone  # noqa: F401 (registers the tiny open_clip configs)
 
@@ -107,3 +107,31 @@ def test_the_key_holds_the_adaptive_bin_rule_not_the_stored_outputs(tmp_path):
     assert key("metrics.adaptive_bins=robench") == base
     # outputs=logits changes what is stored beside the record, not what is computed
     assert key("outputs=logits") == base
+
+
+def test_the_preprocess_block_is_part_of_the_key(tmp_path):
+    """A declared preprocessing is in the key (another block: another cell), and a model
+    without one keeps the key it had before blocks existed: the committed quickstart records
+    are still the cells a fresh run of the suite would compute (nothing redone, the baseline
+    comparable)."""
+    from robench.config import build_config, load_suite
+    from robench.runner import Runner
+
+    suite = Runner(load_suite("quickstart", [f"cache_dir={tmp_path / 'c'}",
+                                             f"results_dir={tmp_path / 'r'}"]))
+    for m in ("tiny-clip-cifar10", "tiny-clip-linear-probe", "tiny-clip-wise-ft-a0.5"):
+        rec = json.loads((REPO / "results" / "quickstart" / m / "cifar10-subset-test.json")
+                         .read_text())
+        assert suite.cell_key(m, "cifar10-subset-test") == rec["cell_key"], m
+
+    def key(block: dict | None) -> str:
+        model = {"name": "m", "arch": TINY, **({"preprocess": block} if block else {})}
+        runner = Runner(build_config({"name": "k", "models": [model], "id_dataset": None,
+                                      "datasets": ["cifar10-subset-val"],
+                                      "cache_dir": str(tmp_path / "c"),
+                                      "results_dir": str(tmp_path / "r"), "device": "cpu"}))
+        return runner.cell_key("m", "cifar10-subset-val")
+
+    raw = key({"size": 32})
+    assert raw == key({"size": 32, "crop": None})  # the same block, written two ways
+    assert len({key(None), raw, key({"size": 32, "interpolation": "bicubic"})}) == 3

@@ -351,6 +351,12 @@ class Method(ABC):
         """Train or reuse what changes the backbone; return the spec to load (default: as is)."""
         return spec
 
+    @property
+    def changes_backbone(self) -> bool:
+        """Whether :meth:`prepare` trains or loads another backbone than the declared one
+        (a method that overrides it does); such a backbone has its own loading path."""
+        return type(self).prepare is not Method.prepare
+
     @abstractmethod
     def build(self, ctx: HeadContext, source: ImageSource) -> LinearHead:
         """The head scoring ``source``'s features (over its ``class_subset`` when it has one)."""

@@ -50,6 +50,11 @@ class TemperatureScaling(Method):
         """The wrapped model's spec: same backbone, the base method and its options."""
         return replace(spec, method=self.base.name, options=dict(self.options.base_options))
 
+    @property
+    def changes_backbone(self) -> bool:
+        """Only as its base does: :meth:`prepare` just forwards to the base's."""
+        return self.base.changes_backbone
+
     def data_roles(self) -> list[tuple[str, str]]:
         return [*self.options.data_roles().items(), *self.base.data_roles()]
 

@@ -23,6 +23,7 @@ from robench.models.weights import (  # noqa: F401  (weights_identity re-exporte
     resolve_assets,
     weights_identity,
 )
+from robench.preprocess import Preprocess
 
 # robench's own tiny architectures, and any registered earlier, become open_clip model names.
 open_clip.add_model_config(CONFIG_DIR)
@@ -234,6 +235,11 @@ class Backbone:
     # overrides applied) and the final preprocessing config: what a derived checkpoint must carry
     model_cfg: dict | None = None
     preprocess_cfg: dict | None = None
+    # a readable description of the preprocessing when robench built it (a declared
+    # ``preprocess:`` block, a timm / torchvision default), naming where it came from; None:
+    # the open_clip tag's own transform, identified by its repr
+    preprocess_label: str | None = None
+    declared_preprocess: Preprocess | None = None  # the model's ``preprocess:`` block, if any
 
     @property
     def image_size(self) -> int:
@@ -247,6 +253,9 @@ class Backbone:
 
     @property
     def preprocess_id(self) -> str:
+        """What the record's ``provenance.preprocess`` says and the feature key hashes."""
+        if self.preprocess_label is not None:
+            return self.preprocess_label
         # function reprs carry memory addresses; strip them so the id is stable across runs
         return re.sub(r" at 0x[0-9a-f]+", "", repr(self.preprocess))
 
@@ -291,8 +300,10 @@ def check_loadable(arch: str, pretrained: str | None, allow_download: bool = Fal
 
 def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
                   precision: str = "fp32", allow_download: bool = False,
-                  seed: int = 0) -> Backbone:
-    """Load any open_clip ``model_name`` + ``pretrained`` with the tag's preprocessing."""
+                  seed: int = 0, preprocess: Preprocess | None = None) -> Backbone:
+    """Load any open_clip ``model_name`` + ``pretrained`` with the tag's preprocessing, or
+    with ``preprocess`` (a model's declared block) in its place; ``timm:`` / ``torchvision:``
+    classifiers through :mod:`robench.models.zoo`."""
     if precision not in PRECISIONS:
         raise RobenchError(f"unknown precision '{precision}'", "use fp32, fp16 or bf16")
     device = resolve_device(device)
@@ -300,7 +311,7 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
     from robench.models import zoo
 
     if zoo.is_zoo(arch):
-        return zoo.load(arch, pretrained, device, precision, seed)
+        return zoo.load(arch, pretrained, device, precision, seed, preprocess)
     model_name, tag = arch, pretrained
     if pretrained and pretrained.startswith(SCHEMAS):
         model_name, tag = pretrained, None  # open_clip reads schemas from the model name
@@ -314,7 +325,7 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
     if not pretrained:  # open_clip warns about random init on the root logger; that is intended
         root.setLevel(logging.ERROR)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, _, transform = open_clip.create_model_and_transforms(
             model_name, pretrained=tag, device=device, **kwargs)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint fails anyhow inside
         # torch.load (weights_only: UnpicklingError, IndexError, EOFError, ...); say which file
@@ -326,12 +337,32 @@ def load_backbone(arch: str, pretrained: str | None, device: str = "auto",
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     pp_cfg = getattr(model.visual, "preprocess_cfg", None)
-    return Backbone(arch=arch, pretrained=pretrained, model=model, preprocess=preprocess,
-                    tokenizer=tokenizer, device=device, precision=precision,
-                    weights_hash=state_dict_hash(model),
-                    model_cfg=instantiated_model_cfg(arch, pretrained, kwargs),
-                    # JSON-normalised (tuples -> lists) so it compares equal after a reload
-                    preprocess_cfg=json.loads(json.dumps(pp_cfg)) if pp_cfg else None)
+    backbone = Backbone(arch=arch, pretrained=pretrained, model=model, preprocess=transform,
+                        tokenizer=tokenizer, device=device, precision=precision,
+                        weights_hash=state_dict_hash(model),
+                        model_cfg=instantiated_model_cfg(arch, pretrained, kwargs),
+                        # JSON-normalised (tuples -> lists) so it compares equal after a reload
+                        preprocess_cfg=json.loads(json.dumps(pp_cfg)) if pp_cfg else None)
+    return backbone if preprocess is None else with_declared(backbone, preprocess)
+
+
+def with_declared(backbone: Backbone, preprocess: Preprocess) -> Backbone:
+    """``backbone`` with a declared preprocessing in place of its tag's (e.g. the mean / std
+    a checkpoint was trained with where its file carries none). The network's input size is
+    fixed by its config, so a block that fixes another size is refused here, before any
+    image is encoded. ``preprocess_cfg`` becomes None: open_clip's config cannot carry the
+    block (which is why methods that save derived checkpoints refuse it)."""
+    side = preprocess.output_size
+    if side is not None and side != backbone.image_size:
+        raise RobenchError(
+            f"{backbone.arch}: the preprocess block makes {side}x{side} images but the network "
+            f"takes {backbone.image_size}x{backbone.image_size}",
+            f"set crop: {backbone.image_size} (or size: {backbone.image_size} with crop: null)")
+    backbone.preprocess = preprocess.transform()
+    backbone.preprocess_label = f"declared: {preprocess.describe()}"
+    backbone.declared_preprocess = preprocess
+    backbone.preprocess_cfg = None
+    return backbone
 
 
 def instantiated_model_cfg(arch: str, pretrained: str | None, kwargs: dict) -> dict | None:

@@ -86,6 +86,8 @@ class ModuleBackbone(Backbone):
 
     @property
     def preprocess_id(self) -> str:
+        if self.preprocess_label is not None:  # robench built it (a timm / torchvision model)
+            return self.preprocess_label
         return callable_id(self.preprocess)
 
     @torch.no_grad()

@@ -195,10 +195,15 @@ def training_split(split: Unlabelled, subset: int, seed: int) -> Unlabelled:
 
 
 # -- strong views -------------------------------------------------------------------------------
-def _normalization(backbone: Backbone) -> T.Normalize:
+def _normalization(backbone: Backbone) -> list[T.Normalize]:
+    """The backbone's Normalize step, which the strong views end with as the weak view does;
+    none when a declared ``preprocess:`` block normalises nothing (mean / std null)."""
     for t in getattr(backbone.preprocess, "transforms", []):
         if isinstance(t, T.Normalize):
-            return t
+            return [t]
+    declared = backbone.declared_preprocess
+    if declared is not None and declared.mean is None:
+        return []
     raise RobenchError("the backbone's preprocessing has no Normalize step",
                        "lp-clip's strong views need the tag's mean/std")
 
@@ -218,7 +223,7 @@ def strong_transform(backbone: Backbone, crop_scale: float = 0.35, jitter: float
                                  p=0.8))
     if randaugment > 0:
         ops.append(T.RandAugment(num_ops=2, magnitude=int(randaugment)))
-    ops += [T.ToTensor(), _normalization(backbone)]
+    ops += [T.ToTensor(), *_normalization(backbone)]
     return T.Compose(ops)
 
 

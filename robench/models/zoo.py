@@ -20,6 +20,13 @@ line from (Taori et al. 2020 fit theirs over standard ImageNet models).
   default weights enum (``get_model_weights(name).DEFAULT.transforms()``: metadata only, no
   download).
 
+A ``preprocess:`` block in the model entry (:class:`robench.preprocess.Preprocess`) replaces
+either default: a CIFAR network trained on raw 32x32 pixels in [0, 1] (RobustBench's protocol)
+needs ``preprocess: {size: null, crop: null, mean: null, std: null}``, not ImageNet's resize to
+224 and normalisation. The record's ``provenance.preprocess`` says which one was used
+(``declared: ...``, ``timm pretrained config of <name>: ...``, ``torchvision <weights>
+transforms: ...``) and what it does.
+
 ``K``, the number of outputs, is read from the checkpoint's classifier weight, so a 10-class
 network is scored on CIFAR-10 and a 1000-class one on the ImageNet family (ImageNet-R/-A restrict
 the 1000 logits to their 200 classes, as for any model). ``pretrained: null`` builds a seeded
@@ -36,6 +43,7 @@ from typing import Any
 import torch
 
 from robench.errors import RobenchError, unknown
+from robench.preprocess import Preprocess, describe_transform
 
 PREFIXES = ("timm:", "torchvision:")
 
@@ -111,15 +119,21 @@ def _num_classes(sd: dict[str, torch.Tensor], classifier: str | tuple | None, pa
                        "save the whole network's state dict, classifier included")
 
 
-def build(arch: str, pretrained: str | None, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """(network in eval mode, its preprocessing) from the library's own loading path."""
+def build(arch: str, pretrained: str | None, seed: int = 0,
+          preprocess: Preprocess | None = None) -> tuple[torch.nn.Module, Any]:
+    """(network in eval mode, its preprocessing): the declared one, else the library's."""
+    net = network(arch, pretrained, seed)
+    transform, _ = preprocessing(arch, net, preprocess)
+    return net, transform
+
+
+def network(arch: str, pretrained: str | None, seed: int = 0) -> torch.nn.Module:
+    """The network in eval mode, from the library's own loading path."""
     lib, name = split(arch)
     torch.manual_seed(seed)  # random weights (pretrained: null) are the same every run
     sd = _state_dict(pretrained) if pretrained else None
     if lib == "timm":
         timm = _timm()
-        from timm.data import create_transform, resolve_data_config
-
         cfg = timm.models.get_pretrained_cfg(name)
         kwargs: dict[str, Any] = {}
         if sd is not None:
@@ -132,8 +146,7 @@ def build(arch: str, pretrained: str | None, seed: int = 0) -> tuple[torch.nn.Mo
         except (RuntimeError, ValueError, KeyError) as e:
             raise RobenchError(f"timm could not load {name} from {pretrained}: {e}",
                                "check that the file holds this architecture's state dict") from e
-        data_cfg = resolve_data_config(model=net)
-        return net.eval(), create_transform(**data_cfg, is_training=False)
+        return net.eval()
     import torchvision
 
     net = torchvision.models.get_model(name, weights=None)
@@ -148,25 +161,51 @@ def build(arch: str, pretrained: str | None, seed: int = 0) -> tuple[torch.nn.Mo
         except RuntimeError as e:
             raise RobenchError(f"{pretrained} does not fit torchvision's {name}: {e}",
                                "give the state dict of this architecture") from e
+    return net.eval()
+
+
+def preprocessing(arch: str, net: torch.nn.Module,
+                  preprocess: Preprocess | None = None) -> tuple[Any, str]:
+    """(transform, what the record says of it): the declared block, else timm's
+    ``resolve_data_config`` + ``create_transform`` of the model's pretrained config, else the
+    transform of torchvision's default weights enum (metadata only: nothing is downloaded).
+    The text names the source and is read off the transform (:func:`describe_transform`)."""
+    if preprocess is not None:
+        return preprocess.transform(), f"declared: {preprocess.describe()}"
+    lib, name = split(arch)
+    if lib == "timm":
+        from timm.data import create_transform, resolve_data_config
+
+        transform = create_transform(**resolve_data_config(model=net), is_training=False)
+        return transform, f"timm pretrained config of {name}: {describe_transform(transform)}"
+    import torchvision
+    from torchvision.transforms._presets import ImageClassification
+
     weights = torchvision.models.get_model_weights(name)
-    preprocess = weights.DEFAULT.transforms() if hasattr(weights, "DEFAULT") else \
-        torchvision.transforms._presets.ImageClassification(crop_size=224)
-    return net.eval(), preprocess
+    if hasattr(weights, "DEFAULT"):
+        transform, source = weights.DEFAULT.transforms(), f"torchvision {weights.DEFAULT}"
+    else:  # an architecture without published weights: ImageNet's evaluation preset
+        transform, source = ImageClassification(crop_size=224), "torchvision ImageNet preset"
+    return transform, f"{source} transforms: {describe_transform(transform)}"
 
 
-def load(arch: str, pretrained: str | None, device: str, precision: str, seed: int = 0) -> Any:
-    """A :class:`robench.models.custom.ModuleBackbone` of kind ``classifier``."""
+def load(arch: str, pretrained: str | None, device: str, precision: str, seed: int = 0,
+         preprocess: Preprocess | None = None) -> Any:
+    """A :class:`robench.models.custom.ModuleBackbone` of kind ``classifier``, with the
+    declared ``preprocess`` or the library's default."""
     from robench.models.backbone import state_dict_hash
     from robench.models.custom import ModuleBackbone, _Network
 
     check_loadable(arch, pretrained)
-    net, preprocess = build(arch, pretrained, seed)
+    net = network(arch, pretrained, seed)
+    transform, label = preprocessing(arch, net, preprocess)
     model = _Network(net, None).to(device).eval()
-    size = preprocess(_blank()).shape[-1]
-    return ModuleBackbone(arch=arch, pretrained=pretrained, model=model, preprocess=preprocess,
+    size = transform(_blank()).shape[-1]  # the fill of a batch of undecodable images
+    return ModuleBackbone(arch=arch, pretrained=pretrained, model=model, preprocess=transform,
                           tokenizer=None, device=device, precision=precision,
-                          weights_hash=state_dict_hash(model), kind="classifier",
-                          size=int(size), scale=1.0)
+                          weights_hash=state_dict_hash(model), preprocess_label=label,
+                          declared_preprocess=preprocess, kind="classifier", size=int(size),
+                          scale=1.0)
 
 
 def _blank() -> Any:
