@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ def references(suite: SuiteRecords, reference: str | None) -> tuple[dict[str, st
         return {m: reference for m in models if m != reference}, notes
     first = {m: next(r for (mm, _), r in suite.records.items() if mm == m) for m in models}
     zeroshot = [m for m in models if _protocol(first[m]).get("method") == "zeroshot"]
-    out = {}
+    out, alone = {}, []
     for m in models:
         if m in zeroshot:
             continue
@@ -150,11 +150,13 @@ def references(suite: SuiteRecords, reference: str | None) -> tuple[dict[str, st
         elif len(models) == 1:  # nothing to compare with: not worth a note
             continue
         elif not same:
-            notes.append(f"{m}: no zero-shot model of the same backbone in the suite, not "
-                         "compared (set analysis.reference)")
+            alone.append(m)
         else:
             notes.append(f"{m}: several zero-shot models of its backbone ({', '.join(same)}), "
                          "not compared (set analysis.reference)")
+    if alone:  # e.g. the reference classifiers of an effective-robustness line
+        notes.append(f"no zero-shot model of the same backbone in the suite, not compared: "
+                     f"{', '.join(alone)} (set analysis.reference)")
     return out, notes
 
 
@@ -379,34 +381,55 @@ def reliability_bins(out: CellOutputs, summary_groups: list[str] | None, n_bins:
             "accuracy": [None if c == 0 else float(v) for c, v in zip(count, acc, strict=True)]}
 
 
-def check_settings(suite: SuiteRecords, settings: AnalysisSettings) -> None:
-    """Names in the settings that the suite does not have fail before anything is computed."""
-    references(suite, settings.reference)
+def check_settings(suite: SuiteRecords, settings: AnalysisSettings,
+                   strict: bool = True) -> tuple[AnalysisSettings, list[str]]:
+    """(settings, notes): names in the settings that the suite's records do not have fail
+    before anything is computed (``strict``, an explicit ``robench analyze``); after a run
+    (``strict=False``) they are dropped with a note instead -- a run of a subset of the suite's
+    models (``models=[...]``) leaves the reference classifiers or the mCE baseline out, and its
+    cells must not be lost to the analysis."""
+    notes: list[str] = []
+
+    def missing(problem: str, fix: str) -> None:
+        if strict:
+            raise RobenchError(problem, fix)
+        notes.append(f"{problem}: left out (this run's records lack it)")
+
+    if settings.reference is not None and settings.reference not in suite.models:
+        missing(f"analysis.reference={settings.reference} is not a model of suite "
+                f"{suite.name} ({', '.join(suite.models)})",
+                "name one of the suite's models, or null for the zero-shot model of each "
+                "backbone")
+        settings = replace(settings, reference=None)
     ref = settings.er_reference
     if ref not in (None, "all", ["all"]):
         names = [ref] if isinstance(ref, str) else list(ref)
         unknown_ref = sorted(set(names) - set(suite.models))
         if unknown_ref:
-            raise RobenchError(f"analysis.er_reference names {', '.join(unknown_ref)}, not "
-                               f"models of suite {suite.name}", "use models of the suite "
-                               f"({', '.join(suite.models)}) or all")
+            missing(f"analysis.er_reference names {', '.join(unknown_ref)}, not models of "
+                    f"suite {suite.name}", f"use models of the suite ({', '.join(suite.models)}) "
+                    "or all")
+            settings = replace(settings, er_reference=[n for n in names if n in suite.models])
     choice = settings.mce_baseline or "none"
     if choice not in ("auto", "none", *shipped_baselines(), *suite.models):
-        raise RobenchError(f"analysis.mce_baseline={choice} is neither a shipped baseline "
-                           f"({', '.join(shipped_baselines())}) nor a model of suite "
-                           f"{suite.name}", "use auto, alexnet, none or a model of the suite")
+        missing(f"analysis.mce_baseline={choice} is neither a shipped baseline "
+                f"({', '.join(shipped_baselines())}) nor a model of suite {suite.name}",
+                "use auto, alexnet, none or a model of the suite")
+        settings = replace(settings, mce_baseline="none")
     if settings.bootstrap is not None and int(settings.bootstrap) < 0:
         raise RobenchError(f"analysis.bootstrap={settings.bootstrap} is negative",
                            "use 0 (no intervals) or more resamples")
     if settings.er_fits and not Path(settings.er_fits).is_file():
         raise RobenchError(f"analysis.er_fits={settings.er_fits} does not exist",
                            "point it at a JSON/YAML file of fits, or leave it empty")
+    return settings, notes
 
 
-def analyze_suite(suite: SuiteRecords, settings: AnalysisSettings) -> dict:
-    check_settings(suite, settings)
+def analyze_suite(suite: SuiteRecords, settings: AnalysisSettings, strict: bool = True) -> dict:
+    settings, name_notes = check_settings(suite, settings, strict)
     outputs: dict = {}
     comp, notes = comparisons(suite, settings, outputs)
+    notes = name_notes + notes
     er, er_notes = effective_robustness(suite, settings)
     mces, mce_notes = mce_tables(suite, settings)
     reliability: dict[str, dict] = defaultdict(dict)
@@ -465,12 +488,14 @@ def stale_cells(analysis: dict, records: dict[tuple[str, str], dict]) -> list[st
 
 
 def analyze(results_dir: str | Path, settings: AnalysisSettings | None = None,
-            overrides: dict | None = None, force: bool = False) -> list[tuple[Path, dict]]:
+            overrides: dict | None = None, force: bool = False,
+            strict: bool = True) -> list[tuple[Path, dict]]:
     """Analyse every suite under ``results_dir`` and write ``<suite>/analysis.json``.
 
     ``settings`` replaces a suite's stored settings; else the settings of its existing analysis
     (or the defaults) are used, with ``overrides`` (non-None values) applied on top. An existing
     analysis with the same settings over the same records is kept as it is (``force``: redo).
+    ``strict=False`` (after a run) drops names the records lack with a note instead of failing.
     """
     from robench.io import write_json
 
@@ -486,7 +511,7 @@ def analyze(results_dir: str | Path, settings: AnalysisSettings | None = None,
                 and not stale_cells(old, suite.records)):
             written.append((suite.folder / ANALYSIS_FILE, old))
             continue
-        doc = analyze_suite(suite, base)
+        doc = analyze_suite(suite, base, strict)
         path = suite.folder / ANALYSIS_FILE
         write_json(path, seal_record(doc), seal=False)  # carries its checksum, as a record
         written.append((path, doc))

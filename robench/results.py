@@ -360,16 +360,34 @@ def comparison_table(doc: dict) -> pd.DataFrame:
 
 
 def er_table(doc: dict) -> pd.DataFrame:
-    """Effective robustness per model (rows) and shifted dataset (columns), in points."""
+    """Effective robustness per model (rows) and shifted dataset (columns), in points, with the
+    interval from the fitted line's 95% band; the reference models are marked."""
     er = doc.get("effective_robustness") or {}
     rows = []
     for m, per in sorted((er.get("models") or {}).items()):
         row = {"model": m}
         for d, v in sorted(per.items()):
+            band = v.get("er_interval") or (None, None)
             row[f"{d} acc1"] = fmt_value("acc1", v["ood_acc"])
-            row[f"{d} ER"] = fmt_value("er", v["er"], sign=True)
+            row[f"{d} ER"] = fmt_value("er", v["er"], band[0], band[1], sign=True)
+            row[f"{d} ref"] = "yes" if v.get("in_reference") else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def fit_caption(d: str, fit: dict, x_axis: str | None) -> str:
+    """One fit in words: source, line, slope interval, R^2, x-axis, and whether it is too weak
+    to read."""
+    ci, r2 = fit.get("slope_interval"), fit.get("r2")
+    parts = [f"{d}: {fit['source']}, slope {fit['slope']:.4f}"
+             + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+             + f", intercept {fit['intercept']:.4f}"
+             + (f", R^2 {r2:.3f}" if r2 is not None else "")]
+    if x_axis:
+        parts.append(f"x-axis: {x_axis}")
+    if fit.get("weak"):
+        parts.append(f"TOO WEAK TO READ: {fit['weak']}")
+    return ", ".join(parts)
 
 
 def mce_table(doc: dict) -> pd.DataFrame:
@@ -387,11 +405,12 @@ def analysis_tables(doc: dict, fmt: str = "table") -> list[tuple[str, str]]:
     out = []
     er = doc.get("effective_robustness") or {}
     parts = [
-        ("paired deltas vs reference (model - reference) [95% paired-bootstrap interval], "
-         "McNemar exact p for acc1", comparison_table(doc)),
-        ("effective robustness (points; Taori et al. 2020): "
-         + "; ".join(f"{d}: {f['source']}, slope {f['slope']:.4f}, intercept "
-                     f"{f['intercept']:.4f}" for d, f in (er.get("fits") or {}).items()),
+        ("paired deltas vs reference (model - reference) [95% paired-bootstrap interval; -C "
+         "sets: resampling base images], p of the acc1 test (McNemar exact; -C sets: clustered "
+         "McNemar)", comparison_table(doc)),
+        ("effective robustness (points, [95% band of the fit]; Taori et al. 2020): "
+         + "; ".join(fit_caption(d, f, (er.get("x_axis") or {}).get(d))
+                     for d, f in (er.get("fits") or {}).items()),
          er_table(doc)),
         ("mCE (%; Hendrycks & Dietterich 2019)", mce_table(doc)),
     ]

@@ -433,6 +433,23 @@ def test_bad_settings_are_refused(results: Path) -> None:
         analyze(results, AnalysisSettings(mce_baseline="nope"))
 
 
+def test_after_a_subset_run_missing_names_are_notes(results: Path, tmp_path: Path) -> None:
+    """A run of some of a suite's models (models=[...]) analyses what it has: the names its
+    records lack are left out with a note, never an error that loses the run's analysis."""
+    shutil.copytree(results / "quickstart", tmp_path / "quickstart")
+    [(_, doc)] = analyze(tmp_path, AnalysisSettings(
+        reference="nope", er_reference=["tiny-clip-cifar10", "tiny-clip-lp-clip",
+                                        "tiny-clip-wise-ft-a0.5", "gone"],
+        mce_baseline="absent"), force=True, strict=False)
+    notes = " | ".join(doc["notes"])
+    assert "reference=nope" in notes and "er_reference names gone" in notes
+    assert "mce_baseline=absent" in notes and doc["mce"] == {}
+    fit = doc["effective_robustness"]["fits"][OOD]
+    assert fit["reference"] == ["tiny-clip-cifar10", "tiny-clip-lp-clip",
+                                "tiny-clip-wise-ft-a0.5"]
+    assert doc["comparisons"]  # the default reference (zero-shot per backbone) still applies
+
+
 def test_cli_analyze_keeps_the_stored_settings_and_prints_tables(
         results: Path, analysis: dict, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["analyze", "--dir", str(results), "--format", "md"]) == 0

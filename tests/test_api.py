@@ -92,7 +92,7 @@ def test_run_returns_the_records_as_a_frame(where):
 
 def test_load_results_of_the_committed_baseline():
     df = robench.load_results(REPO / "results" / "quickstart")
-    assert len(df) == 22 and {"acc1_ci_low", "ece_ci_high", "auroc_ci_low"} <= set(df.columns)
+    assert len(df) == 34 and {"acc1_ci_low", "ece_ci_high", "auroc_ci_low"} <= set(df.columns)
     with pytest.raises(RobenchError, match="does not exist"):
         robench.load_results(REPO / "nope")
 

@@ -84,7 +84,7 @@ def test_results_formats_keep_the_intervals():
     n_models = len(list(BASELINE.glob("*/")))
     assert len(csv.splitlines()) == 1 + n_cells + n_models  # + each model's avg shift row
     rows = json.loads(run_cli("results", "--dir", str(BASELINE), "--format", "json").stdout)
-    assert len(rows) == n_cells + n_models == 22 + 11
+    assert len(rows) == n_cells + n_models == 34 + 17
     assert rows[0]["acc1_ci_low"] < rows[0]["acc1"] < rows[0]["acc1_ci_high"]
     avg = {r["model"]: r for r in rows if r["dataset"] == "avg shift"}
     shifted = {r["model"]: r["acc1"] for r in rows if r["dataset"] == "cifar10-subset-test-c"}

@@ -66,7 +66,8 @@ def test_leaderboard_has_the_effective_robustness_column(site: dict) -> None:
     assert f"{OOD}/er" in header_keys(table) and f"{ID}/er" not in header_keys(table)
     er = site["doc"]["effective_robustness"]["models"]
     for m in MODELS[:1] + (EVIL,):
-        assert cell(table, m, f"{OOD}/er").text() == f"{er[m][OOD]['er']:.2f}"
+        lo, hi = er[m][OOD]["er_interval"]  # the fitted line's 95% band
+        assert cell(table, m, f"{OOD}/er").text() == f"{er[m][OOD]['er']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def test_mce_table_and_charts(site: dict) -> None:

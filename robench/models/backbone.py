@@ -287,10 +287,10 @@ def check_loadable(arch: str, pretrained: str | None, allow_download: bool = Fal
     model before touching any data."""
     from robench.models import zoo
 
+    pretrained = resolve_assets(pretrained)  # weights shipped inside robench
     if zoo.is_zoo(arch):  # timm / torchvision classifiers: a local file or nothing
         zoo.check_loadable(arch, pretrained)
         return pretrained
-    pretrained = resolve_assets(pretrained)  # weights shipped inside robench
     if not (pretrained and pretrained.startswith(SCHEMAS)):
         check_architecture(arch)  # also with allow_download: the error says how to register
     if not allow_download:
