@@ -19,7 +19,6 @@ removed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from torch.utils.data import Dataset
 
 from robench.distributed import World, assign, shard_ranges, verify_cover
 from robench.errors import RobenchError
-from robench.io import write_json, write_npy
+from robench.io import CorruptEntry, load_npy, read_json, verify_file, write_json, write_npy
 from robench.models.backbone import Backbone
 from robench.progress import progress_bar as tqdm
 
@@ -44,15 +43,22 @@ def shard_files(folder: Path, start: int, stop: int) -> tuple[Path, Path]:
     return folder / f"{stem}.npy", folder / f"{stem}.json"
 
 
+def bound(path: Path) -> str:
+    """What a shard file is (its seal's binding): ``features/<key>.shards/<range>.npy|json``."""
+    return f"features/{path.parent.name}/{path.name}"
+
+
 def is_done(folder: Path, start: int, stop: int) -> bool:
-    """Whether a shard was completed (its metadata, written last, is there and agrees)."""
+    """Whether a shard was completed: its metadata (written last) and rows are there, intact,
+    bound to this shard of this entry, and agree."""
     npy, meta = shard_files(folder, start, stop)
     if not (npy.is_file() and meta.is_file()):
         return False
     try:
-        info = json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+        info = read_json(meta, bound(meta))
+        verify_file(npy, bound(npy))
+    except CorruptEntry:
+        return False  # damaged, foreign or unsealed: extracted again
     return (info.get("start"), info.get("stop"), info.get("rows")) == (start, stop, stop - start)
 
 
@@ -95,9 +101,9 @@ def extract_shards(backbone: Backbone, dataset: Dataset, folder: Path, world: Wo
             bar.update(len(idx))
             if done == stop:  # the shard is complete: write it, metadata last
                 npy, meta = shard_files(folder, start, stop)
-                write_npy(npy, np.concatenate(rows))
+                write_npy(npy, np.concatenate(rows), bound=bound(npy))
                 write_json(meta, {"start": start, "stop": stop, "rows": stop - start,
-                                  "bad": sorted(bad), "rank": world.rank})
+                                  "bad": sorted(bad), "rank": world.rank}, bound=bound(meta))
                 rows, bad = [], []
                 start, stop = next(current, (stop, stop))
                 done = start
@@ -115,11 +121,11 @@ def read_shards(shards: list[Shard], n: int) -> Iterator[tuple[np.ndarray, np.nd
         if not is_done(folder, s, e):
             raise RobenchError(f"feature shard {npy.name} is missing or incomplete",
                                "re-run: the missing shards are extracted again")
-        infos.append((npy, json.loads(meta.read_text())))
+        infos.append((npy, read_json(meta, bound(meta))))
     verify_cover((np.arange(i["start"], i["start"] + i["rows"]) for _, i in infos), n,
                  what="feature shards")
     for npy, info in infos:
-        rows = np.load(npy)
+        rows = load_npy(npy, bound=bound(npy))
         if rows.shape[0] != info["rows"]:
             raise RobenchError(f"feature shard {npy.name} holds {rows.shape[0]} rows, its "
                                f"metadata says {info['rows']}",

@@ -172,7 +172,7 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
         world.barrier()  # the entry is visible: the other ranks may read it
     else:
         with entry_lock(npy, f"the features of {source.name}"):
-            if (found := _cached(npy, meta, source)) is not None:  # built while we waited
+            if (found := _cached(npy, meta, source, repair=True)) is not None:  # built meanwhile
                 return found
             started = time.perf_counter()
             batches = encoded_batches(backbone, loader(dataset, backbone, batch_size,
@@ -182,8 +182,15 @@ def extract_features(backbone: Backbone, source: ImageSource, cache_dir: str | P
     if bad:
         log.warning("%s: %d image(s) could not be decoded and are excluded: %s",
                     source.name, len(bad), describe(source, bad))
-    seconds = None if sharded else read_json(meta).get("seconds")
-    return FeatureSet(load_npy(npy, mmap_mode="r"), bad, key, cached=False, seconds=seconds)
+    seconds = None if sharded else read_json(meta, bound(meta)).get("seconds")
+    return FeatureSet(load_npy(npy, mmap_mode="r", bound=bound(npy)), bad, key, cached=False,
+                      seconds=seconds)
+
+
+def bound(path: Path) -> str:
+    """What a file of the feature store is (its seal's binding): ``features/<key>.npy`` or
+    ``features/<key>.json``, the key being :func:`feature_key` of its inputs."""
+    return f"features/{Path(path).name}"
 
 
 def cached_features(backbone: Backbone, source: ImageSource, cache_dir: str | Path,
@@ -195,17 +202,23 @@ def cached_features(backbone: Backbone, source: ImageSource, cache_dir: str | Pa
     return _cached(cache / f"{key}.npy", cache / f"{key}.json", source)
 
 
-def _cached(npy: Path, meta: Path, source: ImageSource) -> FeatureSet | None:
-    """The cache entry if it is complete and intact; a damaged one is removed (and None)."""
+def _cached(npy: Path, meta: Path, source: ImageSource, repair: bool = False
+            ) -> FeatureSet | None:
+    """The cache entry if it is complete, intact and bound to its key; else None. ``repair``
+    (only under the entry's lock, where no writer is finishing it) removes a damaged or foreign
+    one; without the lock a reader never deletes what a concurrent run may be sealing."""
     if not meta.is_file():
         return None
     try:
-        info = read_json(meta)
-        feats = load_npy(npy, mmap_mode="r")
+        info = read_json(meta, bound(meta))
+        feats = load_npy(npy, mmap_mode="r", bound=bound(npy))
         if feats.ndim != 2 or feats.shape[0] != len(source) or info.get("n") != len(source):
             raise CorruptEntry(npy, f"holds {feats.shape[0]} rows for {len(source)} samples")
+        if info.get("manifest") != source.manifest_hash:
+            raise CorruptEntry(meta, "describes features of other images")
     except CorruptEntry as e:
-        discard(npy, meta, reason=f"features of {source.name}: {e.problem}")
+        if repair:
+            discard(npy, meta, reason=f"features of {source.name}: {e.problem}")
         return None
     return FeatureSet(feats, [int(i) for i in info["bad"]], npy.stem, cached=True,
                       seconds=info.get("seconds"))
@@ -246,12 +259,12 @@ def _write_entry(backbone: Backbone, source: ImageSource, npy: Path, meta: Path,
         raise write_error(tmp, e) from e
     finally:
         tmp.unlink(missing_ok=True)
-    seal_file(npy, shape=list(shape), dtype=stored.str)
+    seal_file(npy, bound=bound(npy), shape=list(shape), dtype=stored.str)
     info = {"bad": sorted(bad), "dataset": source.name, "n": len(source),
             "manifest": source.manifest_hash, "backbone": backbone.id()}
     if started is not None:
         info["seconds"] = round(time.perf_counter() - started, 3)
-    write_json(meta, info)
+    write_json(meta, info, bound=bound(meta))
     return sorted(bad)
 
 

@@ -7,6 +7,13 @@ errors for a full disk or a read-only folder.
 Checksums are sha256 (hardware-accelerated on x86 and ARM, ~1.7 GB/s here), kept in a sidecar
 ``<file>.sha256`` (JSON: digest, size, and the array's shape and dtype where there is one).
 A file is hashed once per process: the verified (inode, size, mtime) is remembered.
+
+A seal proves the bytes are intact; the *binding* inside it proves they are the ones asked for.
+Every cache entry is sealed with ``bound=<what it is>`` (its store and key, e.g.
+``features/<key>``, ``corrupted/<set key>/fog.npy``), and every read passes the binding it
+expects: an intact entry copied or swapped in from another key (a sealed ``fog.npy`` moved over
+``snow.npy`` with its sidecar) is named, removed and rebuilt like a damaged one. A missing seal is
+never a pass: an entry without its sidecar is unverified and rebuilt.
 """
 
 from __future__ import annotations
@@ -113,9 +120,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     _verified.pop(str(path), None)
 
 
-def write_json(path: Path, obj: Any, seal: bool = True) -> None:
-    """``obj`` as JSON (sorted keys), with its checksum unless ``seal=False`` (a file that carries
-    its own, e.g. a result record)."""
+def write_json(path: Path, obj: Any, seal: bool = True, bound: str | None = None) -> None:
+    """``obj`` as JSON (sorted keys), with its checksum (bound to ``bound``) unless
+    ``seal=False`` (a file that carries its own, e.g. a result record)."""
     def _w(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True, default=jsonable)
@@ -125,27 +132,28 @@ def write_json(path: Path, obj: Any, seal: bool = True) -> None:
 
     atomic_write(path, _w)
     if seal:
-        seal_file(path)
+        seal_file(path, bound=bound)
 
 
-def write_npz(path: Path, seal: bool = True, **arrays: np.ndarray) -> None:
+def write_npz(path: Path, seal: bool = True, bound: str | None = None,
+              **arrays: np.ndarray) -> None:
     def _w(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
     atomic_write(path, _w)
     if seal:
-        seal_file(path)
+        seal_file(path, bound=bound)
 
 
-def write_npy(path: Path, array: np.ndarray, seal: bool = True) -> None:
+def write_npy(path: Path, array: np.ndarray, seal: bool = True, bound: str | None = None) -> None:
     def _w(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save on a path would append ".npy"
             np.save(f, array)
 
     atomic_write(path, _w)
     if seal:
-        seal_file(path, shape=list(array.shape), dtype=array.dtype.str)
+        seal_file(path, bound=bound, shape=list(array.shape), dtype=array.dtype.str)
 
 
 # -- checksums -------------------------------------------------------------------------------
@@ -163,13 +171,16 @@ def file_sha256(path: Path) -> str:
     return file_digest(path, "sha256")
 
 
-def seal_file(path: Path, **extra: Any) -> str:
-    """Write ``path``'s checksum sidecar (sha256, size, and ``extra`` such as shape and dtype);
-    returns the digest. Written after the file: a crash between the two leaves a file without a
-    valid checksum, which is rebuilt, never trusted."""
+def seal_file(path: Path, bound: str | None = None, **extra: Any) -> str:
+    """Write ``path``'s checksum sidecar (sha256, size, the binding ``bound`` -- what the entry is,
+    compared by every read -- and ``extra`` such as shape and dtype); returns the digest. Written
+    after the file: a crash between the two leaves a file without a valid checksum, which is
+    rebuilt, never trusted."""
     path = Path(path)
     digest = file_sha256(path)
     meta = {"sha256": digest, "bytes": path.stat().st_size, **extra}
+    if bound is not None:
+        meta["bound"] = bound
 
     def _w(tmp: Path) -> None:
         tmp.write_text(json.dumps(meta, sort_keys=True) + "\n")
@@ -184,9 +195,10 @@ def _remember(path: Path) -> None:
     _verified[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def verify_file(path: Path) -> dict:
-    """Check ``path`` against its sidecar; return the sidecar's fields. Raises
-    :class:`CorruptEntry` naming what is wrong."""
+def verify_file(path: Path, bound: str | None = None) -> dict:
+    """Check ``path`` against its sidecar, and (``bound``) that the sidecar binds it to the entry
+    asked for; return the sidecar's fields. Raises :class:`CorruptEntry` naming what is wrong: a
+    missing sidecar, other bytes, or an intact entry of another key."""
     path = Path(path)
     try:
         st = path.stat()
@@ -201,6 +213,11 @@ def verify_file(path: Path) -> dict:
                            ) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptEntry(path, f"has an unreadable checksum file {side.name}") from e
+    if bound is not None and meta.get("bound") != bound:
+        was = meta.get("bound")
+        raise CorruptEntry(path, f"is sealed as {was!r}, not {bound!r}: an entry copied or "
+                           "swapped in from elsewhere" if was else "has a checksum bound to no "
+                           f"key (an older robench), not to {bound!r}")
     if st.st_size != size:
         raise CorruptEntry(path, f"is {st.st_size} bytes, its checksum says {size} (truncated "
                            "or overwritten)")
@@ -212,18 +229,18 @@ def verify_file(path: Path) -> dict:
     return meta
 
 
-def read_json(path: Path) -> Any:
-    """A sealed JSON file, verified."""
-    verify_file(path)
+def read_json(path: Path, bound: str | None = None) -> Any:
+    """A sealed JSON file, verified (and its binding, see :func:`verify_file`)."""
+    verify_file(path, bound)
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise CorruptEntry(path, f"cannot be parsed ({e})") from e
 
 
-def load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
-    """A sealed ``.npy`` array, verified (content, shape and dtype); never unpickles."""
-    meta = verify_file(path)
+def load_npy(path: Path, mmap_mode: str | None = None, bound: str | None = None) -> np.ndarray:
+    """A sealed ``.npy`` array, verified (content, binding, shape and dtype); never unpickles."""
+    meta = verify_file(path, bound)
     try:
         arr = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -234,9 +251,10 @@ def load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
     return arr
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """A sealed ``.npz`` archive, verified, read whole into memory; never unpickles."""
-    verify_file(path)
+def load_npz(path: Path, bound: str | None = None) -> dict[str, np.ndarray]:
+    """A sealed ``.npz`` archive, verified (and its binding), read whole into memory; never
+    unpickles."""
+    verify_file(path, bound)
     return read_npz(path)
 
 

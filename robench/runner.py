@@ -16,6 +16,7 @@ once, and the ranks meet at a barrier before anyone reads the records back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from robench.data import family_loader
 from robench.data.base import ImageSource
 from robench.errors import RobenchError
 from robench.features import FeatureSet, describe, extract_features, sample_names
-from robench.io import sweep_stale
+from robench.io import entry_lock, sweep_stale
 from robench.methods import make_method
 from robench.methods.base import HeadContext, Method, Settings
 from robench.metrics import ADAPTIVE_BINS
@@ -358,15 +359,20 @@ class Runner:
                     continue
                 source, feats = self.source_and_features(backbone, d)
                 for m in todo:
-                    ctx = HeadContext(backbone, self.prepared(m), self)
-                    # the scored sub-list is part of the key: a zero-shot head for ImageNet-R
-                    # holds R's 200 columns only and cannot serve ImageNet-A
-                    hk = (m, tuple(source.classnames), tuple(source.class_subset or ()),
-                          self.dataset_specs[d].templates)
-                    if hk not in heads:
-                        heads[hk] = self.method_of(m).build(ctx, source)
-                    self.score_cell(m, d, backbone, heads[hk], source, feats)
-                    done += 1
+                    with self.cell_lock(m, d):
+                        done += 1
+                        if not self.cfg.force and self.is_done(m, d):
+                            echo(f"{who}[{done}/{total}] {m} x {d}: scored meanwhile by another "
+                                 "run on this cache")
+                            continue
+                        ctx = HeadContext(backbone, self.prepared(m), self)
+                        # the scored sub-list is part of the key: a zero-shot head for
+                        # ImageNet-R holds R's 200 columns only and cannot serve ImageNet-A
+                        hk = (m, tuple(source.classnames), tuple(source.class_subset or ()),
+                              self.dataset_specs[d].templates)
+                        if hk not in heads:
+                            heads[hk] = self.method_of(m).build(ctx, source)
+                        self.score_cell(m, d, backbone, heads[hk], source, feats)
                     rec = read_record(record_path(self.cfg.results_dir, self.cfg.name, m, d))
                     mt = rec["metrics"]
                     echo(f"{who}[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
@@ -380,6 +386,14 @@ class Runner:
             self.analyze()
         self.world.barrier()
         return paths
+
+    def cell_lock(self, model: str, dataset: str) -> contextlib.AbstractContextManager:
+        """A lock per cell (its record's path), kept in the cache so results folders stay clean:
+        two runs of one suite on one cache score each cell once, the second waits and reads."""
+        path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset).resolve()
+        key = hashlib.sha256(str(path).encode()).hexdigest()[:32]
+        return entry_lock(Path(self.cfg.cache_dir).expanduser() / "locks" / key,
+                          f"the cell {model} x {dataset}")
 
     def check_weights(self, models: list[str]) -> None:
         """The architecture exists and the weights are at hand, for each of ``models``, in

@@ -102,14 +102,14 @@ def build():
         f.write("built\\n")
     time.sleep(1.5)
     write_npz(folder / "head.npz", w=np.ones(3))
-ensure(folder, "head.npz", build, "a test artifact")
+ensure(folder, build, "a test artifact")
 print((folder / "head.npz").is_file())
 """
 
 
 def test_concurrent_runs_build_an_artifact_once(tmp_path):
-    folder, log = tmp_path / "art", tmp_path / "log.txt"
-    folder.mkdir()
+    folder, log = tmp_path / "artifacts" / "kind" / "key", tmp_path / "log.txt"
+    folder.mkdir(parents=True)
     procs = [subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(folder), str(log)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]

@@ -42,6 +42,11 @@ progress: false
 """
 
 
+def keys(kind: Path) -> list[Path]:
+    """The artifact folders of one kind (not the hidden lock files beside them)."""
+    return [p for p in kind.iterdir() if p.is_dir()]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The suite, run in-process, counting the probe fits (every probe option is shared)."""
@@ -69,7 +74,7 @@ def _base_state() -> dict[str, torch.Tensor]:
 
 def test_at_zero_steps_lp_ft_is_the_linear_probe_exactly(run):
     runner, out, tmp, _ = run
-    (probe_dir,) = (tmp / "c" / "artifacts" / "linear-probe").iterdir()
+    (probe_dir,) = keys(tmp / "c" / "artifacts" / "linear-probe")
     probe = load_npz(probe_dir / "head.npz")
     base = _base_state()
     for model in ("lpft-lr0", "lpft-ep0"):
@@ -99,8 +104,8 @@ def test_fine_tuning_moves_the_encoder_and_head_from_the_probe_text_tower_frozen
 def test_the_probe_stage_is_the_linear_probe_artifact_fitted_once(run):
     runner, _, tmp, fits = run
     assert len(fits) == 1  # one linear-probe model and three lp-ft models, one fit
-    assert len(list((tmp / "c" / "artifacts" / "linear-probe").iterdir())) == 1
-    assert len(list((tmp / "c" / "artifacts" / "lp-ft").iterdir())) == 3
+    assert len(keys(tmp / "c" / "artifacts" / "linear-probe")) == 1
+    assert len(keys(tmp / "c" / "artifacts" / "lp-ft")) == 3
 
 
 def test_wise_ft_of_lp_ft_mixes_the_heads_as_linear_layers(run):

@@ -13,9 +13,10 @@ import numpy as np
 from PIL import Image
 
 from robench.data.base import ArrayRows, ImageSource, file_digests, hash_manifest
-from robench.data.corrupt_set import generation_info, read_manifest
+from robench.data.corrupt_set import bound, generation_info, read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
+from robench.io import CorruptEntry, verify_file
 
 CIFAR_CLASSNAMES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -90,6 +91,7 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
         raise RobenchError(f"{name}: labels.npy has {len(labels5)} rows, not a multiple of 5",
                            "the file is truncated; re-extract it")
     rows = len(labels5)
+    check_generated(root, meta, ["labels.npy", *(f"{c}.npy" for c in present)], name)
     groups, files = {}, []
     for f_idx, c in enumerate(present):
         arr = _load(root / f"{c}.npy", name, mmap_mode="r")
@@ -124,6 +126,22 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
         base_index=np.tile(np.arange(rows // len(SEVERITIES), dtype=np.int64),
                            len(SEVERITIES) * len(files)),
     )
+
+
+def check_generated(root: Path, meta: dict, names: list[str], dataset: str) -> None:
+    """A set robench generated (its manifest names the set) is read only if every file is
+    intact, sealed and sealed as this file of this set: a swapped ``fog.npy`` / ``snow.npy``
+    would give one corruption's groups the other's numbers. The released CIFAR-10-C has no
+    seals and no manifest, and is identified by its content hash instead."""
+    if not meta.get("set_id"):
+        return
+    for f in names:
+        try:
+            verify_file(root / f, bound(meta, f))
+        except CorruptEntry as e:
+            raise RobenchError(f"{dataset}: {e.problem}",
+                               f"delete {root / f} and regenerate it with robench data corrupt "
+                               f"(--out {root}; it resumes and rewrites only that file)") from e
 
 
 def _load(path: Path, name: str, mmap_mode: str | None = None) -> np.ndarray:

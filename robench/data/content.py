@@ -108,11 +108,17 @@ class Digests:
         return [flat[i:i + w] for i in range(0, len(flat), w)]
 
 
+def bound(path: Path) -> str:
+    """What an index file is (its seal's binding): the index of one folder, named by the
+    folder's key (:func:`index_path`)."""
+    return f"content-index/{path.name}"
+
+
 def _load_index(path: Path) -> tuple[bytes, np.ndarray, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
-        z = load_npz(path)
+        z = load_npz(path, bound=bound(path))
         if int(z["format"]) != INDEX_FORMAT:
             return None
         return z["paths"].tobytes(), z["stat"], z["digest"]
@@ -184,8 +190,8 @@ def _save_index(path: Path, joined: bytes, stat: np.ndarray, digests: np.ndarray
     racy = np.maximum(stat[:, 1], stat[:, 2]) >= started - RACY_NS
     kept[racy | untrusted, 1] = -1  # never matches a real mtime: hashed again on the next run
     try:
-        write_npz(path, format=np.int64(INDEX_FORMAT), paths=np.frombuffer(joined, np.uint8),
-                  stat=kept, digest=digests)
+        write_npz(path, bound=bound(path), format=np.int64(INDEX_FORMAT),
+                  paths=np.frombuffer(joined, np.uint8), stat=kept, digest=digests)
     except OSError as e:
         log.warning("cannot write the content index %s (%s): the next run hashes the files "
                     "again", path, e)

@@ -28,6 +28,7 @@ imagecorruptions' numpy motion blur instead of ImageMagick's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -49,7 +50,15 @@ from robench.data.corruptions import (
     image_seed,
 )
 from robench.errors import RobenchError, unknown
-from robench.io import CorruptEntry, load_npy, write_json, write_npy
+from robench.io import (
+    CorruptEntry,
+    discard,
+    entry_lock,
+    load_npy,
+    verify_file,
+    write_json,
+    write_npy,
+)
 from robench.progress import progress_bar
 
 MANIFEST = "robench_c.json"
@@ -179,18 +188,32 @@ def read_manifest(folder: Path) -> dict:
     return json.loads(man.read_text()) if man.is_file() else {}
 
 
-def _claim(out: Path, params: dict, corruptions: Sequence[str], extra: dict) -> None:
-    """Write ``out``'s manifest, refusing a folder that holds a set made with other ``params``
-    (a resume must not mix two sets); the corruption list grows with each call."""
+def set_id(params: dict) -> str:
+    """The identity of a generated set: a digest of the parameters that make its pixels."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bound(manifest: dict, name: str) -> str:
+    """What file ``name`` of a generated set is (its seal's binding): ``-C set <id>/<name>``,
+    so a sealed ``fog.npy`` moved over ``snow.npy``, or a file copied from another set, is named
+    and rebuilt instead of scored."""
+    return f"-C set {manifest.get('set_id')}/{name}"
+
+
+def _claim(out: Path, params: dict, corruptions: Sequence[str], extra: dict) -> dict:
+    """Write ``out``'s manifest (with the set's identity, :func:`set_id`), refusing a folder
+    that holds a set made with other ``params`` (a resume must not mix two sets); the corruption
+    list grows with each call. Returns the manifest."""
     old = read_manifest(out)
     if old and {k: old.get(k) for k in params} != params:
         raise RobenchError(f"{out} holds a -C set made from other data or parameters",
                            "choose another --out folder, or delete it to regenerate")
     done = old.get("corruptions") or []
     names = [c for c in CORRUPTIONS if c in done or c in corruptions]
-    manifest = {**params, "corruptions": names, **extra}
+    manifest = {**params, "corruptions": names, **extra, "set_id": set_id(params)}
     if json.loads(json.dumps(manifest)) != old:  # unchanged: a finished set is not rewritten
         write_json(out / MANIFEST, manifest)
+    return manifest
 
 
 def generate_c_folders(source: ImageSource, out: Path, corruptions: Sequence[str] =
@@ -253,19 +276,61 @@ def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = 
               "rows": [int(r) for r in rows], "severities": list(severities),
               "generator": "imagecorruptions via robench.data.corruptions",
               "protocol": protocol, "resize": resize}
-    out.mkdir(parents=True, exist_ok=True)
-    _claim(out, params, corruptions, {"classnames": list(source.classnames),
-                                      "note": describe(protocol, resize)})
     labels = np.tile(source.labels[rows], len(severities))
+    if _complete(out, params, corruptions, labels):  # read without a lock (read-only caches)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    # one generation per set: a concurrent run waits here, then finds it complete
+    with entry_lock(out / ".robench_c", f"the -C set of {source.name}"):
+        manifest = _claim(out, params, corruptions, {"classnames": list(source.classnames),
+                                                     "note": describe(protocol, resize)})
+        _drop_damaged(out, manifest)
+        _generate_npy(source, out, manifest, rows, labels, corruptions, severities, seed, workers,
+                      chunk, progress, protocol)
+    return out
+
+
+def _complete(out: Path, params: dict, corruptions: Sequence[str], labels: np.ndarray) -> bool:
+    """The set in ``out`` was made with ``params`` and every file it needs is intact and sealed
+    as itself (nothing is removed here: a reader without the lock never deletes)."""
+    manifest = read_manifest(out) if out.is_dir() else {}
+    if not manifest or {k: manifest.get(k) for k in params} != params:
+        return False
     try:
-        same = np.array_equal(load_npy(out / "labels.npy"), labels)
+        for name in ("labels.npy", *(f"{c}.npy" for c in corruptions)):
+            verify_file(out / name, bound(manifest, name))
+        return bool(np.array_equal(load_npy(out / "labels.npy",
+                                            bound=bound(manifest, "labels.npy")), labels))
+    except CorruptEntry:
+        return False
+
+
+def _drop_damaged(out: Path, manifest: dict) -> None:
+    """Remove every array of the set that fails its checksum, has none, or is sealed as another
+    file or another set's (a swapped ``fog.npy`` / ``snow.npy``), so that exactly those are
+    generated again. Only under the set's lock."""
+    for f in sorted(out.glob("*.npy")):
+        try:
+            verify_file(f, bound(manifest, f.name))
+        except CorruptEntry as e:
+            discard(f, reason=f"-C set {out}: {e.problem}")
+
+
+def _generate_npy(source: ImageSource, out: Path, manifest: dict, rows: np.ndarray,
+                  labels: np.ndarray, corruptions: Sequence[str], severities: Sequence[int],
+                  seed: int, workers: int, chunk: int, progress: bool, protocol: str) -> None:
+    """Write the labels and every corruption file not in ``out`` yet, each atomically and
+    sealed as itself when all its rows are done."""
+    try:
+        same = np.array_equal(load_npy(out / "labels.npy",
+                                       bound=bound(manifest, "labels.npy")), labels)
     except CorruptEntry:
         same = False
     if not same:
-        write_npy(out / "labels.npy", labels)
+        write_npy(out / "labels.npy", labels, bound=bound(manifest, "labels.npy"))
     todo = [c for c in corruptions if not (out / f"{c}.npy").is_file()]
     if not todo:
-        return out
+        return
     n = len(rows)
     tasks = [(c, s, rows[a:a + chunk], seed, source.manifest_hash[:16], protocol)
              for c in todo for s in severities for a in range(0, n, chunk)]
@@ -281,10 +346,10 @@ def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = 
             buffers[name][[base + position[int(i)] for i in idx]] = imgs
             remaining[name] -= 1
             if remaining[name] == 0:  # a whole corruption file is ready: write it atomically
-                write_npy(out / f"{name}.npy", buffers.pop(name))
+                write_npy(out / f"{name}.npy", buffers.pop(name),
+                          bound=bound(manifest, f"{name}.npy"))
             bar.update(1)
     bar.close()
-    return out
 
 
 def resolve_generation(source: ImageSource, row: int, protocol: str, resize: str,

@@ -19,7 +19,6 @@ from robench.data.base import ImageSource
 from robench.data.corrupt_set import generate_c_set, resolve_generation
 from robench.data.corruptions import CORRUPTIONS, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
-from robench.io import CorruptEntry, discard, verify_file
 
 
 def load(root: Path, name: str, base: str = "", stride: int = 1, corruptions: str = "standard",
@@ -30,7 +29,6 @@ def load(root: Path, name: str, base: str = "", stride: int = 1, corruptions: st
     src = base_source(name, base, source_of)
     protocol = resolved_protocol(src, protocol)
     out = output_dir(src, stride, corruptions, seed, cache_dir, protocol)
-    drop_damaged(out)
     generate_c_set(src, out, rows=list(range(0, len(src), stride)),
                    corruptions=corruption_names(corruptions), seed=seed, workers=workers,
                    progress=progress, protocol=protocol)
@@ -62,16 +60,6 @@ def output_dir(src: ImageSource, stride: int, corruptions: str, seed: int,
     key = hashlib.sha256(repr((src.manifest_hash, stride, tuple(names), seed,
                                resolved_protocol(src, protocol))).encode())
     return Path(cache_dir).expanduser() / "corrupted" / key.hexdigest()[:24]
-
-
-def drop_damaged(out: Path) -> None:
-    """Remove every array of a generated set that fails its checksum (or has none), so the
-    generation below rebuilds exactly those."""
-    for f in sorted(out.glob("*.npy")) if out.is_dir() else []:
-        try:
-            verify_file(f)
-        except CorruptEntry as e:
-            discard(f, reason=f"generated -C set: {e.problem}")
 
 
 def is_generated(out: Path, corruptions: str) -> bool:

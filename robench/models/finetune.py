@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from robench import distributed
-from robench.artifacts import artifact_dir, intact
+from robench.artifacts import artifact_dir, binding, intact, seal_artifact
 from robench.errors import RobenchError
 from robench.io import (
     CorruptEntry,
@@ -288,7 +288,8 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     """
     world = distributed.current()
     final = out / "model"
-    if world.all_min(int(intact(final, HEAD_FILE))):
+    # only the lead (holding the artifact's lock) removes a damaged result
+    if world.all_min(int(intact(final, repair=world.is_lead))):
         return f"local-dir:{final}"
     if opts.precision not in PRECISIONS:
         raise RobenchError(f"unknown fine-tuning precision '{opts.precision}'",
@@ -348,7 +349,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
             if tuned.bias is not None:
                 state["bias"] = tuned.bias.detach()
             atomic_write(resume, lambda tmp: torch.save(state, tmp))
-            seal_file(resume)
+            seal_file(resume, bound=binding(resume))  # this run's state, no other's
         world.barrier()
 
     tf = train_transform(backbone)
@@ -408,6 +409,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
             save_head(final, tuned.head.detach().cpu().numpy(), list(source.classnames),
                       bias=tuned.bias.detach().cpu().numpy() if tuned.bias is not None else None,
                       scale=scale)
+        seal_artifact(final)  # last: the folder is complete
         discard(resume)
     world.barrier()  # the result is on disk for every rank
     return f"local-dir:{final}"
@@ -419,7 +421,7 @@ def load_resume(path: Path, device: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        verify_file(path)
+        verify_file(path, binding(path))
         return torch.load(path, map_location=device, weights_only=True)
     except (CorruptEntry, RuntimeError, EOFError, ValueError) as e:
         discard(path, reason=f"fine-tuning resume state {path}: {e}")

@@ -59,13 +59,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from robench import distributed
-from robench.artifacts import artifact_dir, intact
+from robench.artifacts import artifact_dir, binding, intact, seal_artifact
 from robench.errors import RobenchError
 from robench.io import atomic_write, discard, entry_lock, seal_file
 from robench.models.backbone import Backbone, load_backbone, save_derived
 from robench.models.finetune import (
     CHECKPOINT,
-    HEAD_FILE,
     PRECISIONS,
     _Labelled,
     data_parallel,
@@ -191,7 +190,8 @@ def flyp_finetune(backbone: Backbone, source, templates: list[str], opts: FLYPOp
     ``text`` head file). Under ``torchrun`` every rank calls this together."""
     world = distributed.current()
     final = out / "model"
-    if world.all_min(int(intact(final, HEAD_FILE))):
+    # only the lead (holding the artifact's lock) removes a damaged result
+    if world.all_min(int(intact(final, repair=world.is_lead))):
         return f"local-dir:{final}"
     if opts.precision not in PRECISIONS:
         raise RobenchError(f"unknown fine-tuning precision '{opts.precision}'",
@@ -229,7 +229,7 @@ def flyp_finetune(backbone: Backbone, source, templates: list[str], opts: FLYPOp
             state = {"model": model.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "scaler": scaler.state_dict(), "step": step}
             atomic_write(resume, lambda tmp: torch.save(state, tmp))
-            seal_file(resume)
+            seal_file(resume, bound=binding(resume))  # this run's state, no other's
         world.barrier()
 
     tf = train_transform(backbone)
@@ -269,6 +269,7 @@ def flyp_finetune(backbone: Backbone, source, templates: list[str], opts: FLYPOp
     if world.is_lead:
         save_derived(backbone, model.state_dict(), final)
         save_head(final, None, list(source.classnames), kind="text")
+        seal_artifact(final)  # last: the folder is complete
         discard(resume)
     world.barrier()  # the result is on disk for every rank
     return f"local-dir:{final}"

@@ -451,7 +451,7 @@ def probe_head(ctx: HeadContext, source: ImageSource, opts: ProbeOptions) -> Lin
         write_npz(path, weight=res.fit.weight.astype(np.float32),
                   bias=res.fit.bias.astype(np.float32), C=np.float64(res.fit.C))
 
-    ensure(out, path.name, fit, f"the linear probe on {opts.train_on}")
+    ensure(out, fit, f"the linear probe on {opts.train_on}")
     z = load_npz(path)
     weight, bias, c = z["weight"], z["bias"], float(z["C"])
     summary = read_json(out / "summary.json")

@@ -748,7 +748,7 @@ def lp_clip_head(ctx: HeadContext, source: ImageSource, opts: LPCLIPOptions) -> 
             arrays["bias"] = res.bias
         write_npz(path, **arrays)  # last: its presence marks a complete artifact
 
-    ensure(out, path.name, fit, f"LP-CLIP on {opts.train_on}")
+    ensure(out, fit, f"LP-CLIP on {opts.train_on}")
     z = load_npz(path)
     weight, scale = z["weight"], float(z["scale"])
     bias = z.get("bias")

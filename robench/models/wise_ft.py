@@ -34,7 +34,7 @@ from robench import distributed
 from robench.artifacts import artifact_dir, ensure
 from robench.errors import RobenchError
 from robench.models.backbone import load_backbone, save_derived
-from robench.models.finetune import HEAD_FILE, SavedHead, read_head, save_head
+from robench.models.finetune import SavedHead, read_head, save_head
 from robench.models.zeroshot import class_embeddings
 from robench.registry import ModelSpec
 
@@ -100,6 +100,6 @@ def prepare_mix(bench: Bench, spec: ModelSpec, ft_name: str, alpha: float) -> Mo
 
     world = distributed.current()
     if world.is_lead:  # one rank writes the shared folder
-        ensure(out, HEAD_FILE, mix, f"WiSE-FT alpha={alpha:g} of {ft_name}")
+        ensure(out, mix, f"WiSE-FT alpha={alpha:g} of {ft_name}")
     world.barrier()
     return replace(spec, arch=declared.arch, pretrained=f"local-dir:{out}")

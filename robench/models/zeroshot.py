@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from robench.errors import RobenchError
-from robench.io import CorruptEntry, discard, load_npz, write_json, write_npz
+from robench.io import CorruptEntry, discard, load_npz, read_json, write_json, write_npz
 from robench.models.backbone import Backbone
 from robench.models.heads import LinearHead
 from robench.progress import progress_bar
@@ -79,6 +79,7 @@ def store_key(backbone: Backbone, templates: Sequence[str]) -> str:
 
 
 # -- the per-class store ------------------------------------------------------------------------
+STORE_IDENTITY = ("format", "weights_hash", "precision", "tokenizer", "templates")
 class TextStore:
     """Per-class text vectors of one (weights, precision, tokenizer, templates) in a folder."""
 
@@ -110,6 +111,8 @@ class TextStore:
     def _load_once(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         dim = None
+        if not self._meta_agrees():
+            return out
         for path in self.shards():
             try:
                 names, vectors = _read_shard(path, dim)
@@ -125,10 +128,31 @@ class TextStore:
                 out.setdefault(name, v)  # duplicates only come from concurrent first runs
         return out
 
+    def _meta_agrees(self) -> bool:
+        """The folder's ``meta.json`` describes the store asked for (weights, precision,
+        tokenizer, templates) and is sealed to it; otherwise every shard is foreign or
+        unverified and is removed (named), so the classes are encoded again."""
+        if self.meta is None or not self.shards():
+            return True
+        path = self.folder / "meta.json"
+        try:
+            found = read_json(path, bound(path))
+            # what the store key is made of; arch / pretrained only describe (the same weights
+            # at another path share the store)
+            if all(found.get(k) == self.meta[k] for k in STORE_IDENTITY):
+                return True
+            problem = "describes other weights or templates than the store asked for"
+        except CorruptEntry as e:
+            problem = e.reason
+        discard(path, *self.shards(), reason=f"text cache {self.folder}: meta.json {problem}; "
+                "its class vectors are encoded again")
+        return False
+
     def add(self, names: Sequence[str], vectors: np.ndarray) -> Path:
         """Write one new shard atomically; merge the store when it has too many shards."""
         if self.meta is not None and not (self.folder / "meta.json").is_file():
-            write_json(self.folder / "meta.json", self.meta)
+            write_json(self.folder / "meta.json", self.meta, bound=bound(self.folder /
+                                                                        "meta.json"))
         path = _write_shard(self.folder, list(names), vectors)
         shards = self.shards()
         if len(shards) > MAX_SHARDS:
@@ -157,14 +181,19 @@ def _write_shard(folder: Path, names: list[str], vectors: np.ndarray) -> Path:
     if vectors.ndim != 2 or vectors.shape[0] != len(names):
         raise ValueError(f"{len(names)} names but vectors of shape {vectors.shape}")
     path = folder / _shard_name(names)
-    write_npz(path, names=np.asarray(names, dtype=str), vectors=vectors)
+    write_npz(path, bound=bound(path), names=np.asarray(names, dtype=str), vectors=vectors)
     return path
+
+
+def bound(path: Path) -> str:
+    """What a file of the text store is (its seal's binding): ``text/<store key>/<file>``."""
+    return f"text/{path.parent.name}/{path.name}"
 
 
 def _read_shard(path: Path, dim: int | None) -> tuple[list[str], np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(path)
-    z = load_npz(path)  # checksum verified (robench.io)
+    z = load_npz(path, bound(path))  # checksum and binding verified (robench.io)
     names, vectors = z["names"].tolist(), z["vectors"]
     if (vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != len(names)
             or (dim is not None and vectors.shape[1] != dim) or not np.isfinite(vectors).all()):
