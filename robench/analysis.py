@@ -449,19 +449,24 @@ def analyze_suite(suite: SuiteRecords, settings: AnalysisSettings, strict: bool 
     })
 
 
-def read_analysis(folder: str | Path) -> dict | None:
-    """The analysis of the suite whose records are in ``folder`` (None if there is none)."""
+def read_analysis(folder: str | Path, rebuild: bool = False) -> dict | None:
+    """The analysis of the suite whose records are in ``folder`` (None if there is none).
+    ``rebuild`` (the writer, :func:`analyze`): an unreadable one is None with a warning, since it
+    is about to be recomputed; a reader gets a named error."""
     path = Path(folder) / ANALYSIS_FILE
     if not path.is_file():
         return None
     try:
         rec = json.loads(path.read_text())
+        if not isinstance(rec, dict) or rec.get("kind") != "robench-analysis":
+            raise ValueError("not a robench analysis")
     except (OSError, ValueError) as e:
+        if rebuild:
+            log.warning("%s is unreadable (%s): it is recomputed", path, e)
+            return None
         raise RobenchError(f"cannot read {path}: {e}", "delete it and run robench analyze "
-                           "--dir <the results folder>") from e
-    if not isinstance(rec, dict) or rec.get("kind") != "robench-analysis":
-        raise RobenchError(f"{path} is not a robench analysis", "delete it and run "
-                           "robench analyze --dir <the results folder>")
+                           "--dir <the results folder> (a run of the suite recomputes it too)"
+                           ) from e
     if (rec.get("integrity") or {}).get("sha256") != record_digest(rec):
         log.warning("%s fails its checksum (edited or damaged): it is recomputed", path)
         return None
@@ -501,7 +506,7 @@ def analyze(results_dir: str | Path, settings: AnalysisSettings | None = None,
 
     written = []
     for suite in suites_under(results_dir):
-        old = read_analysis(suite.folder)
+        old = read_analysis(suite.folder, rebuild=True)
         base = settings or AnalysisSettings.of((old or {}).get("settings"))
         base = AnalysisSettings(**{**asdict(base),
                                    **{k: v for k, v in (overrides or {}).items()

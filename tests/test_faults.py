@@ -199,3 +199,65 @@ def test_files_follow_the_users_umask(tmp_path):
     modes = dict(zip(out[::2], out[1::2], strict=True))
     assert modes == {"a.json": "0o664", "a.json.sha256": "0o664", "b.npy": "0o664",
                      "c.lock": "0o664"}
+
+
+CONCURRENT_SUITE = """
+description: two runs of one suite on one cache
+models: [tiny-random]
+datasets:
+  - cifar10-subset-val
+  - {name: val-c, family: generated-c, root: "", templates: cifar-context,
+     options: {base: cifar10-subset-val, stride: 50, corruptions: standard}}
+id_dataset: cifar10-subset-val
+progress: false
+model: {batch_size: 128, num_workers: 0}
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_suite_on_one_cache_score_each_cell_once(tmp_path):
+    """The second run waits for the first at each cell and at the generated -C set, then reads
+    what the first wrote: every cell is scored once, both runs end with the same records."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(CONCURRENT_SUITE)
+    args = [sys.executable, "-m", "robench.cli", "run", f"suite={suite}", "device=cpu",
+            f"cache_dir={tmp_path / 'cache'}", f"results_dir={tmp_path / 'runs'}"]
+    procs = [subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    scored = [ln for out in outs for ln in out.splitlines() if ": acc1=" in ln]
+    meanwhile = [ln for out in outs for ln in out.splitlines() if "scored meanwhile" in ln]
+    cells = ("tiny-random x cifar10-subset-val", "tiny-random x val-c")
+    for cell in cells:  # scored by exactly one run; the other found it done
+        assert sum(cell in ln for ln in scored) == 1, outs
+    assert len(scored) + len(meanwhile) + sum("already done" in o for o in outs) >= 2
+    # a complete, verified cache is read without taking a lock: a third run writes no lock
+    locks = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.lock")}
+    again = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and "2 of 2 cell(s) already done" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.lock")} == locks
+
+
+def test_a_reader_never_deletes_an_entry_a_writer_is_sealing(tmp_path, tiny_backbone):
+    """Between a writer's rename and its seal an entry has no checksum yet: a reader without
+    the lock sees it as absent and leaves it alone; only the lock holder removes damage."""
+    from test_bound_entries import source
+
+    from robench.artifacts import MANIFEST, artifact_dir, intact, seal_artifact
+    from robench.features import _cached, bound
+    from robench.io import SUM_SUFFIX, write_json, write_npy
+
+    src = source("s", 1)
+    npy, meta = tmp_path / "features" / "k.npy", tmp_path / "features" / "k.json"
+    write_npy(npy, np.zeros((len(src), 4), np.float32), bound=bound(npy))
+    write_json(meta, {"n": len(src), "bad": [], "manifest": src.manifest_hash})  # unsealed yet
+    Path(str(meta) + SUM_SUFFIX).unlink()
+    assert _cached(npy, meta, src) is None and npy.is_file() and meta.is_file()
+    assert _cached(npy, meta, src, repair=True) is None and not npy.exists()  # under the lock
+    folder = artifact_dir(tmp_path, "kind", {"a": 1})
+    write_json(folder / "w.json", {"w": 1})
+    seal_artifact(folder)
+    Path(str(folder / MANIFEST) + SUM_SUFFIX).unlink()  # the manifest's seal not written yet
+    assert not intact(folder) and (folder / "w.json").is_file()
+    assert not intact(folder, repair=True) and not (folder / "w.json").exists()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ from robench.io import (
 )
 from robench.progress import progress_bar
 
+log = logging.getLogger(__name__)
 MANIFEST = "robench_c.json"
 #: Resize rules before corrupting (see the module docstring); ``auto`` picks one.
 RESIZE_RULES: dict[str, str] = {
@@ -183,9 +185,32 @@ def generation_info(meta: dict) -> dict | None:
 
 def read_manifest(folder: Path) -> dict:
     """The manifest of a -C set written here (parameters, corruptions, class table); ``{}`` for a
-    released set, which has none."""
+    released set, which has none. A damaged one is a named error: it says which images are which,
+    so guessing would mislabel them."""
     man = folder / MANIFEST
-    return json.loads(man.read_text()) if man.is_file() else {}
+    if not man.is_file():
+        return {}
+    try:
+        manifest = json.loads(man.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        return manifest
+    except (OSError, ValueError) as e:
+        raise RobenchError(
+            f"the -C set manifest {man} is damaged ({e})",
+            f"delete {man}: a run regenerates its own cached set's manifest, and robench data "
+            f"corrupt --out {folder} rewrites the manifest of a set you generated (its "
+            "corruption files are kept if they verify)") from e
+
+
+def _manifest_or_none(folder: Path) -> dict:
+    """The manifest, or ``{}`` when there is none or it is damaged: the generation rewrites it
+    from its own parameters (the files are kept only if they are sealed as this set's)."""
+    try:
+        return read_manifest(folder)
+    except RobenchError as e:
+        log.warning("%s; it is written again", e.problem)
+        return {}
 
 
 def set_id(params: dict) -> str:
@@ -204,10 +229,11 @@ def _claim(out: Path, params: dict, corruptions: Sequence[str], extra: dict) -> 
     """Write ``out``'s manifest (with the set's identity, :func:`set_id`), refusing a folder
     that holds a set made with other ``params`` (a resume must not mix two sets); the corruption
     list grows with each call. Returns the manifest."""
-    old = read_manifest(out)
+    old = _manifest_or_none(out)
     if old and {k: old.get(k) for k in params} != params:
         raise RobenchError(f"{out} holds a -C set made from other data or parameters",
-                           "choose another --out folder, or delete it to regenerate")
+                           f"delete {out} and run again to regenerate it (or give robench data "
+                           "corrupt another --out folder)")
     done = old.get("corruptions") or []
     names = [c for c in CORRUPTIONS if c in done or c in corruptions]
     manifest = {**params, "corruptions": names, **extra, "set_id": set_id(params)}
@@ -293,7 +319,7 @@ def generate_c_set(source: ImageSource, out: Path, rows: Sequence[int] | None = 
 def _complete(out: Path, params: dict, corruptions: Sequence[str], labels: np.ndarray) -> bool:
     """The set in ``out`` was made with ``params`` and every file it needs is intact and sealed
     as itself (nothing is removed here: a reader without the lock never deletes)."""
-    manifest = read_manifest(out) if out.is_dir() else {}
+    manifest = _manifest_or_none(out) if out.is_dir() else {}
     if not manifest or {k: manifest.get(k) for k in params} != params:
         return False
     try:

@@ -500,14 +500,25 @@ def prepare_finetuned(bench: Bench, name: str, spec: ModelSpec,
              "seed": cfg.seed, "templates": templates, "method": spec.method,
              "arch": base.model_cfg, "format": 3}
     out = artifact_dir(cfg.cache_dir, "finetune", ident)
-    # concurrent runs train it once; the ranks of one torchrun job train it together, so only
-    # their lead takes the lock
-    lock = entry_lock(out / "model", f"fine-tuning {name}") if distributed.current().is_lead \
+    ckpt = train_once(out, name, lambda: finetune(base, source, templates, opts, out,
+                                                  cfg.cache_dir, seed=cfg.seed,
+                                                  progress=cfg.progress))
+    return replace(spec, pretrained=ckpt)
+
+
+def train_once(out: Path, name: str, train: Callable[[], str]) -> str:
+    """The ``local-dir:`` spec of the derived checkpoint in ``out/model``: read without a lock
+    when it is complete and verified (a read-only cache works), else ``train()`` under the
+    artifact's lock, so concurrent runs train it once; the ranks of one torchrun job train it
+    together, so only their lead takes the lock."""
+    final = out / "model"
+    world = distributed.current()
+    if world.all_min(int(intact(final))):
+        return f"local-dir:{final}"
+    lock = entry_lock(final, f"fine-tuning {name}") if world.is_lead \
         else contextlib.nullcontext()
     with lock:
-        ckpt = finetune(base, source, templates, opts, out, cfg.cache_dir, seed=cfg.seed,
-                        progress=cfg.progress)
-    return replace(spec, pretrained=ckpt)
+        return train()
 
 
 def finetuned_head(ctx: HeadContext, source: ImageSource) -> LinearHead:

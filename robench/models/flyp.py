@@ -45,7 +45,6 @@ the scale, and the mix's head is the prompt ensemble of its own text tower.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import warnings
@@ -61,7 +60,7 @@ from torch.utils.data import DataLoader
 from robench import distributed
 from robench.artifacts import artifact_dir, binding, intact, seal_artifact
 from robench.errors import RobenchError
-from robench.io import atomic_write, discard, entry_lock, seal_file
+from robench.io import atomic_write, discard, seal_file
 from robench.models.backbone import Backbone, load_backbone, save_derived
 from robench.models.finetune import (
     CHECKPOINT,
@@ -73,6 +72,7 @@ from robench.models.finetune import (
     rank_steps,
     save_head,
     schedule,
+    train_once,
     train_transform,
 )
 from robench.progress import progress_bar as tqdm
@@ -286,9 +286,6 @@ def prepare_flyp(bench: Bench, name: str, spec: ModelSpec, opts: FLYPOptions) ->
              "opts": opts.identity(), "seed": cfg.seed, "templates": templates,
              "method": spec.method, "arch": base.model_cfg, "format": FORMAT}
     out = artifact_dir(cfg.cache_dir, "flyp", ident)
-    lock = entry_lock(out / "model", f"fine-tuning {name}") if distributed.current().is_lead \
-        else contextlib.nullcontext()
-    with lock:
-        ckpt = flyp_finetune(base, source, templates, opts, out, seed=cfg.seed,
-                             progress=cfg.progress)
+    ckpt = train_once(out, name, lambda: flyp_finetune(base, source, templates, opts, out,
+                                                       seed=cfg.seed, progress=cfg.progress))
     return replace(spec, pretrained=ckpt)

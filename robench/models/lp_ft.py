@@ -31,7 +31,6 @@ default), while at fp16/bf16 the linear-probe model's features (and so its probe
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,10 +38,9 @@ from typing import TYPE_CHECKING
 from robench import distributed
 from robench.artifacts import artifact_dir
 from robench.errors import RobenchError
-from robench.io import entry_lock
 from robench.methods.base import HeadContext
 from robench.models.backbone import load_backbone
-from robench.models.finetune import HeadInit, finetune
+from robench.models.finetune import HeadInit, finetune, train_once
 from robench.models.heads import LinearHead
 from robench.models.linear_probe import probe_head
 from robench.registry import ModelSpec
@@ -83,9 +81,7 @@ def prepare_lp_ft(bench: Bench, name: str, spec: ModelSpec, opts: LPFTOptions) -
              "format": FORMAT}
     out = artifact_dir(cfg.cache_dir, "lp-ft", ident)
     init = HeadInit(weight=probe.weight, bias=probe.bias, scale=probe.scale)
-    lock = entry_lock(out / "model", f"fine-tuning {name}") if distributed.current().is_lead \
-        else contextlib.nullcontext()
-    with lock:
-        ckpt = finetune(base, source, [], opts, out, cfg.cache_dir, seed=cfg.seed,
-                        progress=cfg.progress, init=init, label="lp-ft")
+    ckpt = train_once(out, name, lambda: finetune(base, source, [], opts, out, cfg.cache_dir,
+                                                  seed=cfg.seed, progress=cfg.progress,
+                                                  init=init, label="lp-ft"))
     return replace(spec, pretrained=ckpt)
