@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,19 @@ class ImageSource:
 
     def load_image(self, i: int) -> Image.Image:
         return self.loader(i)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How a run reads a dataset: its settings, not the dataset's options (those are the
+    family's typed ``Options``). ``cache_dir`` holds the content index, ``workers`` the processes
+    that generate a -C set, ``source_of`` reads another dataset by name (a generated -C set's
+    base)."""
+
+    cache_dir: str | Path = ""
+    progress: bool = False
+    workers: int = 1
+    source_of: Callable[[str], ImageSource] | None = None
 
 
 def check_labels(name: str, labels: Sequence[int] | np.ndarray, n_classes: int) -> np.ndarray:

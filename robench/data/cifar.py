@@ -6,12 +6,20 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from robench.data.base import ArrayRows, ImageSource, file_digests, hash_manifest
+from robench.data.base import (
+    ArrayRows,
+    ImageSource,
+    LoadSettings,
+    file_digests,
+    hash_manifest,
+)
 from robench.errors import RobenchError
+from robench.options import Options, option
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,15 @@ SAFE_GLOBALS = {
     ("_reconstruct", "scalar")} | {
     (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | {
     ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+@dataclass(frozen=True)
+class CifarOptions(Options):
+    """Options of the ``cifar`` family."""
+
+    variant: Literal["cifar10", "cifar100"] = option("cifar10", "which release (its batch files "
+                                                     "and class names)")
+    train: bool = option(False, "read the train split instead of the test split")
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -125,9 +142,11 @@ class PixelRows(ArrayRows):
         return self.pixels[idx]
 
 
-def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
-         cache_dir: str = "", progress: bool = False, **_: object) -> ImageSource:
+def load(root: Path, name: str, options: CifarOptions | None = None,
+         settings: LoadSettings | None = None) -> ImageSource:
     """Load the CIFAR test (or train) split; ``root`` holds ``cifar-10-batches-py`` (or is it)."""
+    options, settings = options or CifarOptions(), settings or LoadSettings()
+    variant, train = options.variant, options.train
     cls = RELEASES[variant]
     if root.name == cls.base_folder:  # user pointed at the batches folder itself
         root = root.parent
@@ -149,8 +168,8 @@ def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
     files = [folder / f for f, _ in (cls.train_list if train else cls.test_list)]
     # every batch file is indexed (not only this split's) so that the test and train splits,
     # which share the folder, share one stable content index
-    digests = file_digests([folder / f for f, _ in cls.train_list + cls.test_list], cache_dir,
-                           progress)
+    digests = file_digests([folder / f for f, _ in cls.train_list + cls.test_list],
+                           settings.cache_dir, settings.progress)
     return ImageSource(
         name=name,
         labels=np.asarray(targets, dtype=np.int64),
