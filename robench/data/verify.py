@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from robench.data import dataset_options, load_dataset
-from robench.data.base import ImageSource, LoadSettings
+from robench.data.base import ImageSource, LoadSettings, UndecodableImage, read_image
 from robench.errors import RobenchError
 from robench.options import Options
 from robench.registry import DatasetSpec
@@ -285,11 +285,9 @@ def decode_all(source: ImageSource, rows: np.ndarray, workers: int | None = None
 
     def one(i: int) -> tuple[int, str] | None:
         try:
-            im = source.load_image(int(i))
-            if im.width < 1 or im.height < 1:
-                return int(i), "empty image"
-        except Exception as e:  # any decoder error is a finding, not a crash
-            return int(i), f"{type(e).__name__}: {e}"
+            read_image(source, int(i))  # what a run reads: both skip the same images
+        except UndecodableImage as e:
+            return int(i), str(e)
         return None
 
     workers = workers or min(8, os.cpu_count() or 1)
