@@ -15,6 +15,7 @@ from robench.data.base import (
     ArrayRows,
     ImageSource,
     LoadSettings,
+    check_pixel_array,
     file_digests,
     hash_manifest,
 )
@@ -115,11 +116,14 @@ def _read_split(cls: Release, folder: Path, train: bool) -> tuple[np.ndarray, li
         entry = read_batch(folder / f)
         key = "labels" if "labels" in entry else "fine_labels"
         try:
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            rows = np.asarray(entry["data"])
             labels += [int(v) for v in entry[key]]
         except (KeyError, ValueError, TypeError) as e:
             raise RobenchError(f"{folder / f} does not hold CIFAR data and labels ({e})",
                                "replace it with the released file") from e
+        # (N, 3072) uint8 rows of CHW planes; another dtype is refused, never cast
+        data.append(check_pixel_array(f"{folder / f}", rows, (3 * 32 * 32,))
+                    .reshape(-1, 3, 32, 32))
     meta = read_batch(folder / cls.meta["filename"])
     classes = [str(c) for c in meta.get(cls.meta["key"], [])]
     pixels = np.concatenate(data).transpose(0, 2, 3, 1)  # CHW planes -> HWC, as torchvision
@@ -132,8 +136,8 @@ def _read_split(cls: Release, folder: Path, train: bool) -> tuple[np.ndarray, li
 class PixelRows(ArrayRows):
     """The images of one in-memory (N, H, W, 3) uint8 array."""
 
-    def __init__(self, pixels: np.ndarray) -> None:
-        self.pixels = pixels
+    def __init__(self, pixels: np.ndarray, what: str = "pixels") -> None:
+        self.pixels = check_pixel_array(what, pixels, tuple(np.shape(pixels)[1:3]) + (3,))
 
     def __call__(self, i: int) -> Image.Image:
         return Image.fromarray(self.pixels[i])
@@ -176,7 +180,7 @@ def load(root: Path, name: str, options: CifarOptions | None = None,
         # CLIP's CIFAR class names are torchvision's with '_' replaced by spaces
         classnames=[c.replace("_", " ") for c in classes],
         manifest_hash=hash_manifest([(p.name, *digests[p]) for p in files]),
-        loader=PixelRows(pixels),
+        loader=PixelRows(pixels, str(folder)),
         info={"root": str(root), "split": "train" if train else "test",
               "md5_matches_release": not bad},
     )

@@ -18,6 +18,7 @@ from robench.data.base import (
     ArrayRows,
     ImageSource,
     LoadSettings,
+    check_pixel_array,
     file_digests,
     hash_manifest,
 )
@@ -115,11 +116,9 @@ def load(root: Path, name: str, options: CifarCOptions | None = None,
     rows = len(labels5)
     groups, files = {}, []
     for f_idx, c in enumerate(present):
-        arr = _load(root / f"{c}.npy", name, mmap_mode="r")
-        if arr.shape[0] != rows or arr.shape[1:] != (32, 32, 3) or arr.dtype != np.uint8:
-            raise RobenchError(
-                f"{name}: {c}.npy is {arr.dtype}{tuple(arr.shape)}, expected uint8 "
-                f"({rows}, 32, 32, 3)", "re-extract or regenerate the file")
+        # uint8 (rows, 32, 32, 3), or a named error: a float file is refused, never cast
+        check_pixel_array(f"{name}: {c}.npy", _load(root / f"{c}.npy", name, mmap_mode="r"),
+                          rows=rows)
         files.append(root / f"{c}.npy")
         per = rows // len(SEVERITIES)
         for s in SEVERITIES:
