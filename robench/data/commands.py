@@ -285,6 +285,7 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     from robench.data.base import LoadSettings
     from robench.data.corrupt_set import (
         RESIZE_RULES,
+        base_image,
         default_workers,
         generate_c_folders,
         generate_c_set,
@@ -323,7 +324,7 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
                            "write the -C set to a new folder")
     layout = args.layout
     if layout == "auto":
-        layout = "npy" if np.asarray(source.load_image(0)).shape == (32, 32, 3) else "folders"
+        layout = "npy" if np.asarray(base_image(source, 0)).shape == (32, 32, 3) else "folders"
     if layout == "npy":
         if args.resize != "auto":  # the npy layout holds the native 32x32 images
             resolve_resize(args.resize, "imagenet-c", "npy")
