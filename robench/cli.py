@@ -250,8 +250,12 @@ def list_entries(what: str) -> list[dict[str, Any]]:
                          "options": [asdict(o) for o in cls.Options.describe()]})
         return rows
     if what == "datasets":
+        from robench.data import family
+
         return [{"name": name, "family": s.family, "root": s.root, "templates": s.templates,
-                 "n_expected": s.n_expected, "description": s.description}
+                 "n_expected": s.n_expected, "description": s.description,
+                 "options": dict(s.options), "family_options":
+                 [asdict(o) for o in family(s.family).options_class().describe()]}
                 for name, s in registry.DATASETS.items()]
     rows = [{"name": name, "method": s.method, "arch": s.arch, "pretrained": s.pretrained,
              "description": s.description, "declared_in": "registry"}
@@ -288,6 +292,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         else:
             what = r["description"] or f"({r['declared_in']})"
             print(f"{r['name']:28s} {r['method']:20s} {r['arch']}/{r['pretrained']}  {what}")
+    if args.what == "datasets":
+        from robench.data import family_listing
+
+        print("\n".join(family_listing()))
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from robench.data.base import ImageSource
+from robench.data.base import DECODE_ERRORS, ImageSource, read_image
 from robench.errors import RobenchError
 from robench.io import (
     CorruptEntry,
@@ -48,8 +48,6 @@ if TYPE_CHECKING:  # torch is imported only by extraction: reading cached featur
     from robench.models.backbone import Backbone
 
 log = logging.getLogger(__name__)
-# Decoding errors PIL raises for corrupt or truncated files.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 FEATURE_DTYPES = ("auto", "float32", "float16")
@@ -92,7 +90,8 @@ class _Preprocessed:
 
             torch.manual_seed((self.seed * 1_000_003 + i) % (2**63))
         try:
-            return self.transform(self.source.load_image(i)), i  # type: ignore[operator]
+            # read_image: what `robench data verify` reads, so both skip the same images
+            return self.transform(read_image(self.source, i)), i  # type: ignore[operator]
         except DECODE_ERRORS:
             return None, i
 

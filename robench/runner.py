@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 import robench
 from robench import distributed
 from robench.config import pair_id_dataset
-from robench.data import family_loader
-from robench.data.base import ImageSource
+from robench.data import dataset_options, load_dataset
+from robench.data.base import ImageSource, LoadSettings
 from robench.errors import RobenchError
 from robench.features import FeatureSet, describe, extract_features, sample_names
 from robench.io import entry_lock, sweep_stale
@@ -76,9 +76,9 @@ def load_source(name: str, spec: DatasetSpec, cfg: DictConfig,
                 source_of: object = None) -> ImageSource:
     """Read a dataset's index (no pixels): fails here, before any model is loaded."""
     root = dataset_root(name, spec, cfg.data_root, OmegaConf.to_container(cfg.data))
-    source = family_loader(spec.family)(
-        root, name=name, cache_dir=cfg.cache_dir, source_of=source_of, progress=cfg.progress,
-        workers=max(1, cfg.model.num_workers), **spec.options)
+    settings = LoadSettings(cache_dir=cfg.cache_dir, progress=cfg.progress,
+                            workers=max(1, cfg.model.num_workers), source_of=source_of)
+    source = load_dataset(spec.family, root, name, dataset_options(name, spec), settings)
     if spec.n_expected is not None and len(source) != spec.n_expected:
         msg = f"{name}: found {len(source)} samples under {root}, expected {spec.n_expected}"
         if cfg.strict:
@@ -118,6 +118,7 @@ class Runner:
                     make_method(spec.method, declared, n)
         for item in self.cfg.datasets:
             name, spec = resolve_dataset(_plain(item))
+            dataset_options(name, spec)  # options checked here, before any data is read
             self.dataset_specs[name] = spec
         self._evaluated = set(self.models)
         self.evaluated_datasets = list(self.dataset_specs)  # not helpers loaded later

@@ -109,11 +109,11 @@ def test_custom_classifier_scores_its_own_logits_and_caches_by_weights(where, tm
     assert rec["provenance"]["weights_hash"] == state_dict_hash(mine.network())
 
     # the scored outputs are the network's own logits
-    from robench.data import family_loader
+    from robench.data import load_dataset
     from robench.registry import DATASETS, dataset_root
 
     spec = DATASETS[VAL]
-    src = family_loader(spec.family)(dataset_root(VAL, spec, "data", {}), name=VAL)
+    src = load_dataset(spec.family, dataset_root(VAL, spec, "data", {}), VAL)
     with torch.no_grad():
         x = torch.stack([TF(src.load_image(i)) for i in range(len(src))])
         want = net(x).numpy()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import cifar_pixels, write_cifar10
 
 from robench.data import cifar, cifar_c
+from robench.data.base import LoadSettings
 from robench.data.corrupt_set import generate_c_set
 from robench.data.corruptions import CORRUPTIONS, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
@@ -43,7 +46,8 @@ def test_cifar_c_rows_groups_and_labels(tmp_path):
         np.testing.assert_array_equal(src.labels[rows], y)
         # row j of every group is a copy of base image j: intervals resample it as one unit
         np.testing.assert_array_equal(src.base_index[rows], px[:, 2])
-    std = cifar_c.load(tmp_path / "CIFAR-10-C", name="c10c", corruptions="standard")
+    std = cifar_c.load(tmp_path / "CIFAR-10-C", name="c10c",
+                       options=cifar_c.CifarCOptions(corruptions="standard"))
     assert len(std.groups) == 75
 
 
@@ -142,7 +146,8 @@ def test_npy_set_records_its_protocol_and_reads_back_as_generated(tmp_path):
     man = read_manifest(auto)
     assert man["protocol"] == "cifar-c" and man["resize"] == "none"  # auto, resolved
     assert "not the released CIFAR-10-C" in man["note"]
-    info = cifar_c.load(auto, name="g", corruptions="all").info["generated"]
+    info = cifar_c.load(auto, name="g",
+                        options=cifar_c.CifarCOptions(corruptions="all")).info["generated"]
     assert info["protocol"] == "cifar-c" and info["base"] == "c10" and info["resize"] == "none"
     inc = generate_c_set(src, tmp_path / "inc", corruptions=names, workers=1, progress=False,
                          protocol="imagenet-c")
@@ -190,7 +195,8 @@ def test_folder_layout_resizes_like_imagenet_c_by_default(tmp_path):
     f = next(out.rglob("*.JPEG"))
     with Image.open(f) as im:
         assert im.size == (224, 224)
-    info = imagenet_c.load(out, name="mini-c", corruptions="all").info["generated"]
+    info = imagenet_c.load(out, name="mini-c",
+                           options=imagenet_c.ImageNetCOptions(corruptions="all")).info["generated"]
     assert info == {"protocol": "imagenet-c", "resize": "256-crop-224", "base": "mini",
                     "seed": 0, "note": man["note"]}
     # 32x32 images in the folder layout: auto is CIFAR-10-C's protocol at the native size
@@ -227,14 +233,15 @@ def test_generated_family_cache_key_holds_the_protocol(tmp_path):
     from robench.data import generated_c
 
     src = cifar.load(write_cifar10(tmp_path / "c10", n_test=4), name="c10")
-    dirs = {p: generated_c.output_dir(src, 1, "standard", 0, tmp_path, p)
+    opts = generated_c.GeneratedCOptions(base="c10")
+    dirs = {p: generated_c.output_dir(src, replace(opts, protocol=p), tmp_path)
             for p in ("auto", "cifar-c", "imagenet-c")}
     assert dirs["auto"] == dirs["cifar-c"] != dirs["imagenet-c"]
     with pytest.raises(RobenchError, match="imagenet-c"):
-        generated_c.output_dir(src, 1, "standard", 0, tmp_path, "cifar")
-    gen = generated_c.load(tmp_path, name="g", base="c10", corruptions="standard",
-                           cache_dir=str(tmp_path / "cache"), source_of=lambda _: src,
-                           progress=False, workers=1, stride=2)
+        generated_c.output_dir(src, replace(opts, protocol="cifar"), tmp_path)
+    gen = generated_c.load(tmp_path, "g", replace(opts, stride=2),
+                           LoadSettings(cache_dir=str(tmp_path / "cache"),
+                                        source_of=lambda _: src))
     assert gen.info["generated"]["protocol"] == "cifar-c" and gen.info["generated"]["stride"] == 2
-    assert gen.info["root"] == str(generated_c.output_dir(src, 2, "standard", 0,
-                                                          tmp_path / "cache", "cifar-c"))
+    assert gen.info["root"] == str(generated_c.output_dir(
+        src, replace(opts, stride=2, protocol="cifar-c"), tmp_path / "cache"))

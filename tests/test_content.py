@@ -12,7 +12,7 @@ from conftest import run_cli, write_cifar10
 from PIL import Image
 
 from robench.data import cifar, cifar_c, content, folder
-from robench.data.base import hash_manifest
+from robench.data.base import LoadSettings, hash_manifest
 from robench.registry import ASSETS
 
 HOUR_NS = 3600 * 10**9
@@ -49,46 +49,47 @@ def no_racy_window(monkeypatch):
 def test_regenerated_in_place_changes_the_manifest(tmp_path, no_racy_window):
     make_folder(tmp_path / "d")
     cache = tmp_path / "cache"
-    first = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    first = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     assert first.info["files_hashed"] == 8
     regenerate_keeping_name_size_and_mtime(tmp_path / "d" / "dog" / "2.bmp", (1, 2, 3))
-    second = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    second = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     assert second.manifest_hash != first.manifest_hash
     assert second.info["files_hashed"] == 1  # only the changed file was read
 
 
 def test_warm_run_reads_no_file(tmp_path, monkeypatch):
     root = ASSETS / "cifar10-subset" / "val"  # shipped files: old enough not to be racy
-    cold = folder.load(root, name="val", cache_dir=tmp_path)
+    cold = folder.load(root, name="val", settings=LoadSettings(cache_dir=tmp_path))
     assert cold.info["files_hashed"] == 500
 
     def must_not_read(path):
         raise AssertionError(f"{path} was hashed on a warm run")
 
     monkeypatch.setattr(content, "sha256_file", must_not_read)
-    warm = folder.load(root, name="val", cache_dir=tmp_path)
+    warm = folder.load(root, name="val", settings=LoadSettings(cache_dir=tmp_path))
     assert warm.info["files_hashed"] == 0 and warm.manifest_hash == cold.manifest_hash
 
 
 def test_touch_rehashes_and_keeps_the_hash(tmp_path, no_racy_window):
     make_folder(tmp_path / "d")
     cache = tmp_path / "cache"
-    before = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    before = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     p = tmp_path / "d" / "cat" / "1.bmp"
     os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns - HOUR_NS))
-    after = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    after = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     assert after.info["files_hashed"] == 1 and after.manifest_hash == before.manifest_hash
 
 
 def test_added_and_removed_files_hash_only_the_new_ones(tmp_path, no_racy_window):
     make_folder(tmp_path / "d")
     cache = tmp_path / "cache"
-    before = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    before = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     (tmp_path / "d" / "cat" / "0.bmp").unlink()
     write_bmp(tmp_path / "d" / "dog" / "9.bmp", (9, 9, 9))
-    after = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    after = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     assert after.info["files_hashed"] == 1 and after.manifest_hash != before.manifest_hash
-    assert folder.load(tmp_path / "d", name="d", cache_dir=cache).info["files_hashed"] == 0
+    at = LoadSettings(cache_dir=cache)
+    assert folder.load(tmp_path / "d", name="d", settings=at).info["files_hashed"] == 0
 
 
 def test_racy_files_are_hashed_again(tmp_path):
@@ -96,17 +97,18 @@ def test_racy_files_are_hashed_again(tmp_path):
     tick; its digest is only trusted once it is older than the racy window."""
     make_folder(tmp_path / "d", n=1)
     cache = tmp_path / "cache"
-    assert folder.load(tmp_path / "d", name="d", cache_dir=cache).info["files_hashed"] == 2
-    assert folder.load(tmp_path / "d", name="d", cache_dir=cache).info["files_hashed"] == 2
+    at = LoadSettings(cache_dir=cache)
+    assert folder.load(tmp_path / "d", name="d", settings=at).info["files_hashed"] == 2
+    assert folder.load(tmp_path / "d", name="d", settings=at).info["files_hashed"] == 2
 
 
 def test_unwritable_cache_still_gives_the_content_hash(tmp_path, caplog, no_racy_window):
     make_folder(tmp_path / "d", n=2)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")  # the index cannot be created below a file
-    a = folder.load(tmp_path / "d", name="d", cache_dir=blocker)
+    a = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=blocker))
     assert "cannot write the content index" in caplog.text
-    b = folder.load(tmp_path / "d", name="d", cache_dir=tmp_path / "cache")
+    b = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=tmp_path / "cache"))
     assert a.manifest_hash == b.manifest_hash
 
 
@@ -119,25 +121,27 @@ def test_npy_sets_hash_every_byte(tmp_path, no_racy_window):
     np.save(tmp_path / "fog.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
     (tmp_path / "robench_c.json").write_text(json.dumps({"corruptions": ["fog"]}))
     cache = tmp_path / "cache"
-    before = cifar_c.load(tmp_path, name="c", cache_dir=cache)
+    before = cifar_c.load(tmp_path, name="c", settings=LoadSettings(cache_dir=cache))
     arr = np.load(tmp_path / "fog.npy", mmap_mode="r+")
     arr[2 * 2000:3 * 2000] = 0  # severity 3 regenerated in place
     arr.flush()
     del arr
-    after = cifar_c.load(tmp_path, name="c", cache_dir=cache)
+    after = cifar_c.load(tmp_path, name="c", settings=LoadSettings(cache_dir=cache))
     assert after.manifest_hash != before.manifest_hash
-    assert cifar_c.load(tmp_path, name="c", cache_dir=cache).manifest_hash == after.manifest_hash
+    again = cifar_c.load(tmp_path, name="c", settings=LoadSettings(cache_dir=cache))
+    assert again.manifest_hash == after.manifest_hash
 
 
 def test_cifar_splits_share_one_stable_index(tmp_path, monkeypatch, no_racy_window):
     root = write_cifar10(tmp_path / "c10", n_test=20)
     cache = tmp_path / "cache"
-    test = cifar.load(root, name="cifar10", cache_dir=cache)
+    test = cifar.load(root, name="cifar10", settings=LoadSettings(cache_dir=cache))
     calls = []
     real = content.sha256_file
     monkeypatch.setattr(content, "sha256_file", lambda p: calls.append(p) or real(p))
-    train = cifar.load(root, name="cifar10-train", train=True, cache_dir=cache)
-    again = cifar.load(root, name="cifar10", cache_dir=cache)
+    train = cifar.load(root, name="cifar10-train", options=cifar.CifarOptions(train=True),
+                       settings=LoadSettings(cache_dir=cache))
+    again = cifar.load(root, name="cifar10", settings=LoadSettings(cache_dir=cache))
     assert calls == [] and again.manifest_hash == test.manifest_hash != train.manifest_hash
 
 
@@ -190,10 +194,11 @@ def test_unreadable_file_is_not_fatal_and_is_retried(tmp_path, monkeypatch, no_r
         return real(path)
 
     monkeypatch.setattr(content, "sha256_file", flaky)
-    broken = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    broken = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     monkeypatch.setattr(content, "sha256_file", real)
-    fixed = folder.load(tmp_path / "d", name="d", cache_dir=cache)
+    fixed = folder.load(tmp_path / "d", name="d", settings=LoadSettings(cache_dir=cache))
     assert fixed.info["files_hashed"] == 1  # only the file that could not be read
     assert fixed.manifest_hash != broken.manifest_hash
+    other = LoadSettings(cache_dir=tmp_path / "other")
     assert fixed.manifest_hash == folder.load(tmp_path / "d", name="d",
-                                              cache_dir=tmp_path / "other").manifest_hash
+                                              settings=other).manifest_hash

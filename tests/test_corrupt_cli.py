@@ -74,6 +74,8 @@ def test_same_pixels_for_any_worker_count_and_as_the_runners_generated_set(
     assert r.returncode == 0, r.stderr
     assert digests(one) == digests(npy_set)
     # the generated-c family (what a suite uses) writes the very same pixels
+    from robench.data.base import LoadSettings
+    from robench.data.generated_c import GeneratedCOptions
     from robench.data.generated_c import load as generated
 
     def source_of(name: str):
@@ -81,8 +83,8 @@ def test_same_pixels_for_any_worker_count_and_as_the_runners_generated_set(
 
         return load(VAL, name=name)
 
-    gen = generated(Path(""), name="g", base="cifar10-subset-val", stride=25,
-                    cache_dir=str(tmp_path / "cache"), source_of=source_of, progress=False)
+    gen = generated(Path(""), "g", GeneratedCOptions(base="cifar10-subset-val", stride=25),
+                    LoadSettings(cache_dir=str(tmp_path / "cache"), source_of=source_of))
     for c in ("gaussian_noise", "glass_blur", "frost"):
         a = np.load(npy_set / f"{c}.npy")
         b = np.load(Path(gen.info["root"]) / f"{c}.npy")
@@ -114,14 +116,14 @@ def test_a_chosen_subset_of_corruptions(tmp_path: Path) -> None:
     r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
                 "--stride", "50", "--corruptions", "gaussian_noise,spatter", "--no-progress")
     assert r.returncode == 0, r.stderr
-    src = cifar_c.load(out, name="two", corruptions="all")
+    src = cifar_c.load(out, name="two", options=cifar_c.CifarCOptions(corruptions="all"))
     assert src.info["corruptions"] == ["gaussian_noise", "spatter"]
     assert src.summary_groups == [f"gaussian_noise/{s}" for s in SEVERITIES]
     # a later call adds to the set instead of forgetting what is there
     r = robench("data", "corrupt", "--from", "cifar10-subset-val", "--out", str(out),
                 "--stride", "50", "--corruptions", "fog", "--no-progress")
     assert r.returncode == 0, r.stderr
-    src = cifar_c.load(out, name="two", corruptions="all")
+    src = cifar_c.load(out, name="two", options=cifar_c.CifarCOptions(corruptions="all"))
     assert src.info["corruptions"] == ["gaussian_noise", "fog", "spatter"]
     with pytest.raises(RobenchError, match="shot_noise.npy"):
         (out / "robench_c.json").unlink()  # without its manifest it must be a full release
@@ -201,7 +203,8 @@ def test_folder_layout_reads_back_as_imagenet_c(tmp_path: Path) -> None:
                 str(native), "--resize", "none", "--corruptions", "fog", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "protocol imagenet-c, resize none" in r.stdout
-    n = imagenet_c.load(native, name="native", corruptions="all")
+    n = imagenet_c.load(native, name="native",
+                        options=imagenet_c.ImageNetCOptions(corruptions="all"))
     assert n.load_image(0).size == (64, 64) and n.info["generated"]["resize"] == "none"
     # the registered imagenet-c entry reads it; verify flags it as far from a full release
     # and says it is generated

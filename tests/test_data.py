@@ -22,7 +22,7 @@ def test_cifar_pickle_layout_labels_and_pixels(tmp_path):
     # pointing at the batches folder itself works too, with the same manifest
     assert cifar.load(root / "cifar-10-batches-py", name="cifar10").manifest_hash == \
         src.manifest_hash
-    train = cifar.load(root, name="cifar10-train", train=True)
+    train = cifar.load(root, name="cifar10-train", options=cifar.CifarOptions(train=True))
     assert len(train) == 50 and train.manifest_hash != src.manifest_hash
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from robench import registry
 from robench.data import download as D  # noqa: N812
-from robench.data import family_loader, imagenet
+from robench.data import imagenet, load_dataset
 from robench.data.corruptions import STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
 
@@ -146,7 +146,7 @@ def test_download_verifies_installs_and_never_overwrites(tmp_path, server, monke
     serve(server, monkeypatch, "cifar10-c", data, "CIFAR-10-C")
     target, note = D.download("cifar10-c", tmp_path, progress=False)
     assert target == tmp_path / "CIFAR-10-C" and "sha256 verified" in note
-    src = family_loader("cifar-c")(target, name="cifar10-c", variant="cifar10")
+    src = load_dataset("cifar-c", target, "cifar10-c", {"variant": "cifar10"})
     assert len(src) == 15 * 20
     assert not (tmp_path / D.WORK_DIR).exists() and leftovers(tmp_path) == []
     assert server.requests == [("/files/archive.tar", None)]
@@ -276,7 +276,7 @@ def test_md5_pinned_cifar10_gz_into_torchvision_layout(tmp_path, server, monkeyp
           md5=hashlib.md5(data).hexdigest())
     target, note = D.download("cifar10", tmp_path / "data", progress=False)
     assert target == tmp_path / "data" / "cifar10" and note.startswith("md5 verified")
-    assert len(family_loader("cifar")(target, name="cifar10")) == 12
+    assert len(load_dataset("cifar", target, "cifar10")) == 12
     with pytest.raises(RobenchError, match="already exists"):  # train split: same folder
         D.download("cifar10-train", tmp_path / "data", progress=False)
 
@@ -290,7 +290,7 @@ def test_v2_plain_tar_named_gz_installs_with_integer_folders(tmp_path, server, m
           filename="imagenetv2-matched-frequency.tar.gz")
     target, _ = D.download("imagenet-v2-matched-frequency", tmp_path, progress=False)
     assert target == tmp_path / top
-    src = family_loader("imagenet-v2")(target, name="v2")
+    src = load_dataset("imagenet-v2", target, "v2")
     assert sorted(src.labels.tolist()) == [0, 1, 2, 10, 100, 999]
 
 
@@ -392,7 +392,7 @@ def test_sketch_zip_installed_from_a_local_archive(tmp_path):
             zf.writestr(f"sketch/{w}/sketch_1.JPEG", jpeg.getvalue())
     target, note = D.download("imagenet-sketch", tmp_path / "data", archive=archive)
     assert target == tmp_path / "data" / "imagenet-sketch" and "no checksum pinned" in note
-    src = family_loader("imagenet-folder")(target, name="imagenet-sketch", nested=["sketch"])
+    src = load_dataset("imagenet-folder", target, "imagenet-sketch", {"nested": ["sketch"]})
     assert src.labels.tolist() == [0, 1, 2, 3, 4] and archive.is_file()
 
 

@@ -147,7 +147,7 @@ def test_array_sources_convert_whole_batches_bit_identically(tiny_backbone, tmp_
     np.save(root / "labels.npy", np.repeat(np.arange(5), 2).astype(np.int64))
     for c in cifar_c.STANDARD_CORRUPTIONS:
         np.save(root / f"{c}.npy", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
-    csrc = cifar_c.load(root, name="c10c", corruptions="standard")
+    csrc = cifar_c.load(root, name="c10c", options=cifar_c.CifarCOptions(corruptions="standard"))
     idx = np.array([0, 9, 10, 149, 77, 11])
     np.testing.assert_array_equal(csrc.loader.batch(idx),
                                   np.stack([np.asarray(csrc.load_image(i)) for i in idx]))

@@ -106,7 +106,8 @@ def _resume_case(tmp_path, **extra):
     a fresh backbone factory, the uninterrupted result)."""
     from robench.data import cifar
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c",
+                     options=cifar.CifarOptions(train=True))
     opts = FineTuneOptions(**{"train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
                               "warmup": 1, "workers": 0, **extra})
     templates = ["a photo of a {}."]
@@ -210,7 +211,8 @@ def test_resume_mid_epoch_from_a_step_checkpoint_gives_the_same_weights(tmp_path
 def test_mixed_precision_training_runs_under_autocast(tmp_path, precision):
     from robench.data import cifar
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c",
+                     options=cifar.CifarOptions(train=True))
     # fp16: the GradScaler skips the first steps (inf gradients at its initial scale 2^16)
     # until the scale has come down, so the run needs more steps than bf16 to move the weights
     opts = FineTuneOptions(train_on="c", epochs=1, lr=1e-3, batch_size=2, warmup=1, workers=0,

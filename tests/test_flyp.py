@@ -166,7 +166,8 @@ def test_under_two_ranks_the_loss_and_gradient_are_the_global_batchs():
 def test_each_sample_gets_a_seeded_uniform_template(tmp_path, tiny_backbone):
     from robench.data import cifar
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c",
+                     options=cifar.CifarOptions(train=True))
     templates = ["a photo of a {}.", "a sketch of a {}.", "art of the {}."]
     ds = FL._Captioned(src, FT.train_transform(tiny_backbone), 0, 3, templates,
                        tiny_backbone.tokenizer)
@@ -185,7 +186,8 @@ def test_each_sample_gets_a_seeded_uniform_template(tmp_path, tiny_backbone):
 def _case(tmp_path, arch="robench-tiny-vit", pretrained=None, **extra):
     from robench.data import cifar
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c",
+                     options=cifar.CifarOptions(train=True))
     opts = make_method("flyp", {"train_on": "c", "epochs": 2, "lr": 1e-3, "batch_size": 16,
                                 "warmup": 1, "workers": 0, **extra}).options
     templates = ["a photo of a {}.", "a sketch of a {}."]

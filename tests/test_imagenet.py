@@ -18,7 +18,7 @@ import pytest
 from conftest import REALDATA
 from PIL import Image
 
-from robench.data import family_loader, imagenet
+from robench.data import imagenet, load_dataset
 from robench.errors import RobenchError
 from robench.features import FeatureSet
 from robench.models.heads import LinearHead
@@ -71,7 +71,7 @@ def make_v2(root: Path, samples: list) -> Path:
 
 def load(name: str, root: Path, **options):
     spec = DATASETS[name]
-    return family_loader(spec.family)(root, name=name, **{**spec.options, **options})
+    return load_dataset(spec.family, root, name, {**spec.options, **options})
 
 
 @pytest.fixture(scope="session")

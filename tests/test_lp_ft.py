@@ -144,7 +144,8 @@ def _resume_case(tmp_path, **extra):
     backbone factory, the uninterrupted result)."""
     from robench.data import cifar
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=8), name="c",
+                     options=cifar.CifarOptions(train=True))
     opts = make_method("lp-ft", {"train_on": "c", "val_on": "c", "epochs": 2, "lr": 1e-3,
                                  "batch_size": 16, "warmup": 1, "workers": 0, **extra}).options
     rng = np.random.default_rng(0)
@@ -223,7 +224,8 @@ def test_an_lp_ft_head_scores_only_its_label_space(tmp_path, tiny_backbone):
 def test_an_initial_head_of_the_wrong_shape_is_refused(tmp_path):
     from robench.data import cifar
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=2), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=2), name="c",
+                     options=cifar.CifarOptions(train=True))
     opts = make_method("lp-ft", {"train_on": "c", "val_on": "c", "workers": 0}).options
     base = FT.load_backbone("robench-tiny-vit", None, device="cpu", seed=0)
     bad = FT.HeadInit(np.zeros((3, 10), np.float32), None, 1.0)
@@ -235,7 +237,8 @@ def test_grad_clip_0_means_no_clipping(tmp_path):
     """A max norm of 0 would scale every gradient to 0 (no learning); 0 turns clipping off."""
     from robench.data import cifar
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c",
+                     options=cifar.CifarOptions(train=True))
     opts = make_method("lp-ft", {"train_on": "c", "val_on": "c", "epochs": 1, "lr": 1e-3,
                                  "batch_size": 10, "warmup": 1, "workers": 0,
                                  "grad_clip": 0.0, "weight_decay": 0.0}).options

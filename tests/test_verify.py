@@ -252,7 +252,8 @@ def test_verify_a_generated_c_set_before_and_after_a_run_made_it(tmp_path, capsy
     first run it says the set is not made yet (not an error); once made, it is verified in the
     cache like a released -C set."""
     from robench.cli import main
-    from robench.data import family_loader
+    from robench.data import load_dataset
+    from robench.data.base import LoadSettings
     from robench.registry import DATASETS, dataset_root
 
     monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "cache"))
@@ -267,11 +268,10 @@ def test_verify_a_generated_c_set_before_and_after_a_run_made_it(tmp_path, capsy
 
     def source_of(name):  # as the runner reads datasets
         spec = DATASETS[name]
-        return family_loader(spec.family)(dataset_root(name, spec, "data", {}), name=name)
+        return load_dataset(spec.family, dataset_root(name, spec, "data", {}), name)
 
-    family_loader("generated-c")(Path(""), name="val-c", base="cifar10-subset-val", stride=50,
-                                 cache_dir=str(tmp_path / "cache"), source_of=source_of,
-                                 progress=False, workers=1)
+    load_dataset("generated-c", Path(""), "val-c", {"base": "cifar10-subset-val", "stride": 50},
+                 LoadSettings(cache_dir=str(tmp_path / "cache"), source_of=source_of))
     assert main(args) == 0
     out = capsys.readouterr().out.split("val-c  (root ")[1]
     assert "every 50th of the 500 images of cifar10-subset-val" in out

@@ -6,12 +6,21 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from robench.data.base import ArrayRows, ImageSource, file_digests, hash_manifest
+from robench.data.base import (
+    ArrayRows,
+    ImageSource,
+    LoadSettings,
+    check_pixel_array,
+    file_digests,
+    hash_manifest,
+)
 from robench.errors import RobenchError
+from robench.options import Options, option
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,15 @@ SAFE_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype")}
 
 
+@dataclass(frozen=True)
+class CifarOptions(Options):
+    """Options of the ``cifar`` family."""
+
+    variant: Literal["cifar10", "cifar100"] = option("cifar10", "which release (its batch files "
+                                                     "and class names)")
+    train: bool = option(False, "read the train split instead of the test split")
+
+
 class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in SAFE_GLOBALS:
@@ -98,11 +116,14 @@ def _read_split(cls: Release, folder: Path, train: bool) -> tuple[np.ndarray, li
         entry = read_batch(folder / f)
         key = "labels" if "labels" in entry else "fine_labels"
         try:
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            rows = np.asarray(entry["data"])
             labels += [int(v) for v in entry[key]]
         except (KeyError, ValueError, TypeError) as e:
             raise RobenchError(f"{folder / f} does not hold CIFAR data and labels ({e})",
                                "replace it with the released file") from e
+        # (N, 3072) uint8 rows of CHW planes; another dtype is refused, never cast
+        data.append(check_pixel_array(f"{folder / f}", rows, (3 * 32 * 32,))
+                    .reshape(-1, 3, 32, 32))
     meta = read_batch(folder / cls.meta["filename"])
     classes = [str(c) for c in meta.get(cls.meta["key"], [])]
     pixels = np.concatenate(data).transpose(0, 2, 3, 1)  # CHW planes -> HWC, as torchvision
@@ -115,8 +136,8 @@ def _read_split(cls: Release, folder: Path, train: bool) -> tuple[np.ndarray, li
 class PixelRows(ArrayRows):
     """The images of one in-memory (N, H, W, 3) uint8 array."""
 
-    def __init__(self, pixels: np.ndarray) -> None:
-        self.pixels = pixels
+    def __init__(self, pixels: np.ndarray, what: str = "pixels") -> None:
+        self.pixels = check_pixel_array(what, pixels, tuple(np.shape(pixels)[1:3]) + (3,))
 
     def __call__(self, i: int) -> Image.Image:
         return Image.fromarray(self.pixels[i])
@@ -125,9 +146,11 @@ class PixelRows(ArrayRows):
         return self.pixels[idx]
 
 
-def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
-         cache_dir: str = "", progress: bool = False, **_: object) -> ImageSource:
+def load(root: Path, name: str, options: CifarOptions | None = None,
+         settings: LoadSettings | None = None) -> ImageSource:
     """Load the CIFAR test (or train) split; ``root`` holds ``cifar-10-batches-py`` (or is it)."""
+    options, settings = options or CifarOptions(), settings or LoadSettings()
+    variant, train = options.variant, options.train
     cls = RELEASES[variant]
     if root.name == cls.base_folder:  # user pointed at the batches folder itself
         root = root.parent
@@ -149,15 +172,15 @@ def load(root: Path, name: str, variant: str = "cifar10", train: bool = False,
     files = [folder / f for f, _ in (cls.train_list if train else cls.test_list)]
     # every batch file is indexed (not only this split's) so that the test and train splits,
     # which share the folder, share one stable content index
-    digests = file_digests([folder / f for f, _ in cls.train_list + cls.test_list], cache_dir,
-                           progress)
+    digests = file_digests([folder / f for f, _ in cls.train_list + cls.test_list],
+                           settings.cache_dir, settings.progress)
     return ImageSource(
         name=name,
         labels=np.asarray(targets, dtype=np.int64),
         # CLIP's CIFAR class names are torchvision's with '_' replaced by spaces
         classnames=[c.replace("_", " ") for c in classes],
         manifest_hash=hash_manifest([(p.name, *digests[p]) for p in files]),
-        loader=PixelRows(pixels),
+        loader=PixelRows(pixels, str(folder)),
         info={"root": str(root), "split": "train" if train else "test",
               "md5_matches_release": not bad},
     )

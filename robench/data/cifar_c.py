@@ -7,16 +7,26 @@ the 15 standard corruptions x 5 severities (the 4 extra ones are kept per group 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from robench.data.base import ArrayRows, ImageSource, file_digests, hash_manifest
+from robench.data.base import (
+    ArrayRows,
+    ImageSource,
+    LoadSettings,
+    check_pixel_array,
+    file_digests,
+    hash_manifest,
+)
 from robench.data.corrupt_set import bound, generation_info, read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
 from robench.io import CorruptEntry, verify_file
+from robench.options import Options, option
 
 CIFAR_CLASSNAMES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -26,6 +36,19 @@ CIFAR_CLASSNAMES = {
                  (Path(__file__).resolve().parent / "metadata" / "cifar100_classes.txt")
                  .read_text().split()],
 }
+
+
+@dataclass(frozen=True)
+class CifarCOptions(Options):
+    """Options of the ``cifar-c`` family."""
+
+    variant: Literal["cifar10", "cifar100"] = option(
+        "cifar10", "whose class names, when the folder's manifest does not name them")
+    corruptions: Literal["standard", "all"] = option(
+        "all", "the 15 standard corruptions, or all 19 files present (the 4 extra ones "
+        "are kept per group, never in the headline mean)")
+    classnames: list[str] | None = option(None, "class names in label order (null: the "
+                                          "manifest's, else the variant's)")
 
 
 class NpyRows(ArrayRows):
@@ -58,13 +81,14 @@ class NpyRows(ArrayRows):
         return out
 
 
-def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "all",
-         classnames: list[str] | None = None, cache_dir: str = "", progress: bool = False,
-         **_: object) -> ImageSource:
+def load(root: Path, name: str, options: CifarCOptions | None = None,
+         settings: LoadSettings | None = None) -> ImageSource:
     """Load a -C set in the CIFAR-10-C npy layout; ``corruptions`` = ``standard`` or ``all``.
 
     The manifest hashes the full content of ``labels.npy`` and each corruption file read, through
     the content index (a full read of CIFAR-10-C's 2.9 GB once, then only ``stat`` calls)."""
+    options, settings = options or CifarCOptions(), settings or LoadSettings()
+    corruptions, variant = options.corruptions, options.variant
     if not root.is_dir():
         raise RobenchError(f"{name}: folder {root} does not exist",
                            f"set data.{name}.root to the folder holding <corruption>.npy files")
@@ -94,21 +118,17 @@ def load(root: Path, name: str, variant: str = "cifar10", corruptions: str = "al
     check_generated(root, meta, ["labels.npy", *(f"{c}.npy" for c in present)], name)
     groups, files = {}, []
     for f_idx, c in enumerate(present):
-        arr = _load(root / f"{c}.npy", name, mmap_mode="r")
-        if arr.shape[0] != rows or arr.shape[1:] != (32, 32, 3) or arr.dtype != np.uint8:
-            raise RobenchError(
-                f"{name}: {c}.npy is {arr.dtype}{tuple(arr.shape)}, expected uint8 "
-                f"({rows}, 32, 32, 3)", "re-extract or regenerate the file")
+        # uint8 (rows, 32, 32, 3), or a named error: a float file is refused, never cast
+        check_pixel_array(f"{name}: {c}.npy", _load(root / f"{c}.npy", name, mmap_mode="r"),
+                          rows=rows)
         files.append(root / f"{c}.npy")
         per = rows // len(SEVERITIES)
         for s in SEVERITIES:
             groups[f"{c}/{s}"] = np.arange(f_idx * rows + (s - 1) * per, f_idx * rows + s * per)
     # index every .npy of the folder, so a `standard` and an `all` view of it share one index
-    digests = file_digests(sorted({*root.glob("*.npy"), labels_path}), cache_dir, progress)
-    names = classnames or meta.get("classnames") or CIFAR_CLASSNAMES.get(variant)
-    if names is None:
-        raise RobenchError(f"{name}: class names for {variant} unknown",
-                           "pass classnames in the dataset's options")
+    digests = file_digests(sorted({*root.glob("*.npy"), labels_path}), settings.cache_dir,
+                           settings.progress)
+    names = options.classnames or meta.get("classnames") or CIFAR_CLASSNAMES[variant]
     return ImageSource(
         name=name,
         labels=np.tile(labels5.astype(np.int64), len(files)),

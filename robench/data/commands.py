@@ -146,6 +146,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
 def _targets(args: argparse.Namespace) -> list[tuple[str, object, Path]]:
     """(name, spec, root) of each dataset to act on; sets ``args.source_of`` (reads a dataset
     by name with the same roots, for -C sets generated from a base)."""
+    from robench.data import dataset_options
     from robench.errors import RobenchError
     from robench.registry import dataset_root, get_dataset, resolve_dataset
 
@@ -168,6 +169,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, object, Path]]:
         for item in cfg.datasets:
             item = OmegaConf.to_container(item) if OmegaConf.is_config(item) else item
             name, spec = resolve_dataset(item)
+            dataset_options(name, spec)  # checked as a run checks them, before any data is read
             declared[name] = spec
         names = args.names or list(declared)
         roots = OmegaConf.to_container(cfg.data)
@@ -191,17 +193,18 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, object, Path]]:
 
 def _source_reader(data_root: str, roots: dict, declared: dict, args: argparse.Namespace):
     """name -> ImageSource, read as a run reads it (the suite's declarations and roots)."""
-    from robench.data import family_loader
+    from robench.data import load_dataset
+    from robench.data.base import LoadSettings
     from robench.registry import dataset_root, get_dataset
 
     cache_dir = str(args.cache_dir or default_cache_dir())
 
     def source_of(name: str):
         spec = declared.get(name) or get_dataset(name)
-        return family_loader(spec.family)(
-            dataset_root(name, spec, data_root, roots), name=name, cache_dir=cache_dir,
-            source_of=source_of, progress=not args.no_progress, workers=args.workers or 1,
-            **spec.options)
+        settings = LoadSettings(cache_dir=cache_dir, progress=not args.no_progress,
+                                workers=args.workers or 1, source_of=source_of)
+        return load_dataset(spec.family, dataset_root(name, spec, data_root, roots), name,
+                            spec.options, settings)
 
     return source_of
 
@@ -225,7 +228,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from robench.data import family_loader
+    from robench.data import load_dataset
     from robench.data.download import SOURCES, Archive, download
     from robench.errors import RobenchError
     from robench.registry import dataset_root, get_dataset
@@ -250,7 +253,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if target != dataset_root(args.name, spec, data_root, {}):
         print(f"  not the default location: run with data.{args.name}.root={target}")
     try:
-        source = family_loader(spec.family)(target, name=args.name, **spec.options)
+        source = load_dataset(spec.family, target, args.name, spec.options)
     except RobenchError as e:
         print(f"  but it does not load: {e}")
         return 1
@@ -278,9 +281,11 @@ def _corruption_list(value: str) -> tuple[str, ...]:
 def cmd_corrupt(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from robench.data import family_loader
+    from robench.data import load_dataset
+    from robench.data.base import LoadSettings
     from robench.data.corrupt_set import (
         RESIZE_RULES,
+        base_image,
         default_workers,
         generate_c_folders,
         generate_c_set,
@@ -303,9 +308,10 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
 
     def source_of(name: str, root: Path | None = None):
         spec = get_dataset(name)
-        return family_loader(spec.family)(
-            root or dataset_root(name, spec, data_root, {}), name=name, cache_dir=str(cache_dir),
-            source_of=source_of, progress=not args.no_progress, workers=workers, **spec.options)
+        settings = LoadSettings(cache_dir=str(cache_dir), progress=not args.no_progress,
+                                workers=workers, source_of=source_of)
+        return load_dataset(spec.family, root or dataset_root(name, spec, data_root, {}), name,
+                            spec.options, settings)
 
     base = get_dataset(args.source)
     if base.family in ("cifar-c", "generated-c", "imagenet-c"):
@@ -318,7 +324,7 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
                            "write the -C set to a new folder")
     layout = args.layout
     if layout == "auto":
-        layout = "npy" if np.asarray(source.load_image(0)).shape == (32, 32, 3) else "folders"
+        layout = "npy" if np.asarray(base_image(source, 0)).shape == (32, 32, 3) else "folders"
     if layout == "npy":
         if args.resize != "auto":  # the npy layout holds the native 32x32 images
             resolve_resize(args.resize, "imagenet-c", "npy")

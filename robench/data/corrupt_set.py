@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from robench.data.base import ImageSource
+from robench.data.base import ImageSource, UndecodableImage, read_image
 from robench.data.corruptions import (
     CIFAR_SIZE,
     CORRUPTIONS,
@@ -83,7 +83,7 @@ def _task(args: tuple) -> tuple[str, int, np.ndarray, np.ndarray]:
     name, severity, rows, seed, key, protocol = args
     out = np.empty((len(rows), 32, 32, 3), dtype=np.uint8)
     for j, i in enumerate(rows):
-        img = np.asarray(_SOURCE.load_image(int(i)), dtype=np.uint8)  # type: ignore[union-attr]
+        img = np.asarray(base_image(_SOURCE, int(i)))  # type: ignore[arg-type]
         if img.shape != (32, 32, 3):
             raise RobenchError(f"image {i} of {key} is {img.shape}, the npy layout needs 32x32x3",
                                "resize the source or use the folder layout")
@@ -101,7 +101,7 @@ def _folder_task(args: tuple) -> int:
         dest = Path(out) / name / str(severity) / Path(rel).with_suffix(".JPEG")
         if dest.is_file():
             continue
-        img = _SOURCE.load_image(int(i))  # type: ignore[union-attr]
+        img = base_image(_SOURCE, int(i))  # type: ignore[arg-type]
         if resize == "256-crop-224":
             img = resize_256_crop_224(img.convert("RGB"))
         if protocol == "cifar-c":
@@ -114,6 +114,20 @@ def _folder_task(args: tuple) -> int:
         os.replace(tmp, dest)
         written += 1
     return written
+
+
+def base_image(source: ImageSource, i: int) -> Image.Image:
+    """Image ``i`` of the set being corrupted (8-bit RGB), or a named error: the rows of a -C set
+    are aligned with its base's, so an image that cannot be decoded stops the generation, naming
+    the file, instead of being skipped."""
+    try:
+        return read_image(source, i)
+    except UndecodableImage as e:
+        paths = source.info.get("paths")
+        where = paths[i] if paths else f"#{i}"
+        raise RobenchError(f"{source.name}: image {where} cannot be decoded ({e}); a -C set is "
+                           "made from every image of its base",
+                           "replace or remove the file, then generate the set again") from None
 
 
 def resolve_protocol(protocol: str, size: tuple[int, int], what: str) -> str:
@@ -390,7 +404,7 @@ def resolve_generation(source: ImageSource, row: int, protocol: str, resize: str
     if resize == "256-crop-224":  # the size the corruptions will see
         size, what = (224, 224), f"{source.name} resized by {resize}"
     else:
-        size = source.load_image(row).size[::-1] if len(source) else CIFAR_SIZE
+        size = base_image(source, row).size[::-1] if len(source) else CIFAR_SIZE
         what = f"{source.name} (image {row})"
     protocol = resolve_protocol(protocol, size, what)
     return protocol, resolve_resize(resize, protocol, layout)

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from robench.data.base import IMAGE_EXTENSIONS, ImageSource, content_manifest, open_rgb
+from robench.data.base import (
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    LoadSettings,
+    content_manifest,
+    open_rgb,
+)
 from robench.data.content import FileStats
 from robench.errors import RobenchError
+from robench.options import NoOptions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FolderOptions(NoOptions):
+    """The folder family takes no options: the classes are the folder names, sorted."""
 
 
 def scan(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
@@ -88,17 +101,19 @@ def _load(paths: list[Path], i: int):
     return open_rgb(paths[i])
 
 
-def load(root: Path, name: str, cache_dir: str = "", progress: bool = False,
-         **_: object) -> ImageSource:
+def load(root: Path, name: str, options: FolderOptions | None = None,
+         settings: LoadSettings | None = None) -> ImageSource:
     """Load an image folder; class names are folder names with ``_`` turned into spaces.
 
     The manifest hashes each file's relative path, size, label and content (see
     :func:`robench.data.base.content_manifest`)."""
+    settings = settings or LoadSettings()
     classes, paths, labels = scan(root)
     files = FileStats()
     for p in paths:
         files.add(p.relative_to(root).as_posix(), p.stat())
-    manifest, hashed = content_manifest(root, files, labels, cache_dir, progress, desc=name)
+    manifest, hashed = content_manifest(root, files, labels, settings.cache_dir,
+                                        settings.progress, desc=name)
     return ImageSource(
         name=name,
         labels=labels,

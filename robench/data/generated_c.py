@@ -12,27 +12,45 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from robench.data import cifar_c
-from robench.data.base import ImageSource
+from robench.data.base import ImageSource, LoadSettings
 from robench.data.corrupt_set import generate_c_set, resolve_generation
 from robench.data.corruptions import CORRUPTIONS, STANDARD_CORRUPTIONS
 from robench.errors import RobenchError
+from robench.options import Options, option
 
 
-def load(root: Path, name: str, base: str = "", stride: int = 1, corruptions: str = "standard",
-         seed: int = 0, cache_dir: str = "", source_of: Callable | None = None,
-         progress: bool = True, workers: int = 2, protocol: str = "auto",
-         **_: object) -> ImageSource:
-    """Generate the set into the cache if it is not there yet, then read it."""
-    src = base_source(name, base, source_of)
-    protocol = resolved_protocol(src, protocol)
-    out = output_dir(src, stride, corruptions, seed, cache_dir, protocol)
-    generate_c_set(src, out, rows=list(range(0, len(src), stride)),
-                   corruptions=corruption_names(corruptions), seed=seed, workers=workers,
-                   progress=progress, protocol=protocol)
-    return read_generated(out, name, src, base, stride, corruptions, seed, cache_dir, progress)
+@dataclass(frozen=True)
+class GeneratedCOptions(Options):
+    """Options of the ``generated-c`` family (see the module docstring)."""
+
+    base: str = option("", "the dataset whose images are corrupted", required=True)
+    stride: int = option(1, "every k-th image of the base (1: all)", minimum=1)
+    corruptions: Literal["standard", "all"] = option(
+        "standard", "the 15 standard corruptions, or all 19")
+    seed: int = option(0, "seed of the corruptions' random draws (a property of the set: every "
+                       "run and model sees the same pixels)", minimum=0, maximum=2**32 - 1)
+    protocol: Literal["auto", "cifar-c", "imagenet-c"] = option(
+        "auto", "whose severity constants: cifar-c (make_cifar_c.py's, 32x32 only), "
+        "imagenet-c (imagecorruptions'), auto (cifar-c for 32x32 images)")
+
+
+def load(root: Path, name: str, options: GeneratedCOptions | None = None,
+         settings: LoadSettings | None = None) -> ImageSource:
+    """Generate the set into the cache if it is not there yet, then read it (``root`` is
+    unused: the set lives in the cache)."""
+    opts, settings = options or GeneratedCOptions(), settings or LoadSettings()
+    src = base_source(name, opts.base, settings.source_of)
+    opts = replace(opts, protocol=resolved_protocol(src, opts.protocol))
+    out = output_dir(src, opts, settings.cache_dir)
+    generate_c_set(src, out, rows=list(range(0, len(src), opts.stride)),
+                   corruptions=corruption_names(opts.corruptions), seed=opts.seed,
+                   workers=settings.workers, progress=settings.progress, protocol=opts.protocol)
+    return read_generated(out, name, src, opts, settings)
 
 
 def resolved_protocol(src: ImageSource, protocol: str) -> str:
@@ -51,14 +69,13 @@ def corruption_names(corruptions: str) -> tuple[str, ...]:
     return STANDARD_CORRUPTIONS if corruptions == "standard" else CORRUPTIONS
 
 
-def output_dir(src: ImageSource, stride: int, corruptions: str, seed: int,
-               cache_dir: str | Path, protocol: str) -> Path:
+def output_dir(src: ImageSource, opts: GeneratedCOptions, cache_dir: str | Path) -> Path:
     """Where the set of ``src`` with these options lives in the cache (content-addressed by the
     base's manifest, so changed base images make a new set; the resolved ``protocol`` is in
     the key, so a set made with other severity constants is never reused)."""
-    names = corruption_names(corruptions)
-    key = hashlib.sha256(repr((src.manifest_hash, stride, tuple(names), seed,
-                               resolved_protocol(src, protocol))).encode())
+    names = corruption_names(opts.corruptions)
+    key = hashlib.sha256(repr((src.manifest_hash, opts.stride, tuple(names), opts.seed,
+                               resolved_protocol(src, opts.protocol))).encode())
     return Path(cache_dir).expanduser() / "corrupted" / key.hexdigest()[:24]
 
 
@@ -68,11 +85,11 @@ def is_generated(out: Path, corruptions: str) -> bool:
     return all((out / f).is_file() for f in files)
 
 
-def read_generated(out: Path, name: str, src: ImageSource, base: str, stride: int,
-                   corruptions: str, seed: int, cache_dir: str | Path = "",
-                   progress: bool = False) -> ImageSource:
-    c = cifar_c.load(out, name=name, corruptions=corruptions, classnames=src.classnames,
-                     cache_dir=cache_dir, progress=progress)
-    c.info.update({"base": base, "stride": stride, "seed": seed,
-                   "generated": {**(c.info.get("generated") or {}), "stride": stride}})
+def read_generated(out: Path, name: str, src: ImageSource, opts: GeneratedCOptions,
+                   settings: LoadSettings | None = None) -> ImageSource:
+    c = cifar_c.load(out, name, cifar_c.CifarCOptions(corruptions=opts.corruptions,
+                                                      classnames=list(src.classnames)),
+                     settings)
+    c.info.update({"base": opts.base, "stride": opts.stride, "seed": opts.seed,
+                   "generated": {**(c.info.get("generated") or {}), "stride": opts.stride}})
     return c

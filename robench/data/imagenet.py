@@ -27,14 +27,23 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from robench.data.base import IMAGE_EXTENSIONS, ImageSource, content_manifest, open_rgb
+from robench.data.base import (
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    LoadSettings,
+    content_manifest,
+    open_rgb,
+)
 from robench.data.content import FileStats
 from robench.errors import RobenchError
+from robench.options import Options, option
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,24 @@ WNID_RE = re.compile(r"^n\d{8}$")
 SUBSETS = {"imagenet-r": "imagenet_r_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt"}
 SUBSET_TITLES = {"imagenet-r": "ImageNet-R", "imagenet-a": "ImageNet-A"}
 FLAT_VAL_PREFIX = "ILSVRC2012_val_"
+
+
+@dataclass(frozen=True)
+class V2Options(Options):
+    """Options of the ``imagenet-v2`` family."""
+
+    nested: list[str] = option([], "sub-folders the class folders may sit in (the released "
+                               "archive's top folder)")
+
+
+@dataclass(frozen=True)
+class ImageNetFolderOptions(Options):
+    """Options of the ``imagenet-folder`` family."""
+
+    nested: list[str] = option([], "sub-folders the class folders may sit in (the released "
+                               "archives add one: sketch/, imagenet-r/, ...)")
+    subset: Literal["", "imagenet-r", "imagenet-a"] = option(
+        "", "score over the 200 classes of ImageNet-R or -A ('': all 1000)")
 
 
 # -- metadata -----------------------------------------------------------------------------------
@@ -200,8 +227,7 @@ def _open(paths: list[Path], i: int):
 
 def _source(name: str, root: Path, paths: list[Path], labels: np.ndarray, files: FileStats,
             skipped: list[str], missing: list[str], layout: str, rule: str,
-            class_subset: list[int] | None, cache_dir: str = "",
-            progress: bool = False) -> ImageSource:
+            class_subset: list[int] | None, settings: LoadSettings) -> ImageSource:
     if not paths:
         raise RobenchError(f"{name}: the class folders under {root} hold no images "
                            f"(extensions {', '.join(IMAGE_EXTENSIONS)})",
@@ -209,7 +235,8 @@ def _source(name: str, root: Path, paths: list[Path], labels: np.ndarray, files:
     if missing:
         log.warning("%s: %d class folder(s) missing under %s: %s", name, len(missing), root,
                     _short(missing))
-    manifest, hashed = content_manifest(root, files, labels, cache_dir, progress, desc=name)
+    manifest, hashed = content_manifest(root, files, labels, settings.cache_dir,
+                                        settings.progress, desc=name)
     return ImageSource(
         name=name,
         labels=labels,
@@ -224,14 +251,16 @@ def _source(name: str, root: Path, paths: list[Path], labels: np.ndarray, files:
 
 
 # -- imagenet-folder ----------------------------------------------------------------------------
-def load_folder(root: Path, name: str, subset: str = "", nested: Sequence[str] = (),
-                cache_dir: str = "", progress: bool = False, **_: object) -> ImageSource:
+def load_folder(root: Path, name: str, options: ImageNetFolderOptions | None = None,
+                settings: LoadSettings | None = None) -> ImageSource:
     """``<root>/<wnid>/<image>``; label = 1k index of the wnid (= index in sorted wnids).
 
     ``subset`` (``imagenet-r`` / ``imagenet-a``): the folders must be that set's 200 classes and
     the source is scored over them (``class_subset``). ``nested``: sub-folders the class folders
     may sit in (``sketch`` for ImageNet-Sketch's zip, ``val`` for an ``imagenet/`` root).
     """
+    options, settings = options or ImageNetFolderOptions(), settings or LoadSettings()
+    subset, nested = options.subset, options.nested
     layout = "<wnid>/*.JPEG class folders"
     _require_dir(root, name, layout)
     root = _locate(root, nested, lambda dirs: any(WNID_RE.match(d) for d in dirs))
@@ -278,8 +307,7 @@ def load_folder(root: Path, name: str, subset: str = "", nested: Sequence[str] =
     missing = sorted(set(expected) - set(wnids))
     paths, labels, files, skipped = _scan(root, [(w, index[w]) for w in wnids])
     return _source(name, root, paths, labels, files, skipped, missing,
-                   "imagenet-folder: <root>/<wnid>/<image>", rule, class_subset, cache_dir,
-                   progress)
+                   "imagenet-folder: <root>/<wnid>/<image>", rule, class_subset, settings)
 
 
 def _no_wnid_folders(root: Path, name: str, dirs: list[str]) -> None:
@@ -321,14 +349,16 @@ def _no_wnid_folders(root: Path, name: str, dirs: list[str]) -> None:
 
 
 # -- imagenet-v2 --------------------------------------------------------------------------------
-def load_v2(root: Path, name: str, nested: Sequence[str] = (), cache_dir: str = "",
-            progress: bool = False, **_: object) -> ImageSource:
+def load_v2(root: Path, name: str, options: V2Options | None = None,
+            settings: LoadSettings | None = None) -> ImageSource:
     """ImageNet-V2: ``<root>/<k>/*.jpeg`` for k in 0..999; label = ``int(k)`` (NOT the position
     of "k" among the folder names sorted as strings, which is what ImageFolder would use).
 
     ``nested``: the released tar's top folder (``imagenetv2-matched-frequency-format-val``...),
     so the root may point at the folder it was extracted into as well as at that folder itself.
     """
+    options, settings = options or V2Options(), settings or LoadSettings()
+    nested = options.nested
     layout = "<0..999>/*.jpeg class folders"
     _require_dir(root, name, layout)
     auto = [d for d in _child_dirs(root) if d.startswith("imagenetv2-") and d.endswith("-val")]
@@ -361,4 +391,4 @@ def load_v2(root: Path, name: str, nested: Sequence[str] = (), cache_dir: str = 
     return _source(name, root, paths, labels, files, skipped, missing,
                    "imagenet-v2: <root>/<0..999>/<image>",
                    "label = int(folder name) (not the string-sorted folder position)", None,
-                   cache_dir, progress)
+                   settings)

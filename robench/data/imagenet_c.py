@@ -10,12 +10,14 @@ standard corruptions x 5 severities (or, for a generated set, the standard ones 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from robench.data.base import ImageSource, content_manifest
+from robench.data.base import ImageSource, LoadSettings, content_manifest
 from robench.data.content import FileStats
 from robench.data.corrupt_set import MANIFEST, generation_info, read_manifest
 from robench.data.corruptions import CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
@@ -28,6 +30,16 @@ from robench.data.imagenet import (
     wnid_index,
 )
 from robench.errors import RobenchError
+from robench.options import Options, option
+
+
+@dataclass(frozen=True)
+class ImageNetCOptions(Options):
+    """Options of the ``imagenet-c`` family."""
+
+    corruptions: Literal["standard", "all"] = option(
+        "standard", "the 15 standard corruptions, or all 19 folders present (the 4 extra ones "
+        "are kept per group, never in the headline mean)")
 
 
 def _label_table(root: Path) -> tuple[dict[str, int], list[str], list[str] | None]:
@@ -39,9 +51,11 @@ def _label_table(root: Path) -> tuple[dict[str, int], list[str], list[str] | Non
     return wnid_index(), list(imagenet_classnames()), None
 
 
-def load(root: Path, name: str, corruptions: str = "standard", cache_dir: str = "",
-         progress: bool = False, **_: object) -> ImageSource:
+def load(root: Path, name: str, options: ImageNetCOptions | None = None,
+         settings: LoadSettings | None = None) -> ImageSource:
     """Load a -C set in the ImageNet-C folder layout; ``corruptions`` = ``standard`` or ``all``."""
+    options, settings = options or ImageNetCOptions(), settings or LoadSettings()
+    corruptions = options.corruptions
     if not root.is_dir():
         raise RobenchError(f"{name}: dataset folder {root} does not exist",
                            f"set data.{name}.root to the folder holding <corruption>/<1..5>/"
@@ -89,7 +103,8 @@ def load(root: Path, name: str, corruptions: str = "standard", cache_dir: str = 
     # the base image of a row is its path within the corruption/severity folder
     within = ["/".join(rel.split("/")[2:]) for rel in files.rel]
     _, base = np.unique(np.asarray(within), return_inverse=True)
-    manifest, hashed = content_manifest(root, files, labels, cache_dir, progress, desc=name)
+    manifest, hashed = content_manifest(root, files, labels, settings.cache_dir,
+                                        settings.progress, desc=name)
     return ImageSource(
         name=name,
         labels=np.asarray(labels, dtype=np.int64),

@@ -25,13 +25,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from robench.data import family_loader
-from robench.data.base import ImageSource
+from robench.data import dataset_options, load_dataset
+from robench.data.base import ImageSource, LoadSettings, UndecodableImage, read_image
 from robench.errors import RobenchError
+from robench.options import Options
 from robench.registry import DatasetSpec
+
+if TYPE_CHECKING:
+    from robench.data.generated_c import GeneratedCOptions
 
 MANIFEST_NAME = ".robench_manifest.json"
 MANIFEST_FORMAT = 1
@@ -91,17 +96,18 @@ def verify_dataset(name: str, spec: DatasetSpec, root: Path, sample: int | None 
     A -C set generated on demand (family ``generated-c``) is verified in the cache once a run
     has made it; before that the report says so (``source_of`` reads its base dataset)."""
     report = VerifyReport(name, root)
+    options = dataset_options(name, spec)  # a declaration error is the call's, not the data's
     if spec.family == "cifar":  # checksums before a batch file is read at all
-        _check_cifar_md5(report, spec, root)
+        _check_cifar_md5(report, options.variant, root)  # type: ignore[attr-defined]
     try:
         if spec.family == "generated-c":
-            source = _generated(report, spec, cache_dir, source_of)
+            source = _generated(report, options, cache_dir, source_of)  # type: ignore[arg-type]
             if source is None:
                 return report
         else:
-            source = family_loader(spec.family)(root, name=name, cache_dir=str(cache_dir or ""),
-                                                progress=progress, workers=workers or 1,
-                                                **spec.options)
+            source = load_dataset(spec.family, root, name, options,
+                                  LoadSettings(cache_dir=str(cache_dir or ""), progress=progress,
+                                               workers=workers or 1))
     except RobenchError as e:
         report.add("FAIL", "layout", e.problem, e.fix)
         _compare_only(report, report.root, cache_dir)
@@ -109,7 +115,7 @@ def verify_dataset(name: str, spec: DatasetSpec, root: Path, sample: int | None 
     report.source = source
     data_root = Path(source.info.get("root") or root)
     report.root = data_root
-    _check_layout(report, spec, source)
+    _check_layout(report, spec, options, source)
     _check_count(report, spec, source)
     _check_classes(report, source)
     _check_readable(report, source, sample, workers, progress, seed)
@@ -117,33 +123,32 @@ def verify_dataset(name: str, spec: DatasetSpec, root: Path, sample: int | None 
     return report
 
 
-def _generated(report: VerifyReport, spec: DatasetSpec, cache_dir: Path | None,
+def _generated(report: VerifyReport, opts: GeneratedCOptions, cache_dir: Path | None,
                source_of: Callable[[str], ImageSource] | None) -> ImageSource | None:
     """The generated -C set in the cache, or ``None`` (and a report line) if not made yet."""
+    from dataclasses import replace
+
     from robench.data import generated_c
 
-    opts = {"stride": 1, "corruptions": "standard", "seed": 0, **spec.options}
-    base = opts.get("base", "")
     if source_of is None:
         raise RobenchError(f"{report.name}: a generated -C set needs its base dataset",
                            "verify it with --suite SUITE, or verify the base dataset")
-    src = generated_c.base_source(report.name, base, source_of)
-    protocol = generated_c.resolved_protocol(src, opts.get("protocol", "auto"))
-    out = generated_c.output_dir(src, opts["stride"], opts["corruptions"], opts["seed"],
-                                 cache_dir or "", protocol)
+    src = generated_c.base_source(report.name, opts.base, source_of)
+    opts = replace(opts, protocol=generated_c.resolved_protocol(src, opts.protocol))
+    out = generated_c.output_dir(src, opts, cache_dir or "")
     report.root = out
-    if not generated_c.is_generated(out, opts["corruptions"]):
+    if not generated_c.is_generated(out, opts.corruptions):
         report.add("ok", "generated", f"not generated yet: `robench run` makes it on first use "
-                   f"from {_rows(len(src), opts['stride'])} of {base}, into the cache")
+                   f"from {_rows(len(src), opts.stride)} of {opts.base}, into the cache")
         return None
-    report.add("ok", "generated", f"from {_rows(len(src), opts['stride'])} of {base} (seed "
-               f"{opts['seed']}, protocol {protocol}), in the cache; not a released -C set")
-    return generated_c.read_generated(out, report.name, src, base, opts["stride"],
-                                      opts["corruptions"], opts["seed"])
+    report.add("ok", "generated", f"from {_rows(len(src), opts.stride)} of {opts.base} (seed "
+               f"{opts.seed}, protocol {opts.protocol}), in the cache; not a released -C set")
+    return generated_c.read_generated(out, report.name, src, opts)
 
 
 # -- the checks ---------------------------------------------------------------------------------
-def _check_layout(report: VerifyReport, spec: DatasetSpec, source: ImageSource) -> None:
+def _check_layout(report: VerifyReport, spec: DatasetSpec, options: Options,
+                  source: ImageSource) -> None:
     info = source.info
     scored = (f"scored over {len(source.class_subset)} of {len(source.classnames)} classes"
               if source.class_subset else f"{len(source.classnames)} classes")
@@ -165,9 +170,7 @@ def _check_layout(report: VerifyReport, spec: DatasetSpec, source: ImageSource) 
         from robench.data.corruptions import CORRUPTIONS
 
         absent = [c for c in CORRUPTIONS if c not in info["corruptions"]]
-        asked = spec.options.get("corruptions", "standard" if spec.family == "generated-c"
-                                 else "all")  # each family's default
-        if absent and asked == "all":
+        if absent and getattr(options, "corruptions", None) == "all":
             report.add("warn", "layout",
                        f"{len(absent)} of the {len(CORRUPTIONS)} corruption files are absent: "
                        f"{', '.join(absent)} (the 15 standard ones are present)",
@@ -232,10 +235,10 @@ def _check_classes(report: VerifyReport, source: ImageSource) -> None:
                    "harmless if intended; a stray archive or folder means an odd extraction")
 
 
-def _check_cifar_md5(report: VerifyReport, spec: DatasetSpec, root: Path) -> None:
+def _check_cifar_md5(report: VerifyReport, variant: str, root: Path) -> None:
     from robench.data.cifar import RELEASES, md5_mismatches
 
-    cls = RELEASES[spec.options.get("variant", "cifar10")]
+    cls = RELEASES[variant]
     folder = (root if root.name == cls.base_folder else root / cls.base_folder)
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     present = [f for f in files if (folder / f).is_file()]
@@ -282,11 +285,9 @@ def decode_all(source: ImageSource, rows: np.ndarray, workers: int | None = None
 
     def one(i: int) -> tuple[int, str] | None:
         try:
-            im = source.load_image(int(i))
-            if im.width < 1 or im.height < 1:
-                return int(i), "empty image"
-        except Exception as e:  # any decoder error is a finding, not a crash
-            return int(i), f"{type(e).__name__}: {e}"
+            read_image(source, int(i))  # what a run reads: both skip the same images
+        except UndecodableImage as e:
+            return int(i), str(e)
         return None
 
     workers = workers or min(8, os.cpu_count() or 1)
