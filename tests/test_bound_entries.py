@@ -147,7 +147,8 @@ def test_swapped_fine_tuned_checkpoints_are_trained_again(tmp_path: Path, tiny_b
     from robench.methods.finetune import FineTuneOptions
     from robench.models import finetune as FT
 
-    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c", train=True)
+    src = cifar.load(write_cifar10(tmp_path / "c", n_train=4), name="c",
+                     options=cifar.CifarOptions(train=True))
 
     def run(lr: float) -> tuple[Path, str]:
         opts = FineTuneOptions(train_on="c", epochs=1, lr=lr, batch_size=16, warmup=1,
@@ -181,8 +182,8 @@ def test_swapped_corruption_files_are_regenerated(tmp_path: Path) -> None:
     fog, snow = np.load(out / "fog.npy"), np.load(out / "snow.npy")
     swap(out / "fog.npy", out / "snow.npy")
     with pytest.raises(RobenchError, match=r"snow.npy is sealed as '-C set \w+/fog.npy', not"):
-        cifar_c.load(out, name="mine", corruptions="all")  # read as data: refused by name
+        cifar_c.load(out, name="mine")  # read as data: refused by name
     generate_c_set(base, out, corruptions=["fog", "snow"], workers=1, progress=False)
     np.testing.assert_array_equal(np.load(out / "fog.npy"), fog)
     np.testing.assert_array_equal(np.load(out / "snow.npy"), snow)
-    assert len(cifar_c.load(out, name="mine", corruptions="all").groups) == 10
+    assert len(cifar_c.load(out, name="mine").groups) == 10
