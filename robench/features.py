@@ -115,13 +115,19 @@ class Collate:
         return xs, idx, ok
 
 
+# how files become RGB pixels (robench.data.base.read_image); bumped when that changes, so
+# features of 16-bit or transparent images decoded by older rules are not reused (2: 16-bit
+# scaled by 1/257, transparency over white, bombs undecodable)
+DECODE_RULES = 2
+
+
 def feature_key(backbone: Backbone, source: ImageSource, view: str = "",
                 dtype: str = "auto") -> str:
     """Content address: weights hash + preprocessing + precision + dataset manifest hash +
-    storage dtype (+ the name of an augmented view, for methods that train on several random
-    views per image)."""
+    storage dtype + the decoding rules (+ the name of an augmented view, for methods that train
+    on several random views per image)."""
     stored = features_dtype(backbone.precision, dtype)
-    parts = [backbone.id(), source.manifest_hash, len(source), stored.name] + \
+    parts = [backbone.id(), source.manifest_hash, len(source), stored.name, DECODE_RULES] + \
         ([view] if view else [])
     ident = json.dumps(parts)
     return hashlib.sha256(ident.encode()).hexdigest()[:32]

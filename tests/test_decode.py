@@ -330,3 +330,26 @@ def test_a_bomb_in_the_base_of_a_generated_set_is_a_named_error(tmp_path):
                                            r"\(decompression bomb"):
         generate_c_set(src, tmp_path / "out", corruptions=("fog",), severities=(1,), workers=1,
                        progress=False)
+
+
+def test_a_training_image_that_cannot_be_decoded_is_a_named_error() -> None:
+    """Fine-tuning reads its split through the same guarded path; a training batch cannot
+    skip a row, so an undecodable image is a named error, never a traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from robench.data.base import ImageSource
+    from robench.errors import RobenchError
+    from robench.models.finetune import _Labelled
+
+    def loader(i: int) -> Image.Image:
+        if i == 1:
+            raise Image.DecompressionBombError("Image size (3600000000 pixels) exceeds limit")
+        return Image.new("RGB", (8, 8))
+
+    src = ImageSource("train", np.array([0, 1]), ["a", "b"], "0" * 64, loader,
+                      info={"paths": ["a/x.png", "b/bomb.png"]})
+    data = _Labelled(src, lambda im: np.asarray(im), seed=0, epoch=0)
+    assert data[0][1] == 0
+    with pytest.raises(RobenchError, match="training image b/bomb.png cannot be decoded"):
+        data[1]

@@ -61,7 +61,9 @@ from torchvision import transforms as T
 
 from robench import distributed
 from robench.artifacts import artifact_dir, binding, intact, seal_artifact
+from robench.data.base import UndecodableImage, read_image
 from robench.errors import RobenchError
+from robench.features import describe
 from robench.io import (
     CorruptEntry,
     atomic_write,
@@ -113,7 +115,14 @@ class _Labelled(Dataset):
     def __getitem__(self, i: int):
         # per-(seed, epoch, image) randomness: identical augmentations whatever the worker count
         torch.manual_seed(hash((self.seed, self.epoch, i)) % (2**31))
-        return self.transform(self.source.load_image(i)), int(self.source.labels[i])
+        try:  # the guarded decode path of every run (bombs, 16-bit, transparency)
+            image = read_image(self.source, i)
+        except UndecodableImage as e:  # a training set cannot skip a row: its batches are fixed
+            raise RobenchError(f"{self.source.name}: training image {describe(self.source, [i])}"
+                               f" cannot be decoded ({e})", "remove or replace it in the "
+                               "training split (robench data verify names every such file)"
+                               ) from e
+        return self.transform(image), int(self.source.labels[i])
 
 
 def context_weights(backbone: Backbone, classnames: list[str], templates: list[str],
