@@ -42,6 +42,7 @@ TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .<name>.<process_tag>.<random
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _verified: dict[str, tuple[int, int, int]] = {}
+_FULL_BYTES = 1 << 20  # a folder with less room than this counts as full after a failed write
 
 
 class CorruptEntry(RobenchError):
@@ -114,10 +115,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise write_error(path, e) from e
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        if (full := disk_full(path, e)) is not None:
+            raise full from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _verified.pop(str(path), None)
+
+
+def disk_full(path: Path, e: BaseException) -> WriteError | None:
+    """A writer's own exception for a failed write, when the disk is full: torch.save reports it
+    as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, safetensors as
+    ``SafetensorError ... No space left on device``, neither an ``OSError``. Named as the full
+    disk it is when the folder has (almost) no room left, else None (not ours to name)."""
+    free = _free_bytes(Path(path).parent)
+    if free is None or free > _FULL_BYTES:
+        return None
+    return write_error(path, OSError(errno.ENOSPC, f"{type(e).__name__}: {e}"))
 
 
 def write_json(path: Path, obj: Any, seal: bool = True, bound: str | None = None) -> None:
@@ -287,17 +304,18 @@ def discard(*paths: Path, reason: str = "") -> None:
         log.warning("%s; removed, rebuilding it", reason)
 
 
-def sweep_stale(*folders: Path) -> int:
-    """Remove what killed runs left in ``folders`` (recursively): temporaries of
-    :func:`atomic_write`, partial feature files (``<key>.<tag>.partial.npy``) and derived
-    checkpoint folders, when the process named by their tag (:func:`process_tag`) is gone. A
-    live process's files are kept, so a concurrent run is not disturbed. Returns the number
-    removed."""
+def sweep_stale(*folders: Path, recursive: bool = True) -> int:
+    """Remove what killed runs left in ``folders`` (recursively, unless ``recursive=False``):
+    temporaries of :func:`atomic_write`, partial feature files (``<key>.<tag>.partial.npy``),
+    derived checkpoint folders and download staging folders, when the process named by their
+    tag (:func:`process_tag`) is gone. A live process's files are kept, so a concurrent run is
+    not disturbed. Returns the number removed."""
     removed = 0
     for folder in folders:
         if not Path(folder).is_dir():
             continue
-        for f in [*Path(folder).rglob(f".*{TMP_SUFFIX}"), *Path(folder).rglob("*.partial.npy")]:
+        find = Path(folder).rglob if recursive else Path(folder).glob
+        for f in [*find(f".*{TMP_SUFFIX}"), *find("*.partial.npy")]:
             pid = _pid_of(f.name)
             if pid is not None and not _alive(pid):
                 with contextlib.suppress(OSError):

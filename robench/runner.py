@@ -389,12 +389,12 @@ class Runner:
         return paths
 
     def cell_lock(self, model: str, dataset: str) -> contextlib.AbstractContextManager:
-        """A lock per cell (its record's path), kept in the cache so results folders stay clean:
-        two runs of one suite on one cache score each cell once, the second waits and reads."""
-        path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset).resolve()
-        key = hashlib.sha256(str(path).encode()).hexdigest()[:32]
-        return entry_lock(Path(self.cfg.cache_dir).expanduser() / "locks" / key,
-                          f"the cell {model} x {dataset}")
+        """A lock per cell, beside the records it guards (``<suite>/.locks/``, hidden, never
+        read as a record; the results folder is written anyway, a finished cache may be
+        read-only): two runs of one suite score each cell once, the second waits and reads."""
+        path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
+        key = hashlib.sha256(f"{model}\0{dataset}".encode()).hexdigest()[:32]
+        return entry_lock(path.parent.parent / ".locks" / key, f"the cell {model} x {dataset}")
 
     def check_weights(self, models: list[str]) -> None:
         """The architecture exists and the weights are at hand, for each of ``models``, in

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robench.errors import RobenchError, unknown
-from robench.io import file_digest, human_size
+from robench.io import TMP_SUFFIX, file_digest, human_size, process_tag, sweep_stale
 from robench.registry import DatasetSpec, dataset_root, get_dataset
 
 USER_AGENT = "robench-data-download/1 (+https://github.com; python-urllib)"
@@ -430,7 +430,10 @@ def install(archive: Path, target: Path, top: str | None, force: bool = False) -
     ``target`` with a rename; an existing target is replaced only with ``force``."""
     _check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-"))
+    sweep_stale(target.parent, recursive=False)  # staging folders of killed installs
+    # named by this process (robench.io.process_tag), so a later sweep knows when it is stale
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract."
+                                    f"{process_tag()}.", suffix=TMP_SUFFIX))
     try:
         extract_safely(archive, staging)
         payload = staging

@@ -406,7 +406,7 @@ def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: P
     if backbone.model_cfg is None:
         raise RobenchError(f"cannot save a derived checkpoint of {backbone.arch}: its open_clip "
                            "model config is unknown", "load the parent through open_clip")
-    from robench.io import process_tag, seal_file
+    from robench.io import disk_full, process_tag, seal_file, write_error
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{process_tag()}.tmp")
@@ -416,16 +416,24 @@ def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: P
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
                .contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp / DERIVED_WEIGHTS))
     config = {"model_cfg": backbone.model_cfg,
               "preprocess_cfg": backbone.preprocess_cfg or {},
               "robench": {"parent_arch": backbone.arch, "parent_pretrained": backbone.pretrained,
                           "parent_weights_hash": backbone.weights_hash}}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-    for f in (DERIVED_WEIGHTS, "open_clip_config.json"):
-        seal_file(tmp / f)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        save_file(tensors, str(tmp / DERIVED_WEIGHTS))
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+        for f in (DERIVED_WEIGHTS, "open_clip_config.json"):
+            seal_file(tmp / f)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except Exception as e:  # a full disk: safetensors says so in its own exception type
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(out, e) from e
+        if (full := disk_full(out, e)) is not None:
+            raise full from e
+        raise
     return f"local-dir:{out}"
 
 

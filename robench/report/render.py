@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 
 import robench
 from robench.errors import RobenchError
-from robench.io import atomic_write
+from robench.io import atomic_write, sweep_stale
 from robench.metrics import RECORD_METRIC_INFO, MetricInfo
 from robench.results import (
     HEADLINE,
@@ -999,6 +999,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path, title: str | Non
         latest=created[-1] if created else None, version=robench.__version__)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)  # temporaries of a killed report
     _write_text(out / "leaderboard.csv", csv_frame(records, groups).to_csv(index=False))
     _write_text(out / "leaderboard.md", markdown(suites, records, title, analyses))
     index = out / "index.html"
