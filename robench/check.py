@@ -159,7 +159,16 @@ def _mismatch(base: dict, fresh: dict) -> str | None:
 def run_check(baseline: str | Path, fresh: str | Path, mode: str = "auto", band: float = 1.0,
               rel_tol: float = 0.02, allow_improvement: bool = False) -> CheckResult:
     """Compare every baseline cell with the fresh cell of the same (model, dataset)."""
-    base_cells, fresh_cells = load_cells(baseline), load_cells(fresh)
+    return compare_cells(load_cells(baseline), load_cells(fresh), mode, band, rel_tol,
+                         allow_improvement)
+
+
+def compare_cells(base_cells: dict[tuple[str, str], dict],
+                  fresh_cells: dict[tuple[str, str], dict], mode: str = "auto",
+                  band: float = 1.0, rel_tol: float = 0.02,
+                  allow_improvement: bool = False) -> CheckResult:
+    """The check's decision on records already loaded (``{(model, dataset): record}``): a row
+    per compared metric, missing, incomparable and extra cell."""
     result = CheckResult()
     for key, b in sorted(base_cells.items()):
         model, dataset = key

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from robench.check import render, run_check
+from robench.check import compare_cells, render, run_check
 from robench.results import write_record_json
 
 
@@ -37,52 +37,58 @@ def _write(folder, *records):
     return folder
 
 
-def test_identical_runs_pass_exactly(tmp_path):
-    a = _write(tmp_path / "a", _record(), _record(dataset="d2"))
-    b = _write(tmp_path / "b", _record(), _record(dataset="d2"))
-    res = run_check(a, b)
+def _cells(*records):
+    """Records as the check's loader hands them over: {(model, dataset): record}. The decision
+    is tested on hand-made numbers; reading folders is tested through the command line below."""
+    return {(r["model"], r["dataset"]): copy.deepcopy(r) for r in records}
+
+
+def test_identical_runs_pass_exactly():
+    a = _cells(_record(), _record(dataset="d2"))
+    b = _cells(_record(), _record(dataset="d2"))
+    res = compare_cells(a, b)
     assert not res.failed and set(res.mode.values()) == {"exact"}
     assert "OK" in render(res)
 
 
-def test_exact_mode_catches_a_tiny_change(tmp_path):
-    a = _write(tmp_path / "a", _record())
-    b = _write(tmp_path / "b", _record(acc1=79.95))
-    res = run_check(a, b)
+def test_exact_mode_catches_a_tiny_change():
+    a = _cells(_record())
+    b = _cells(_record(acc1=79.95))
+    res = compare_cells(a, b)
     assert res.failed
     row = res.frame().iloc[0]
     assert row["status"] == "regressed" and row["metric"] == "acc1"
     assert row["delta"] == pytest.approx(-0.05)
 
 
-def test_band_mode_uses_interval_half_width(tmp_path):
-    a = _write(tmp_path / "a", _record())
+def test_band_mode_uses_interval_half_width():
+    a = _cells(_record())
     # another device: not bit-comparable, so the band applies (acc1 half-width 2.5)
-    b = _write(tmp_path / "b", _record(acc1=78.0, device="cuda"))
-    res = run_check(a, b)
+    b = _cells(_record(acc1=78.0, device="cuda"))
+    res = compare_cells(a, b)
     assert not res.failed and res.mode["m/d"] == "band"
-    c = _write(tmp_path / "c", _record(acc1=77.0, device="cuda"))
-    assert run_check(a, c).failed
+    c = _cells(_record(acc1=77.0, device="cuda"))
+    assert compare_cells(a, c).failed
 
 
-def test_another_cpu_kernel_family_is_compared_in_band_mode(tmp_path):
+def test_another_cpu_kernel_family_is_compared_in_band_mode():
     # AVX2 and AVX512 kernels round differently: same versions, yet not bit-comparable
-    a = _write(tmp_path / "a", _record(kernels="cpu-AVX512"))
-    b = _write(tmp_path / "b", _record(acc1=79.9, kernels="cpu-AVX2"))
-    res = run_check(a, b)
+    a = _cells(_record(kernels="cpu-AVX512"))
+    b = _cells(_record(acc1=79.9, kernels="cpu-AVX2"))
+    res = compare_cells(a, b)
     assert not res.failed and res.mode["m/d"] == "band"
-    c = _write(tmp_path / "c", _record(acc1=79.9, kernels="cpu-AVX512"))
-    res = run_check(a, c)
+    c = _cells(_record(acc1=79.9, kernels="cpu-AVX512"))
+    res = compare_cells(a, c)
     assert res.failed and res.mode["m/d"] == "exact"
 
 
-def test_another_cpu_generation_of_the_same_isa_is_compared_in_band_mode(tmp_path):
+def test_another_cpu_generation_of_the_same_isa_is_compared_in_band_mode():
     # two "AVX512" machines of other generations (MKL / oneDNN pick other kernels) differ in
     # the last bits: the kernel family names the generation, so their runs meet in band mode
-    a = _write(tmp_path / "a", _record(kernels="cpu-AVX512 GenuineIntel 6/106 isa 1a2b3c4d"))
-    b = _write(tmp_path / "b", _record(acc1=79.9,
+    a = _cells(_record(kernels="cpu-AVX512 GenuineIntel 6/106 isa 1a2b3c4d"))
+    b = _cells(_record(acc1=79.9,
                                        kernels="cpu-AVX512 GenuineIntel 6/143 isa 5e6f7a8b"))
-    res = run_check(a, b)
+    res = compare_cells(a, b)
     assert not res.failed and res.mode["m/d"] == "band"
 
 
@@ -128,31 +134,31 @@ def _trained(acc1=80.0, weights_hash="w1", cell_key="k", kernels="cpu-AVX512 A",
     return rec
 
 
-def test_a_model_retrained_on_other_kernels_is_compared_by_its_cell_key(tmp_path):
-    a = _write(tmp_path / "a", _trained())
+def test_a_model_retrained_on_other_kernels_is_compared_by_its_cell_key():
+    a = _cells(_trained())
     # same inputs (cell key), other kernels: other fine-tuned weights, compared in band mode
-    res = run_check(a, _write(tmp_path / "b", _trained(79.0, "w2", kernels="cpu-AVX512 B")))
+    res = compare_cells(a, _cells(_trained(79.0, "w2", kernels="cpu-AVX512 B")))
     assert not res.failed and res.mode["m/d"] == "band"
-    res = run_check(a, _write(tmp_path / "c", _trained(70.0, "w2", kernels="cpu-AVX512 B")))
+    res = compare_cells(a, _cells(_trained(70.0, "w2", kernels="cpu-AVX512 B")))
     assert res.failed and res.frame().iloc[0]["metric"] == "acc1"
     # same kernels, same inputs, other weights: the training changed; exact mode says where
-    res = run_check(a, _write(tmp_path / "d", _trained(79.0, "w2")))
+    res = compare_cells(a, _cells(_trained(79.0, "w2")))
     assert res.failed and res.mode["m/d"] == "exact"
     assert res.frame().iloc[0]["status"] == "regressed"
     # other inputs and other weights: not the same model
-    res = run_check(a, _write(tmp_path / "e", _trained(80.0, "w2", cell_key="k2")))
+    res = compare_cells(a, _cells(_trained(80.0, "w2", cell_key="k2")))
     frame = res.frame()
     assert frame.iloc[0]["status"] == "incomparable" and "weights hash" in frame.iloc[0]["note"]
 
 
-def test_a_share_without_an_interval_moves_within_its_sampling_scale(tmp_path):
+def test_a_share_without_an_interval_moves_within_its_sampling_scale():
     # aupr_err 0.4 over n = 1000: half-width 1.96 sqrt(0.4 x 0.6 / 1000) = 0.0304
-    a = _write(tmp_path / "a", _record(kernels="cpu-X"))
+    a = _cells(_record(kernels="cpu-X"))
     b = _record(kernels="cpu-Y")
     b["metrics"]["aupr_err"] = 0.42
-    assert not run_check(a, _write(tmp_path / "b", b)).failed
+    assert not compare_cells(a, _cells(b)).failed
     b["metrics"]["aupr_err"] = 0.44
-    res = run_check(a, _write(tmp_path / "c", b))
+    res = compare_cells(a, _cells(b))
     row = res.frame().iloc[0]
     assert res.failed and row["metric"] == "aupr_err"
     assert row["tolerance"] == pytest.approx(1.959964 * (0.4 * 0.6 / 1000) ** 0.5, rel=1e-5)
@@ -160,69 +166,69 @@ def test_a_share_without_an_interval_moves_within_its_sampling_scale(tmp_path):
     big = _record(kernels="cpu-X")
     big["metrics"]["n"] = 100_000
     b["metrics"].update(n=100_000, aupr_err=0.42)
-    assert run_check(_write(tmp_path / "d", big), _write(tmp_path / "e", b)).failed
+    assert compare_cells(_cells(big), _cells(b)).failed
     # nll is no share: 2% of its value
     b = _record(kernels="cpu-Y")
     b["metrics"]["nll"] = 0.7 * 1.03
-    assert run_check(a, _write(tmp_path / "f", b)).frame().iloc[0]["metric"] == "nll"
+    assert compare_cells(a, _cells(b)).frame().iloc[0]["metric"] == "nll"
 
 
-def test_single_point_statistics_are_shown_not_gated_in_band_mode(tmp_path):
+def test_single_point_statistics_are_shown_not_gated_in_band_mode():
     base = _record(kernels="cpu-X")
     base["metrics"]["max_cal_err"] = 0.3
-    a = _write(tmp_path / "a", base)
+    a = _cells(base)
     moved = copy.deepcopy(base)
     moved["metrics"].update(max_cal_err=0.8, fpr95=0.9)
     moved["provenance"]["kernels"] = "cpu-Y"
-    res = run_check(a, _write(tmp_path / "b", moved))
+    res = compare_cells(a, _cells(moved))
     assert not res.failed and set(res.frame()["status"]) == {"moved"}
     assert set(res.frame()["metric"]) == {"max_cal_err", "fpr95"}
     assert "OK" in render(res)
     moved["provenance"]["kernels"] = "cpu-X"  # bit-comparable runs: any move fails
-    res = run_check(a, _write(tmp_path / "c", moved))
+    res = compare_cells(a, _cells(moved))
     assert res.failed and set(res.frame()["status"]) == {"regressed"}
 
 
-def test_direction_regressed_vs_improved(tmp_path):
-    a = _write(tmp_path / "a", _record())
-    worse = run_check(a, _write(tmp_path / "w", _record(ece=0.09)))
+def test_direction_regressed_vs_improved():
+    a = _cells(_record())
+    worse = compare_cells(a, _cells(_record(ece=0.09)))
     assert worse.frame().iloc[0]["status"] == "regressed"
-    better = run_check(a, _write(tmp_path / "b", _record(ece=0.01)))
+    better = compare_cells(a, _cells(_record(ece=0.01)))
     assert better.failed and better.frame().iloc[0]["status"] == "improved"
-    allowed = run_check(a, tmp_path / "b", allow_improvement=True)
+    allowed = compare_cells(a, _cells(_record(ece=0.01)), allow_improvement=True)
     assert not allowed.failed
 
 
-def test_missing_extra_and_incomparable_cells(tmp_path):
-    a = _write(tmp_path / "a", _record(), _record(dataset="d2"))
-    b = _write(tmp_path / "b", _record(), _record(dataset="d3"))
-    res = run_check(a, b)
+def test_missing_extra_and_incomparable_cells():
+    a = _cells(_record(), _record(dataset="d2"))
+    b = _cells(_record(), _record(dataset="d3"))
+    res = compare_cells(a, b)
     statuses = set(res.frame()["status"])
     assert {"missing", "extra"} <= statuses and res.failed
     other = _record()
     other["protocol"]["template_set"] = "imagenet"
-    res = run_check(a, _write(tmp_path / "c", other, _record(dataset="d2")))
+    res = compare_cells(a, _cells(other, _record(dataset="d2")))
     frame = res.frame()
     assert res.failed and frame.iloc[0]["status"] == "incomparable"
     assert "template_set" in frame.iloc[0]["note"]
     w = _record(weights_hash="other")
-    res = run_check(a, _write(tmp_path / "d", w, _record(dataset="d2")))
+    res = compare_cells(a, _cells(w, _record(dataset="d2")))
     assert "weights hash" in res.frame().iloc[0]["note"]
 
 
-def test_groups_are_compared(tmp_path):
+def test_groups_are_compared():
     g = {"fog/1": _record()["metrics"]}
-    a = _write(tmp_path / "a", _record(groups=g))
+    a = _cells(_record(groups=g))
     g2 = copy.deepcopy(g)
     g2["fog/1"]["auroc"] = 0.5
-    res = run_check(a, _write(tmp_path / "b", _record(groups=g2)))
+    res = compare_cells(a, _cells(_record(groups=g2)))
     row = res.frame().iloc[0]
     assert res.failed and row["group"] == "fog/1" and row["metric"] == "auroc"
 
 
-def test_markdown_output(tmp_path):
-    a = _write(tmp_path / "a", _record())
-    res = run_check(a, _write(tmp_path / "b", _record(acc1=70.0)))
+def test_markdown_output():
+    a = _cells(_record())
+    res = compare_cells(a, _cells(_record(acc1=70.0)))
     md = render(res, "md")
     assert md.startswith("### robench check: FAIL") and "| regressed" in md
 
@@ -249,15 +255,15 @@ def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_the_adaptive_bin_rule_must_agree(tmp_path):
+def test_the_adaptive_bin_rule_must_agree():
     old = _record()  # written before the rule was an option: robench's own rule
-    a = _write(tmp_path / "a", old)
+    a = _cells(old)
     same = _record()
     same["protocol"]["adaptive_bins"] = "robench"
-    assert not run_check(a, _write(tmp_path / "b", same)).failed
+    assert not compare_cells(a, _cells(same)).failed
     other = _record()
     other["protocol"]["adaptive_bins"] = "torch-uncertainty"
-    res = run_check(a, _write(tmp_path / "c", other))
+    res = compare_cells(a, _cells(other))
     assert res.failed and res.frame().iloc[0]["status"] == "incomparable"
     assert "adaptive_bins" in res.frame().iloc[0]["note"]
 
