@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, scored_record
 
 from robench.check import compare_cells, render, run_check
 from robench.results import write_record_json
@@ -31,15 +31,10 @@ def _record(model="m", dataset="d", acc1=80.0, ece=0.05, auroc=0.8, groups=None,
                            "device": "cpu", "dtype": "fp32", "weights_hash": "w", **prov}}
 
 
-def _write(folder, *records):
-    for r in records:  # the record alone: check reads no per-sample outputs
-        write_record_json(folder / r["model"] / f"{r['dataset']}.json", r)
-    return folder
-
-
 def _cells(*records):
     """Records as the check's loader hands them over: {(model, dataset): record}. The decision
-    is tested on hand-made numbers; reading folders is tested through the command line below."""
+    is tested on hand-made numbers; reading folders (which verifies every record against its
+    per-sample outputs) is tested through the command line below with real records."""
     return {(r["model"], r["dataset"]): copy.deepcopy(r) for r in records}
 
 
@@ -234,7 +229,7 @@ def test_markdown_output():
 
 
 def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
-    a = _write(tmp_path / "a", _record())
+    a = scored_record(tmp_path / "a").parents[1]
     shutil.copytree(a, tmp_path / "b")
     ok = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -245,11 +240,15 @@ def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
     edited = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
     assert edited.returncode == 2 and "fails its checksum" in edited.stderr
     assert "Traceback" not in edited.stderr
-    write_record_json(rec, {k: v for k, v in data.items() if k != "integrity"})  # a real result
+    # resealed, it no longer matches its per-sample outputs: refused, not compared
+    write_record_json(rec, {k: v for k, v in data.items() if k != "integrity"})
+    resealed = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
+    assert resealed.returncode == 2 and "disagrees with its per-sample outputs" in resealed.stderr
+    scored_record(tmp_path / "b", skill=0.5)  # a real, worse result
     bad = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"),
                   "--format", "md", "--summary", str(tmp_path / "summary.md"))
     assert bad.returncode == 1
-    assert "regressed" in bad.stdout and "auroc" in bad.stdout
+    assert "regressed" in bad.stdout and "acc1" in bad.stdout
     assert "FAIL" in (tmp_path / "summary.md").read_text()
     missing = run_cli("check", "--baseline", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
