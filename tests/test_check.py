@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from conftest import run_cli, scored_record
 
 from robench.check import compare_cells, render, run_check
+from robench.cli import main
+from robench.errors import RobenchError
 from robench.results import write_record_json
 
 
@@ -267,6 +270,65 @@ def test_the_adaptive_bin_rule_must_agree():
     assert "adaptive_bins" in res.frame().iloc[0]["note"]
 
 
+# -- a check cannot pass by accident ----------------------------------------------------------
+
+def test_a_baseline_without_records_fails_with_its_reason():
+    res = compare_cells({}, _cells(_record()), baseline="results/quickstart")
+    assert res.failed and res.comparisons == 0
+    [why] = res.problems
+    assert why.startswith("results/quickstart holds no result records, so nothing was compared")
+    text = render(res)
+    assert f"FAIL: {why}" in text and "\nOK" not in text and "0 metric comparison(s)" in text
+    assert f"- **{why}**" in render(res, "md")
+    assert compare_cells({}, {}).failed  # nothing on either side is no pass either
+
+
+def test_a_baseline_cell_missing_from_the_results_fails():
+    res = compare_cells(_cells(_record()), {})
+    assert res.failed and [r["status"] for r in res.rows] == ["missing"]
+    assert res.problems == ["no metric was compared: every baseline cell is missing from the "
+                            "fresh results or incomparable with it"]
+    # one of two cells present: the comparisons made do not hide the missing one
+    res = compare_cells(_cells(_record(), _record(dataset="d2")), _cells(_record()))
+    assert res.failed and res.comparisons > 0 and not res.problems
+    assert res.frame().iloc[0]["status"] == "missing" and res.frame().iloc[0]["dataset"] == "d2"
+
+
+@pytest.mark.parametrize("option, flag", [("band", "--band"), ("rel_tol", "--rel-tol")])
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, -math.inf])
+def test_nonsensical_tolerances_are_refused(option, flag, value):
+    with pytest.raises(RobenchError) as e:
+        compare_cells(_cells(_record()), _cells(_record()), **{option: value})
+    assert e.value.problem.startswith(f"{flag} {value!r} is not a tolerance: ")
+    assert e.value.problem.endswith(" must be a finite number >= 0")
+    compare_cells(_cells(_record()), _cells(_record()), **{option: 0.0})  # 0 is a tolerance
+    with pytest.raises(RobenchError, match="unknown check mode 'bands'"):
+        compare_cells({}, {}, mode="bands")
+
+
+def test_cli_an_empty_baseline_fails_and_says_why(tmp_path, capsys):
+    fresh = scored_record(tmp_path / "fresh").parents[1]
+    (tmp_path / "empty").mkdir()
+    summary = tmp_path / "summary.md"
+    assert main(["check", "--baseline", str(tmp_path / "empty"), "--results", str(fresh),
+                 "--summary", str(summary)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL: {tmp_path / 'empty'} holds no result records, so nothing was compared" in out
+    assert "FAIL: 1 problem(s) - 1 cell(s), 0 metric comparison(s)" in out  # 1: the extra cell
+    assert "holds no result records" in summary.read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--band", "-1"), ("--band", "nan"), ("--band", "inf"),
+                                         ("--rel-tol", "-0.02"), ("--rel-tol", "nan"),
+                                         ("--rel-tol", "inf")])
+def test_cli_refuses_nonsensical_tolerances_as_bad_arguments(tmp_path, capsys, flag, value):
+    a = scored_record(tmp_path / "a").parents[1]
+    assert main(["check", "--baseline", str(a), "--results", str(a), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"robench: error: {flag} {float(value)!r} is not a tolerance" in err
+    assert "fix: pass " in err and "Traceback" not in err
+
+
 # -- outputs=logits changes what is stored, not what is computed ------------------------------
 
 def _run_outputs(tmp, results: str, outputs: str) -> Path:
@@ -302,7 +364,6 @@ def _scored(monkeypatch) -> list:
 
 
 def test_check_passes_between_an_exact_and_a_logits_run(exact_and_logits, capsys):
-    from robench.cli import main
 
     _, exact, logits = exact_and_logits
     e, lg = json.loads(exact.read_text()), json.loads(logits.read_text())
