@@ -12,6 +12,11 @@ Cell by cell (model x dataset, and every group of a -C set) and metric by metric
   statistics of ``BAND_REPORT_ONLY`` are shown when they move but do not fail.
   A model robench trains (fine-tuning, CAR-FT, ...) gets other weights on another kernel family;
   its cells stay comparable when their cell keys (every input of the numbers) are equal.
+  Its weights also differ between world sizes: DDP sums the ranks' gradients in another order
+  than one process does, so auto mode compares a trained cell exactly only when both runs
+  trained under the same world size (``provenance.world_size`` / ``grad_reduction``; a record
+  written before these keys counts as one process). A cell no run trained a network for
+  (zero-shot, linear probe, LP-CLIP) is bit-identical under any world size and stays exact.
 
 A change beyond tolerance in the worse direction is a regression, in the better direction a
 change (also a failure unless ``allow_improvement``, since a baseline that no longer matches
@@ -50,6 +55,10 @@ CI_METRICS = {"acc1": "acc1", "ece": "ece", "auroc": "auroc"}
 MODES = ("auto", "exact", "band")
 # provenance fields that, when equal, make two runs bit-for-bit comparable
 DETERMINISM_KEYS = ("torch", "numpy", "open_clip", "device", "dtype", "kernels")
+# ... and, for a cell whose network robench trained, the ranks its gradients were summed over
+# (robench.runner.scale_provenance); a record without them was written by one process
+TRAINING_KEYS = ("world_size", "grad_reduction")
+ONE_PROCESS = {"world_size": 1, "grad_reduction": "single process"}
 # fields whose difference makes the numbers incomparable (not merely different)
 PROTOCOL_KEYS = ("version", "method", "template_set", "n_templates", "scored_classes", "ece_bins",
                  "confidence", "id_dataset")
@@ -113,6 +122,31 @@ def check_settings(mode: str, band: float, rel_tol: float) -> None:
                                "number >= 0",
                                f"pass {name} with a finite number >= 0 (defaults: --band 1.0, "
                                "--rel-tol 0.02), or --mode exact")
+
+
+def _provenance(rec: dict) -> dict:
+    prov = rec.get("provenance")
+    return prov if isinstance(prov, dict) else {}
+
+
+def trained(rec: dict) -> bool:
+    """Whether the cell's network was trained by robench (its record names the gradient
+    reduction; null for zero-shot, linear-probe and other head-only cells)."""
+    return _provenance(rec).get("grad_reduction") is not None
+
+
+def same_arithmetic(base: dict, fresh: dict) -> bool:
+    """Whether two records were computed by the same arithmetic, so exact mode applies: the same
+    versions, device, dtype and kernel family (``DETERMINISM_KEYS``), and, when either cell's
+    network was trained by robench, the same world size and gradient reduction
+    (``TRAINING_KEYS``; a baseline written before them counts as one process)."""
+    bp, fp = _provenance(base), _provenance(fresh)
+    if any(bp.get(k) != fp.get(k) for k in DETERMINISM_KEYS):
+        return False
+    if not (trained(base) or trained(fresh)):
+        return True  # no gradients were reduced: bit-identical under any world size
+    return all((bp.get(k) or ONE_PROCESS[k]) == (fp.get(k) or ONE_PROCESS[k])
+               for k in TRAINING_KEYS)
 
 
 def _tolerance(metric: str, values: dict, mode: str, band: float, rel_tol: float) -> float:
@@ -231,8 +265,7 @@ def compare_cells(base_cells: dict[tuple[str, str], dict],
             continue
         cell_mode = mode
         if mode == "auto":
-            same = all(b["provenance"].get(k) == f["provenance"].get(k) for k in DETERMINISM_KEYS)
-            cell_mode = "exact" if same else "band"
+            cell_mode = "exact" if same_arithmetic(b, f) else "band"
         result.mode[f"{model}/{dataset}"] = cell_mode
         for row in compare_metrics(b["metrics"], f["metrics"], cell_mode, band, rel_tol,
                                    allow_improvement):

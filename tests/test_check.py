@@ -16,6 +16,7 @@ from robench.check import compare_cells, render, run_check
 from robench.cli import main
 from robench.errors import RobenchError
 from robench.results import write_record_json
+from robench.runner import scale_provenance
 
 
 def _record(model="m", dataset="d", acc1=80.0, ece=0.05, auroc=0.8, groups=None, **prov):
@@ -329,6 +330,57 @@ def test_cli_refuses_nonsensical_tolerances_as_bad_arguments(tmp_path, capsys, f
     assert "fix: pass " in err and "Traceback" not in err
 
 
+# -- world size: DDP's gradient sums are another arithmetic ---------------------------------
+
+def _ranks(rec: dict, n: int | None) -> dict:
+    """``rec`` run under ``n`` ranks (None: written before the keys existed)."""
+    trained = rec["protocol"]["method"] == "finetune"
+    if n is not None:
+        rec["provenance"].update(scale_provenance(n, trained))
+    return rec
+
+
+def test_scale_provenance_names_the_gradient_reduction_of_trained_networks_only():
+    assert scale_provenance(1, True) == {"world_size": 1, "grad_reduction": "single process"}
+    assert scale_provenance(2, True) == {"world_size": 2,
+                                         "grad_reduction": "DDP allreduce over 2 ranks"}
+    assert scale_provenance(4, False) == {"world_size": 4, "grad_reduction": None}
+
+
+def test_trained_weights_from_another_world_size_are_compared_in_band_mode():
+    # the torchrun case: 2 ranks sum gradients in another order, acc1 moves within its interval
+    one = _ranks(_trained(), 1)
+    res = compare_cells(_cells(one), _cells(_ranks(_trained(79.0, "w2"), 2)))
+    assert not res.failed and res.mode["m/d"] == "band"
+    res = compare_cells(_cells(one), _cells(_ranks(_trained(70.0, "w2"), 2)))
+    assert res.failed and res.frame().iloc[0]["status"] == "regressed"  # beyond the band
+    # the same world size and kernels: any move is real, compared exactly
+    res = compare_cells(_cells(one), _cells(_ranks(_trained(79.0, "w2"), 1)))
+    assert res.failed and res.mode["m/d"] == "exact"
+    two = _ranks(_trained(), 2)
+    assert compare_cells(_cells(two), _cells(_ranks(_trained(), 2))).mode["m/d"] == "exact"
+
+
+def test_a_baseline_without_the_world_keys_counts_as_one_process():
+    old = _ranks(_trained(), None)
+    assert "world_size" not in old["provenance"]
+    assert compare_cells(_cells(old), _cells(_ranks(_trained(), 1))).mode["m/d"] == "exact"
+    res = compare_cells(_cells(old), _cells(_ranks(_trained(79.0, "w2"), 2)))
+    assert not res.failed and res.mode["m/d"] == "band"
+    res = compare_cells(_cells(_ranks(_trained(79.0, "w2"), 2)), _cells(old))  # either side
+    assert not res.failed and res.mode["m/d"] == "band"
+
+
+def test_a_cell_no_run_trained_stays_exact_under_any_world_size():
+    # zero-shot (and linear-probe, LP-CLIP) cells are bit-identical under 2 ranks
+    one, two = _ranks(_record(), 1), _ranks(_record(acc1=79.95), 2)
+    assert two["provenance"]["grad_reduction"] is None
+    res = compare_cells(_cells(one), _cells(two))
+    assert res.failed and res.mode["m/d"] == "exact"
+    assert compare_cells(_cells(_ranks(_record(), None)),
+                         _cells(_ranks(_record(), 2))).mode["m/d"] == "exact"
+
+
 # -- outputs=logits changes what is stored, not what is computed ------------------------------
 
 def _run_outputs(tmp, results: str, outputs: str) -> Path:
@@ -368,6 +420,8 @@ def test_check_passes_between_an_exact_and_a_logits_run(exact_and_logits, capsys
     _, exact, logits = exact_and_logits
     e, lg = json.loads(exact.read_text()), json.loads(logits.read_text())
     assert (e["outputs"]["logits"], lg["outputs"]["logits"]) == (False, True)
+    # one process, a zero-shot head: no gradients were reduced
+    assert e["provenance"]["world_size"] == 1 and e["provenance"]["grad_reduction"] is None
     assert e["cell_key"] == lg["cell_key"]
     for base, fresh in ((exact, logits), (logits, exact)):
         res = run_check(base.parents[2], fresh.parents[2])
