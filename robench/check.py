@@ -12,11 +12,20 @@ Cell by cell (model x dataset, and every group of a -C set) and metric by metric
   statistics of ``BAND_REPORT_ONLY`` are shown when they move but do not fail.
   A model robench trains (fine-tuning, CAR-FT, ...) gets other weights on another kernel family;
   its cells stay comparable when their cell keys (every input of the numbers) are equal.
+  Its weights also differ between world sizes: DDP sums the ranks' gradients in another order
+  than one process does, so auto mode compares a trained cell exactly only when both runs
+  trained under the same world size (``provenance.world_size`` / ``grad_reduction``; a record
+  written before these keys counts as one process). A cell no run trained a network for
+  (zero-shot, linear probe, LP-CLIP) is bit-identical under any world size and stays exact.
 
 A change beyond tolerance in the worse direction is a regression, in the better direction a
 change (also a failure unless ``allow_improvement``, since a baseline that no longer matches
 must be refreshed deliberately). A missing cell, or a protocol / data / weights mismatch that
-makes the numbers incomparable, fails too.
+makes the numbers incomparable, fails too; so does a check that compares nothing (a baseline
+that lost its records must not stay green). A tolerance that is negative, NaN or infinite is
+refused before anything is read. Both folders are read through the verified loader
+(:func:`robench.results.read_record`): a record whose metrics its outputs do not give is
+refused, not compared.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from statistics import NormalDist
 
 import pandas as pd
 
+from robench.errors import RobenchError
 from robench.metrics import RECORD_METRIC_INFO
 from robench.results import find_records, read_record
 
@@ -42,8 +52,13 @@ BAND_REPORT_ONLY = frozenset({"max_cal_err", "fpr95"})
 # statuses that do not fail a check
 PASSING = frozenset({"ok", "improved-allowed", "extra", "moved"})
 CI_METRICS = {"acc1": "acc1", "ece": "ece", "auroc": "auroc"}
+MODES = ("auto", "exact", "band")
 # provenance fields that, when equal, make two runs bit-for-bit comparable
 DETERMINISM_KEYS = ("torch", "numpy", "open_clip", "device", "dtype", "kernels")
+# ... and, for a cell whose network robench trained, the ranks its gradients were summed over
+# (robench.runner.scale_provenance); a record without them was written by one process
+TRAINING_KEYS = ("world_size", "grad_reduction")
+ONE_PROCESS = {"world_size": 1, "grad_reduction": "single process"}
 # fields whose difference makes the numbers incomparable (not merely different)
 PROTOCOL_KEYS = ("version", "method", "template_set", "n_templates", "scored_classes", "ece_bins",
                  "confidence", "id_dataset")
@@ -53,10 +68,17 @@ PROTOCOL_KEYS = ("version", "method", "template_set", "n_templates", "scored_cla
 class CheckResult:
     rows: list[dict] = field(default_factory=list)
     mode: dict[str, str] = field(default_factory=dict)
+    # reasons the whole check fails beyond its rows (it compared nothing)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def comparisons(self) -> int:
+        """Metric comparisons made (a missing or incomparable cell makes none)."""
+        return sum(1 for r in self.rows if r.get("metric"))
 
     @property
     def failed(self) -> bool:
-        return any(r["status"] not in PASSING for r in self.rows)
+        return bool(self.problems) or any(r["status"] not in PASSING for r in self.rows)
 
     def frame(self, only_problems: bool = True) -> pd.DataFrame:
         rows = [r for r in self.rows if r["status"] != "ok"] if only_problems else self.rows
@@ -70,7 +92,61 @@ def _key(rec: dict) -> tuple[str, str]:
 
 
 def load_cells(folder: str | Path) -> dict[tuple[str, str], dict]:
-    return {_key(r): r for r in (read_record(p) for p in find_records(folder))}
+    """The verified records under ``folder`` by (model, dataset); two records of one cell (two
+    suites in one folder) are refused, since either could silently stand for the cell."""
+    cells: dict[tuple[str, str], dict] = {}
+    where: dict[tuple[str, str], Path] = {}
+    for path in find_records(folder):
+        rec = read_record(path)
+        key = _key(rec)
+        if key in cells:
+            raise RobenchError(f"{folder} holds two records of model {key[0]!r} x dataset "
+                               f"{key[1]!r}: {where[key]} and {path}",
+                               "point the check at one suite's folder (e.g. results/quickstart)")
+        cells[key], where[key] = rec, path
+    return cells
+
+
+def check_settings(mode: str, band: float, rel_tol: float) -> None:
+    """Refuse a mode robench does not know and a tolerance that is no tolerance: negative
+    (nothing could pass, or a sign error), NaN (every comparison with it is False, so a NaN
+    band would fail or pass depending on how the test is written) or infinite (everything
+    passes)."""
+    if mode not in MODES:
+        raise RobenchError(f"unknown check mode {mode!r}", f"use one of {', '.join(MODES)}")
+    for name, value, what in (("--band", band, "a multiple of each interval's half-width"),
+                              ("--rel-tol", rel_tol, "a fraction of each value")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            raise RobenchError(f"{name} {value!r} is not a tolerance: {what} must be a finite "
+                               "number >= 0",
+                               f"pass {name} with a finite number >= 0 (defaults: --band 1.0, "
+                               "--rel-tol 0.02), or --mode exact")
+
+
+def _provenance(rec: dict) -> dict:
+    prov = rec.get("provenance")
+    return prov if isinstance(prov, dict) else {}
+
+
+def trained(rec: dict) -> bool:
+    """Whether the cell's network was trained by robench (its record names the gradient
+    reduction; null for zero-shot, linear-probe and other head-only cells)."""
+    return _provenance(rec).get("grad_reduction") is not None
+
+
+def same_arithmetic(base: dict, fresh: dict) -> bool:
+    """Whether two records were computed by the same arithmetic, so exact mode applies: the same
+    versions, device, dtype and kernel family (``DETERMINISM_KEYS``), and, when either cell's
+    network was trained by robench, the same world size and gradient reduction
+    (``TRAINING_KEYS``; a baseline written before them counts as one process)."""
+    bp, fp = _provenance(base), _provenance(fresh)
+    if any(bp.get(k) != fp.get(k) for k in DETERMINISM_KEYS):
+        return False
+    if not (trained(base) or trained(fresh)):
+        return True  # no gradients were reduced: bit-identical under any world size
+    return all((bp.get(k) or ONE_PROCESS[k]) == (fp.get(k) or ONE_PROCESS[k])
+               for k in TRAINING_KEYS)
 
 
 def _tolerance(metric: str, values: dict, mode: str, band: float, rel_tol: float) -> float:
@@ -158,8 +234,21 @@ def _mismatch(base: dict, fresh: dict) -> str | None:
 
 def run_check(baseline: str | Path, fresh: str | Path, mode: str = "auto", band: float = 1.0,
               rel_tol: float = 0.02, allow_improvement: bool = False) -> CheckResult:
-    """Compare every baseline cell with the fresh cell of the same (model, dataset)."""
-    base_cells, fresh_cells = load_cells(baseline), load_cells(fresh)
+    """Compare every baseline cell with the fresh cell of the same (model, dataset); the
+    settings are checked before either folder is read."""
+    check_settings(mode, band, rel_tol)
+    return compare_cells(load_cells(baseline), load_cells(fresh), mode, band, rel_tol,
+                         allow_improvement, baseline=str(baseline))
+
+
+def compare_cells(base_cells: dict[tuple[str, str], dict],
+                  fresh_cells: dict[tuple[str, str], dict], mode: str = "auto",
+                  band: float = 1.0, rel_tol: float = 0.02, allow_improvement: bool = False,
+                  baseline: str = "the baseline") -> CheckResult:
+    """The check's decision on records already loaded (``{(model, dataset): record}``): a row
+    per compared metric, missing, incomparable and extra cell; a problem when nothing at all
+    was compared."""
+    check_settings(mode, band, rel_tol)
     result = CheckResult()
     for key, b in sorted(base_cells.items()):
         model, dataset = key
@@ -176,8 +265,7 @@ def run_check(baseline: str | Path, fresh: str | Path, mode: str = "auto", band:
             continue
         cell_mode = mode
         if mode == "auto":
-            same = all(b["provenance"].get(k) == f["provenance"].get(k) for k in DETERMINISM_KEYS)
-            cell_mode = "exact" if same else "band"
+            cell_mode = "exact" if same_arithmetic(b, f) else "band"
         result.mode[f"{model}/{dataset}"] = cell_mode
         for row in compare_metrics(b["metrics"], f["metrics"], cell_mode, band, rel_tol,
                                    allow_improvement):
@@ -189,21 +277,31 @@ def run_check(baseline: str | Path, fresh: str | Path, mode: str = "auto", band:
     for key in sorted(set(fresh_cells) - set(base_cells)):
         result.rows.append({"model": key[0], "dataset": key[1], "group": "", "metric": "",
                             "status": "extra", "note": "not in the baseline"})
+    if not base_cells:
+        result.problems.append(f"{baseline} holds no result records, so nothing was compared "
+                               "(a baseline that lost its records cannot pass); restore them "
+                               "or point --baseline at the committed records")
+    elif result.comparisons == 0:
+        result.problems.append("no metric was compared: every baseline cell is missing from "
+                               "the fresh results or incomparable with it")
     return result
 
 
 def render(result: CheckResult, fmt: str = "table") -> str:
-    """The diff table (problems only) and a one-line verdict."""
+    """The diff table (problems only), the reasons the check fails as a whole, and a one-line
+    verdict."""
     frame = result.frame(only_problems=True)
     n_cells = len({(r["model"], r["dataset"]) for r in result.rows})
-    n_cmp = sum(1 for r in result.rows if r.get("metric"))
-    n_bad = sum(r["status"] not in PASSING for r in result.rows)
+    n_bad = sum(r["status"] not in PASSING for r in result.rows) + len(result.problems)
     modes = ", ".join(sorted(set(result.mode.values()))) or "-"
     verdict = (f"FAIL: {n_bad} problem(s)" if result.failed else "OK") + (
-        f" - {n_cells} cell(s), {n_cmp} metric comparison(s), mode: {modes}")
+        f" - {n_cells} cell(s), {result.comparisons} metric comparison(s), mode: {modes}")
+    reasons = "".join(f"FAIL: {p}\n" for p in result.problems)
     if fmt == "md":
         head = f"### robench check: {verdict}\n\n"
-        return head + (frame.to_markdown(index=False, floatfmt=".6g") if len(frame) else
-                       "All metrics within tolerance.") + "\n"
-    body = frame.to_string(index=False) if len(frame) else "all metrics within tolerance"
-    return f"{body}\n{verdict}\n"
+        body = frame.to_markdown(index=False, floatfmt=".6g") if len(frame) else \
+            "" if result.problems else "All metrics within tolerance."
+        return head + "".join(f"- **{p}**\n" for p in result.problems) + body + "\n"
+    body = frame.to_string(index=False) if len(frame) else \
+        "" if result.problems else "all metrics within tolerance"
+    return f"{body}\n{reasons}{verdict}\n" if body else f"{reasons}{verdict}\n"

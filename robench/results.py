@@ -152,7 +152,12 @@ RERUN_FIX = ("re-run its cell (robench run suite=...: a damaged record's cell is
 
 
 def read_record(path: Path, verify: bool = True) -> dict:
-    """A result record, checked to be one and (``verify``) to match its checksum."""
+    """A result record, checked to be one and, with ``verify`` (the default, and the path of
+    every reader: ``robench results``, ``report``, ``check``, ``analyze``, the API, a resumed
+    run), checked for bytes and for meaning: its checksum (:func:`check_integrity`), and its
+    metrics against the per-sample outputs beside it (:func:`check_meaning`), because a plain
+    checksum is as easy to rewrite as the number it guards. Only a reader that rewrites a record
+    from its outputs (``robench rescore``) reads it unverified."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -165,6 +170,7 @@ def read_record(path: Path, verify: bool = True) -> dict:
                            "folder, or point at the folder that holds them")
     if verify:
         check_integrity(record, path)
+        check_meaning(path, record)
     return record
 
 
@@ -204,6 +210,165 @@ def load_outputs(path: Path, record: dict | None = None) -> Any:
 
     record = record if record is not None else read_record(path)
     return CellOutputs.load(verify_outputs(path, record))
+
+
+# --------------------------------------------------------------------------------------------
+# Meaning: a record's metrics are what its per-sample outputs give
+# --------------------------------------------------------------------------------------------
+
+# How far a stored metric may lie from its recomputation from the per-sample outputs, relative
+# to max(1, |value|). The run and every reader share robench.scoring.cell_metrics, so on the
+# machine that wrote a record the two are bit-identical (every point value of the committed
+# quickstart records is); the tolerance only absorbs last-bit differences of numpy's vectorised
+# exp / log on another CPU, far below any printed digit (DESIGN rule 7: 1e-9).
+MEANING_TOL = 1e-9
+INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")
+MEANING_FIX = ("the record was edited after its cell was scored: restore it as written, or "
+               "re-run its cell (robench run suite=...: a refused record's cell is recomputed); "
+               "robench rescore --verify --dir <folder> lists every disagreement")
+
+
+def settings_of(record: dict) -> dict:
+    """The metric settings a record was scored with (bins, bootstrap, alpha, seed, adaptive
+    bin rule), from its protocol; a protocol-1 record (float16 probabilities) has none that
+    reproduce it."""
+    p = record.get("protocol") or {}
+    if not isinstance(p, dict) or p.get("version", 1) < 2:
+        version = p.get("version", 1) if isinstance(p, dict) else 1
+        raise RobenchError(
+            f"{record.get('model')} x {record.get('dataset')} is a protocol-{version} record "
+            "(float16 probabilities), which cannot be re-scored exactly",
+            "re-run the suite (robench run suite=...): cells of older protocols are recomputed")
+    try:  # records written before the bin rule was an option were scored with robench's own
+        return {"n_bins": int(p["ece_bins"]), "bootstrap": int(p["bootstrap"]),
+                "alpha": round(1 - float(p["interval_level"]), 12),
+                "seed": int(p.get("seed", 0)),
+                "adaptive_bins": str(p.get("adaptive_bins") or "robench")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise RobenchError(f"{record.get('model')} x {record.get('dataset')}: the record's "
+                           f"protocol lacks its metric settings ({e})", RERUN_FIX) from e
+
+
+def recompute_metrics(record: dict, outputs: Any, n_bootstrap: int | None = 0,
+                      **overrides: Any) -> tuple[dict, dict | None]:
+    """(headline, groups) of ``outputs`` under the record's own settings (``overrides`` change
+    some), NaN as None like a stored record. ``n_bootstrap=0``: every point value exactly as the
+    run computed it, and acc1's Clopper-Pearson intervals, in milliseconds; the bootstrap
+    intervals come out None. ``None``: the record's own resamples (the full recomputation)."""
+    from robench.scoring import cell_metrics
+
+    s = {**settings_of(record), **{k: v for k, v in overrides.items() if v is not None}}
+    headline, groups = cell_metrics(
+        outputs, (record.get("protocol") or {}).get("summary_groups"), n_bins=s["n_bins"],
+        n_bootstrap=s["bootstrap"] if n_bootstrap is None else n_bootstrap, seed=s["seed"],
+        alpha=s["alpha"], adaptive_bins=s["adaptive_bins"])
+    return clean(headline), clean(groups)
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """One stored value its outputs do not give: ``group`` "" for the cell's headline."""
+
+    group: str
+    metric: str
+    stored: Any
+    recomputed: Any
+    problem: str = ""  # empty: the values differ; else what is wrong (an interval, a key)
+
+    @property
+    def where(self) -> str:
+        """``metrics/acc1`` or ``groups/fog/3/ece``, as ``robench rescore`` names values."""
+        return "/".join(x for x in ("groups", self.group, self.metric) if x) if self.group \
+            else f"metrics/{self.metric}"
+
+    def describe(self) -> str:
+        where = " ".join(x for x in (f"group {self.group}" if self.group else "",
+                                     self.metric) if x)
+        return f"{where}: {self.problem}" if self.problem else \
+            f"{where} stored {self.stored!r}, recomputed {self.recomputed!r}"
+
+
+def _agree(stored: Any, recomputed: Any) -> bool:
+    """Whether a stored value is its recomputation: None for None (an undefined metric), the
+    same integer for a count, floats within :data:`MEANING_TOL`."""
+    if stored is None or recomputed is None:
+        return stored is None and recomputed is None
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)):
+        return False
+    if isinstance(recomputed, int):
+        return stored == recomputed
+    return math.isfinite(stored) and \
+        abs(stored - recomputed) <= MEANING_TOL * max(1.0, abs(recomputed))
+
+
+def _metric_disagreements(group: str, stored: Any, new: dict, full: bool) -> list[Disagreement]:
+    """What of one metrics dict (a headline or a group) its recomputation ``new`` does not
+    give. ``full``: ``new`` holds bootstrap intervals too, compared like every value; else a
+    bootstrap interval (None in ``new``) is only checked to hold its own estimate. A metric
+    that ``new`` has and the record lacks (one added to robench since the run) is no
+    disagreement: it hides no number, and ``robench rescore`` adds it."""
+    if not isinstance(stored, dict):
+        return [Disagreement(group, "", stored, None, "not an object of metrics")]
+    out = []
+    for k, v in stored.items():
+        if k not in new:
+            out.append(Disagreement(group, k, v, None, "not a metric of the outputs"))
+        elif not full and k.endswith(INTERVAL_SUFFIXES) and new[k] is None:
+            continue  # a bootstrap bound: the cheap path checks that it holds its estimate
+        elif not _agree(v, new[k]):
+            out.append(Disagreement(group, k, v, new[k]))
+    for k in (k.removesuffix("_ci_low") for k in stored if k.endswith("_ci_low")):
+        lo, v, hi = stored.get(f"{k}_ci_low"), stored.get(k), stored.get(f"{k}_ci_high")
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, v, hi)) \
+                and not lo <= v <= hi:
+            out.append(Disagreement(group, k, [lo, hi], v,
+                                    f"interval [{lo!r}, {hi!r}] does not hold its estimate "
+                                    f"{v!r}"))
+    return out
+
+
+def disagreements(record: dict, headline: dict, groups: dict | None,
+                  full: bool = False) -> list[Disagreement]:
+    """Every stored value of ``record`` (headline and groups) that its recomputation
+    (``headline``, ``groups`` of :func:`recompute_metrics`) does not give; ``full`` when the
+    recomputation ran the record's bootstrap (``robench rescore --verify``)."""
+    out = _metric_disagreements("", record.get("metrics"), headline, full)
+    stored = record.get("groups") or {}
+    new = groups or {}
+    if not isinstance(stored, dict):
+        return [*out, Disagreement("", "groups", stored, None, "not an object of groups")]
+    for g in sorted(set(stored) | set(new)):
+        if g not in new:
+            out.append(Disagreement(g, "", None, None, "not a group of the outputs"))
+        elif g not in stored:
+            out.append(Disagreement(g, "", None, None, "a group of the outputs the record "
+                                                       "lacks"))
+        else:
+            out.extend(_metric_disagreements(g, stored[g], new[g], full))
+    return out
+
+
+def check_meaning(path: Path, record: dict) -> None:
+    """Refuse a record whose metrics are not what its per-sample outputs give: its outputs
+    file must be there and match the digest the record holds (:func:`verify_outputs`), every
+    point value must equal its recomputation (:func:`recompute_metrics` without the bootstrap,
+    milliseconds a cell) and every interval hold its estimate. The bootstrap intervals
+    themselves are recomputed by ``robench rescore --verify``."""
+    npz = Path(path).with_suffix(".npz")
+    cell = f"{record.get('model')} x {record.get('dataset')}"
+    if not npz.is_file():
+        raise RobenchError(
+            f"result record {path} ({cell}) has no per-sample outputs: {npz.name} is missing "
+            "beside it, so its metrics cannot be verified",
+            f"restore {npz} (a record travels with its .npz), or re-run its cell "
+            "(robench run suite=...)")
+    headline, groups = recompute_metrics(record, load_outputs(path, record))
+    found = disagreements(record, headline, groups)
+    if found:
+        shown = "; ".join(d.describe() for d in found[:3])
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise RobenchError(f"result record {path} disagrees with its per-sample outputs "
+                           f"{npz.name}: {cell}: {shown}{more}", MEANING_FIX)
 
 
 def find_records(results_dir: str | Path, fix: str | None = None) -> list[Path]:

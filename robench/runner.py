@@ -54,7 +54,7 @@ from robench.registry import (
     spec_identity,
     template_set,
 )
-from robench.results import portable_record, read_record, record_path, verify_outputs, write_record
+from robench.results import portable_record, read_record, record_path, write_record
 from robench.scoring import (
     OUTPUTS_VERSION,
     CellOutputs,
@@ -241,8 +241,7 @@ class Runner:
         if self.cfg.force or not path.is_file() or not path.with_suffix(".npz").is_file():
             return False
         try:
-            rec = read_record(path)
-            verify_outputs(path, rec)
+            rec = read_record(path)  # checksum, outputs digest, metrics against the outputs
         except RobenchError as e:
             log.warning("%s; its cell is recomputed", e.problem)
             return False
@@ -495,7 +494,9 @@ class Runner:
             },
             "outputs": {"file": f"{dataset}.npz", "version": OUTPUTS_VERSION,
                         "logits": out.logits is not None},
-            "provenance": provenance(backbone, self.cfg, spec),
+            "provenance": {**provenance(backbone, self.cfg, spec),
+                           **scale_provenance(self.world.size,
+                                              self.method_of(model).changes_backbone)},
         }
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
         # cache and data paths relative to cache_dir / data_root: no path of this machine
@@ -542,6 +543,21 @@ def provenance(backbone: Backbone, cfg: DictConfig, spec: ModelSpec) -> dict:
         "weights_hash": backbone.weights_hash, "logit_scale": backbone.logit_scale,
         "preprocess": backbone.preprocess_id,
     }
+
+
+def scale_provenance(world_size: int, trains_network: bool) -> dict:
+    """How many ranks ran the cell and, for a network robench trained (fine-tuning, CAR-FT,
+    LP-FT, FLYP and what is built from one: WiSE-FT, temperature scaling of one), how its
+    gradients were summed. DDP all-reduces the ranks' gradient sums, another float summation
+    order than one process's, so such weights (and their metrics) differ in the last bits
+    between world sizes; ``robench check`` compares them in band mode. Features and heads that
+    are not trained through DDP (zero-shot, linear probe, LP-CLIP) are bit-identical under any
+    world size: their ``grad_reduction`` is null."""
+    reduction = None
+    if trains_network:
+        reduction = "single process" if world_size == 1 else \
+            f"DDP allreduce over {world_size} ranks"
+    return {"world_size": int(world_size), "grad_reduction": reduction}
 
 
 def kernel_family(backbone: Backbone) -> str:

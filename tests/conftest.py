@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +233,71 @@ def reachable(root: object) -> list[object]:
             stack.append(ref)
     assert len(out) < 100_000
     return out
+
+
+# -- result records that are what their per-sample outputs give --------------------------------
+def scored_record(folder: Path, model: str = "m", dataset: str = "d", *, seed: int = 0,
+                  n: int = 400, skill: float = 1.0, groups: tuple[str, ...] = (),
+                  bootstrap: int = 20, **sections: dict) -> Path:
+    """Write ``folder/model/dataset.json`` and its ``.npz``: a record of ``n`` synthetic
+    10-class samples (Gaussian logits, the true class raised by ``skill``) whose metrics
+    ``robench.scoring.cell_metrics`` computes as a run does, so every verified reader accepts
+    it. ``groups`` splits the rows into copies of the same base images (a -C set); each of
+    ``sections`` (protocol, provenance, data, ...) updates that part of the record. Returns
+    the record's path."""
+    import robench.metrics as M  # noqa: N812
+    from robench.results import write_record
+    from robench.scoring import CellOutputs, cell_metrics
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    logits = rng.normal(size=(n, 10)).astype(np.float32)
+    logits[np.arange(n), labels] += np.float32(skill)
+    k = max(1, len(groups))
+    group = (np.arange(n) * k // n).astype(np.int32) if groups else np.full(n, -1, np.int32)
+    out = CellOutputs(samples=M.sample_outputs(logits, labels), label=labels,
+                      target=labels.astype(np.int32), valid=np.ones(n, dtype=bool), group=group,
+                      group_names=list(groups), scored_classes=None, sample_ids=None,
+                      base=np.arange(n) % (n // k) if groups else None)
+    headline, per_group = cell_metrics(out, list(groups) or None, n_bins=15,
+                                       n_bootstrap=bootstrap, seed=0, alpha=0.05)
+    record = {
+        "suite": "s", "model": model, "dataset": dataset, "cell_key": "k",
+        "metrics": headline, "groups": per_group,
+        "protocol": {"version": 3, "method": "zeroshot", "confidence": "msp", "ece_bins": 15,
+                     "bootstrap": bootstrap, "interval_level": 0.95, "seed": 0,
+                     "adaptive_bins": "robench", "summary_groups": list(groups) or None,
+                     "template_set": "cifar", "n_templates": 18, "scored_classes": "all",
+                     "id_dataset": None},
+        "data": {"manifest_hash": "abc"},
+        "outputs": {"file": f"{dataset}.npz"},
+        "provenance": {"torch": "2.14.1", "numpy": "2.4", "open_clip": "3.3.0",
+                       "device": "cpu", "dtype": "fp32", "kernels": "cpu-X",
+                       "weights_hash": "w", "world_size": 1, "grad_reduction": None},
+    }
+    for name, part in sections.items():
+        record[name] = {**record.get(name, {}), **part}
+    path = Path(folder) / model / f"{dataset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_record(path, record, out)
+    return path
+
+
+@contextlib.contextmanager
+def meaning_unchecked() -> Iterator[None]:
+    """Read hand-made records whose numbers no per-sample outputs give (tests of how tables and
+    the report RENDER chosen numbers): the readers' check of a record's metrics against its
+    outputs (``robench.results.check_meaning``) is switched off inside. That every reader
+    refuses such a record is tested in tests/test_record_meaning.py."""
+    import robench.results
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(robench.results, "check_meaning", lambda path, record: None)
+        yield
+
+
+@pytest.fixture()
+def unverified_meaning() -> Iterator[None]:
+    """:func:`meaning_unchecked` for one test."""
+    with meaning_unchecked():
+        yield

@@ -127,6 +127,7 @@ def er_suite(root: Path, sub_list: bool) -> None:
             write_record_json(root / "s" / m / f"{rec['dataset']}.json", rec)
 
 
+@pytest.mark.usefixtures("unverified_meaning")  # hand-made numbers, no outputs
 def test_er_on_a_sub_list_set_reads_the_id_accuracy_over_its_classes(tmp_path: Path) -> None:
     er_suite(tmp_path, sub_list=True)
     [(_, doc)] = analyze(tmp_path, AnalysisSettings(er_reference="all", mce_baseline="none"))
@@ -152,6 +153,7 @@ def test_er_on_a_sub_list_set_reads_the_id_accuracy_over_its_classes(tmp_path: P
     assert doc["effective_robustness"]["fits"]["in-r"]["source"].startswith("paper")
 
 
+@pytest.mark.usefixtures("unverified_meaning")  # hand-made numbers, no outputs
 def test_er_on_an_all_class_set_says_so(tmp_path: Path) -> None:
     er_suite(tmp_path, sub_list=False)
     [(_, doc)] = analyze(tmp_path, AnalysisSettings(er_reference="all", mce_baseline="none"))

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, scored_record
 
-from robench.check import render, run_check
+from robench.check import compare_cells, render, run_check
+from robench.cli import main
+from robench.errors import RobenchError
 from robench.results import write_record_json
+from robench.runner import scale_provenance
 
 
 def _record(model="m", dataset="d", acc1=80.0, ece=0.05, auroc=0.8, groups=None, **prov):
@@ -31,58 +35,59 @@ def _record(model="m", dataset="d", acc1=80.0, ece=0.05, auroc=0.8, groups=None,
                            "device": "cpu", "dtype": "fp32", "weights_hash": "w", **prov}}
 
 
-def _write(folder, *records):
-    for r in records:  # the record alone: check reads no per-sample outputs
-        write_record_json(folder / r["model"] / f"{r['dataset']}.json", r)
-    return folder
+def _cells(*records):
+    """Records as the check's loader hands them over: {(model, dataset): record}. The decision
+    is tested on hand-made numbers; reading folders (which verifies every record against its
+    per-sample outputs) is tested through the command line below with real records."""
+    return {(r["model"], r["dataset"]): copy.deepcopy(r) for r in records}
 
 
-def test_identical_runs_pass_exactly(tmp_path):
-    a = _write(tmp_path / "a", _record(), _record(dataset="d2"))
-    b = _write(tmp_path / "b", _record(), _record(dataset="d2"))
-    res = run_check(a, b)
+def test_identical_runs_pass_exactly():
+    a = _cells(_record(), _record(dataset="d2"))
+    b = _cells(_record(), _record(dataset="d2"))
+    res = compare_cells(a, b)
     assert not res.failed and set(res.mode.values()) == {"exact"}
     assert "OK" in render(res)
 
 
-def test_exact_mode_catches_a_tiny_change(tmp_path):
-    a = _write(tmp_path / "a", _record())
-    b = _write(tmp_path / "b", _record(acc1=79.95))
-    res = run_check(a, b)
+def test_exact_mode_catches_a_tiny_change():
+    a = _cells(_record())
+    b = _cells(_record(acc1=79.95))
+    res = compare_cells(a, b)
     assert res.failed
     row = res.frame().iloc[0]
     assert row["status"] == "regressed" and row["metric"] == "acc1"
     assert row["delta"] == pytest.approx(-0.05)
 
 
-def test_band_mode_uses_interval_half_width(tmp_path):
-    a = _write(tmp_path / "a", _record())
+def test_band_mode_uses_interval_half_width():
+    a = _cells(_record())
     # another device: not bit-comparable, so the band applies (acc1 half-width 2.5)
-    b = _write(tmp_path / "b", _record(acc1=78.0, device="cuda"))
-    res = run_check(a, b)
+    b = _cells(_record(acc1=78.0, device="cuda"))
+    res = compare_cells(a, b)
     assert not res.failed and res.mode["m/d"] == "band"
-    c = _write(tmp_path / "c", _record(acc1=77.0, device="cuda"))
-    assert run_check(a, c).failed
+    c = _cells(_record(acc1=77.0, device="cuda"))
+    assert compare_cells(a, c).failed
 
 
-def test_another_cpu_kernel_family_is_compared_in_band_mode(tmp_path):
+def test_another_cpu_kernel_family_is_compared_in_band_mode():
     # AVX2 and AVX512 kernels round differently: same versions, yet not bit-comparable
-    a = _write(tmp_path / "a", _record(kernels="cpu-AVX512"))
-    b = _write(tmp_path / "b", _record(acc1=79.9, kernels="cpu-AVX2"))
-    res = run_check(a, b)
+    a = _cells(_record(kernels="cpu-AVX512"))
+    b = _cells(_record(acc1=79.9, kernels="cpu-AVX2"))
+    res = compare_cells(a, b)
     assert not res.failed and res.mode["m/d"] == "band"
-    c = _write(tmp_path / "c", _record(acc1=79.9, kernels="cpu-AVX512"))
-    res = run_check(a, c)
+    c = _cells(_record(acc1=79.9, kernels="cpu-AVX512"))
+    res = compare_cells(a, c)
     assert res.failed and res.mode["m/d"] == "exact"
 
 
-def test_another_cpu_generation_of_the_same_isa_is_compared_in_band_mode(tmp_path):
+def test_another_cpu_generation_of_the_same_isa_is_compared_in_band_mode():
     # two "AVX512" machines of other generations (MKL / oneDNN pick other kernels) differ in
     # the last bits: the kernel family names the generation, so their runs meet in band mode
-    a = _write(tmp_path / "a", _record(kernels="cpu-AVX512 GenuineIntel 6/106 isa 1a2b3c4d"))
-    b = _write(tmp_path / "b", _record(acc1=79.9,
+    a = _cells(_record(kernels="cpu-AVX512 GenuineIntel 6/106 isa 1a2b3c4d"))
+    b = _cells(_record(acc1=79.9,
                                        kernels="cpu-AVX512 GenuineIntel 6/143 isa 5e6f7a8b"))
-    res = run_check(a, b)
+    res = compare_cells(a, b)
     assert not res.failed and res.mode["m/d"] == "band"
 
 
@@ -128,31 +133,31 @@ def _trained(acc1=80.0, weights_hash="w1", cell_key="k", kernels="cpu-AVX512 A",
     return rec
 
 
-def test_a_model_retrained_on_other_kernels_is_compared_by_its_cell_key(tmp_path):
-    a = _write(tmp_path / "a", _trained())
+def test_a_model_retrained_on_other_kernels_is_compared_by_its_cell_key():
+    a = _cells(_trained())
     # same inputs (cell key), other kernels: other fine-tuned weights, compared in band mode
-    res = run_check(a, _write(tmp_path / "b", _trained(79.0, "w2", kernels="cpu-AVX512 B")))
+    res = compare_cells(a, _cells(_trained(79.0, "w2", kernels="cpu-AVX512 B")))
     assert not res.failed and res.mode["m/d"] == "band"
-    res = run_check(a, _write(tmp_path / "c", _trained(70.0, "w2", kernels="cpu-AVX512 B")))
+    res = compare_cells(a, _cells(_trained(70.0, "w2", kernels="cpu-AVX512 B")))
     assert res.failed and res.frame().iloc[0]["metric"] == "acc1"
     # same kernels, same inputs, other weights: the training changed; exact mode says where
-    res = run_check(a, _write(tmp_path / "d", _trained(79.0, "w2")))
+    res = compare_cells(a, _cells(_trained(79.0, "w2")))
     assert res.failed and res.mode["m/d"] == "exact"
     assert res.frame().iloc[0]["status"] == "regressed"
     # other inputs and other weights: not the same model
-    res = run_check(a, _write(tmp_path / "e", _trained(80.0, "w2", cell_key="k2")))
+    res = compare_cells(a, _cells(_trained(80.0, "w2", cell_key="k2")))
     frame = res.frame()
     assert frame.iloc[0]["status"] == "incomparable" and "weights hash" in frame.iloc[0]["note"]
 
 
-def test_a_share_without_an_interval_moves_within_its_sampling_scale(tmp_path):
+def test_a_share_without_an_interval_moves_within_its_sampling_scale():
     # aupr_err 0.4 over n = 1000: half-width 1.96 sqrt(0.4 x 0.6 / 1000) = 0.0304
-    a = _write(tmp_path / "a", _record(kernels="cpu-X"))
+    a = _cells(_record(kernels="cpu-X"))
     b = _record(kernels="cpu-Y")
     b["metrics"]["aupr_err"] = 0.42
-    assert not run_check(a, _write(tmp_path / "b", b)).failed
+    assert not compare_cells(a, _cells(b)).failed
     b["metrics"]["aupr_err"] = 0.44
-    res = run_check(a, _write(tmp_path / "c", b))
+    res = compare_cells(a, _cells(b))
     row = res.frame().iloc[0]
     assert res.failed and row["metric"] == "aupr_err"
     assert row["tolerance"] == pytest.approx(1.959964 * (0.4 * 0.6 / 1000) ** 0.5, rel=1e-5)
@@ -160,75 +165,75 @@ def test_a_share_without_an_interval_moves_within_its_sampling_scale(tmp_path):
     big = _record(kernels="cpu-X")
     big["metrics"]["n"] = 100_000
     b["metrics"].update(n=100_000, aupr_err=0.42)
-    assert run_check(_write(tmp_path / "d", big), _write(tmp_path / "e", b)).failed
+    assert compare_cells(_cells(big), _cells(b)).failed
     # nll is no share: 2% of its value
     b = _record(kernels="cpu-Y")
     b["metrics"]["nll"] = 0.7 * 1.03
-    assert run_check(a, _write(tmp_path / "f", b)).frame().iloc[0]["metric"] == "nll"
+    assert compare_cells(a, _cells(b)).frame().iloc[0]["metric"] == "nll"
 
 
-def test_single_point_statistics_are_shown_not_gated_in_band_mode(tmp_path):
+def test_single_point_statistics_are_shown_not_gated_in_band_mode():
     base = _record(kernels="cpu-X")
     base["metrics"]["max_cal_err"] = 0.3
-    a = _write(tmp_path / "a", base)
+    a = _cells(base)
     moved = copy.deepcopy(base)
     moved["metrics"].update(max_cal_err=0.8, fpr95=0.9)
     moved["provenance"]["kernels"] = "cpu-Y"
-    res = run_check(a, _write(tmp_path / "b", moved))
+    res = compare_cells(a, _cells(moved))
     assert not res.failed and set(res.frame()["status"]) == {"moved"}
     assert set(res.frame()["metric"]) == {"max_cal_err", "fpr95"}
     assert "OK" in render(res)
     moved["provenance"]["kernels"] = "cpu-X"  # bit-comparable runs: any move fails
-    res = run_check(a, _write(tmp_path / "c", moved))
+    res = compare_cells(a, _cells(moved))
     assert res.failed and set(res.frame()["status"]) == {"regressed"}
 
 
-def test_direction_regressed_vs_improved(tmp_path):
-    a = _write(tmp_path / "a", _record())
-    worse = run_check(a, _write(tmp_path / "w", _record(ece=0.09)))
+def test_direction_regressed_vs_improved():
+    a = _cells(_record())
+    worse = compare_cells(a, _cells(_record(ece=0.09)))
     assert worse.frame().iloc[0]["status"] == "regressed"
-    better = run_check(a, _write(tmp_path / "b", _record(ece=0.01)))
+    better = compare_cells(a, _cells(_record(ece=0.01)))
     assert better.failed and better.frame().iloc[0]["status"] == "improved"
-    allowed = run_check(a, tmp_path / "b", allow_improvement=True)
+    allowed = compare_cells(a, _cells(_record(ece=0.01)), allow_improvement=True)
     assert not allowed.failed
 
 
-def test_missing_extra_and_incomparable_cells(tmp_path):
-    a = _write(tmp_path / "a", _record(), _record(dataset="d2"))
-    b = _write(tmp_path / "b", _record(), _record(dataset="d3"))
-    res = run_check(a, b)
+def test_missing_extra_and_incomparable_cells():
+    a = _cells(_record(), _record(dataset="d2"))
+    b = _cells(_record(), _record(dataset="d3"))
+    res = compare_cells(a, b)
     statuses = set(res.frame()["status"])
     assert {"missing", "extra"} <= statuses and res.failed
     other = _record()
     other["protocol"]["template_set"] = "imagenet"
-    res = run_check(a, _write(tmp_path / "c", other, _record(dataset="d2")))
+    res = compare_cells(a, _cells(other, _record(dataset="d2")))
     frame = res.frame()
     assert res.failed and frame.iloc[0]["status"] == "incomparable"
     assert "template_set" in frame.iloc[0]["note"]
     w = _record(weights_hash="other")
-    res = run_check(a, _write(tmp_path / "d", w, _record(dataset="d2")))
+    res = compare_cells(a, _cells(w, _record(dataset="d2")))
     assert "weights hash" in res.frame().iloc[0]["note"]
 
 
-def test_groups_are_compared(tmp_path):
+def test_groups_are_compared():
     g = {"fog/1": _record()["metrics"]}
-    a = _write(tmp_path / "a", _record(groups=g))
+    a = _cells(_record(groups=g))
     g2 = copy.deepcopy(g)
     g2["fog/1"]["auroc"] = 0.5
-    res = run_check(a, _write(tmp_path / "b", _record(groups=g2)))
+    res = compare_cells(a, _cells(_record(groups=g2)))
     row = res.frame().iloc[0]
     assert res.failed and row["group"] == "fog/1" and row["metric"] == "auroc"
 
 
-def test_markdown_output(tmp_path):
-    a = _write(tmp_path / "a", _record())
-    res = run_check(a, _write(tmp_path / "b", _record(acc1=70.0)))
+def test_markdown_output():
+    a = _cells(_record())
+    res = compare_cells(a, _cells(_record(acc1=70.0)))
     md = render(res, "md")
     assert md.startswith("### robench check: FAIL") and "| regressed" in md
 
 
 def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
-    a = _write(tmp_path / "a", _record())
+    a = scored_record(tmp_path / "a").parents[1]
     shutil.copytree(a, tmp_path / "b")
     ok = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -239,27 +244,141 @@ def test_cli_exit_codes_and_perturbed_baseline(tmp_path):
     edited = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
     assert edited.returncode == 2 and "fails its checksum" in edited.stderr
     assert "Traceback" not in edited.stderr
-    write_record_json(rec, {k: v for k, v in data.items() if k != "integrity"})  # a real result
+    # resealed, it no longer matches its per-sample outputs: refused, not compared
+    write_record_json(rec, {k: v for k, v in data.items() if k != "integrity"})
+    resealed = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"))
+    assert resealed.returncode == 2 and "disagrees with its per-sample outputs" in resealed.stderr
+    scored_record(tmp_path / "b", skill=0.5)  # a real, worse result
     bad = run_cli("check", "--baseline", str(a), "--results", str(tmp_path / "b"),
                   "--format", "md", "--summary", str(tmp_path / "summary.md"))
     assert bad.returncode == 1
-    assert "regressed" in bad.stdout and "auroc" in bad.stdout
+    assert "regressed" in bad.stdout and "acc1" in bad.stdout
     assert "FAIL" in (tmp_path / "summary.md").read_text()
     missing = run_cli("check", "--baseline", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_the_adaptive_bin_rule_must_agree(tmp_path):
+def test_the_adaptive_bin_rule_must_agree():
     old = _record()  # written before the rule was an option: robench's own rule
-    a = _write(tmp_path / "a", old)
+    a = _cells(old)
     same = _record()
     same["protocol"]["adaptive_bins"] = "robench"
-    assert not run_check(a, _write(tmp_path / "b", same)).failed
+    assert not compare_cells(a, _cells(same)).failed
     other = _record()
     other["protocol"]["adaptive_bins"] = "torch-uncertainty"
-    res = run_check(a, _write(tmp_path / "c", other))
+    res = compare_cells(a, _cells(other))
     assert res.failed and res.frame().iloc[0]["status"] == "incomparable"
     assert "adaptive_bins" in res.frame().iloc[0]["note"]
+
+
+# -- a check cannot pass by accident ----------------------------------------------------------
+
+def test_a_baseline_without_records_fails_with_its_reason():
+    res = compare_cells({}, _cells(_record()), baseline="results/quickstart")
+    assert res.failed and res.comparisons == 0
+    [why] = res.problems
+    assert why.startswith("results/quickstart holds no result records, so nothing was compared")
+    text = render(res)
+    assert f"FAIL: {why}" in text and "\nOK" not in text and "0 metric comparison(s)" in text
+    assert f"- **{why}**" in render(res, "md")
+    assert compare_cells({}, {}).failed  # nothing on either side is no pass either
+
+
+def test_a_baseline_cell_missing_from_the_results_fails():
+    res = compare_cells(_cells(_record()), {})
+    assert res.failed and [r["status"] for r in res.rows] == ["missing"]
+    assert res.problems == ["no metric was compared: every baseline cell is missing from the "
+                            "fresh results or incomparable with it"]
+    # one of two cells present: the comparisons made do not hide the missing one
+    res = compare_cells(_cells(_record(), _record(dataset="d2")), _cells(_record()))
+    assert res.failed and res.comparisons > 0 and not res.problems
+    assert res.frame().iloc[0]["status"] == "missing" and res.frame().iloc[0]["dataset"] == "d2"
+
+
+@pytest.mark.parametrize("option, flag", [("band", "--band"), ("rel_tol", "--rel-tol")])
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, -math.inf])
+def test_nonsensical_tolerances_are_refused(option, flag, value):
+    with pytest.raises(RobenchError) as e:
+        compare_cells(_cells(_record()), _cells(_record()), **{option: value})
+    assert e.value.problem.startswith(f"{flag} {value!r} is not a tolerance: ")
+    assert e.value.problem.endswith(" must be a finite number >= 0")
+    compare_cells(_cells(_record()), _cells(_record()), **{option: 0.0})  # 0 is a tolerance
+    with pytest.raises(RobenchError, match="unknown check mode 'bands'"):
+        compare_cells({}, {}, mode="bands")
+
+
+def test_cli_an_empty_baseline_fails_and_says_why(tmp_path, capsys):
+    fresh = scored_record(tmp_path / "fresh").parents[1]
+    (tmp_path / "empty").mkdir()
+    summary = tmp_path / "summary.md"
+    assert main(["check", "--baseline", str(tmp_path / "empty"), "--results", str(fresh),
+                 "--summary", str(summary)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL: {tmp_path / 'empty'} holds no result records, so nothing was compared" in out
+    assert "FAIL: 1 problem(s) - 1 cell(s), 0 metric comparison(s)" in out  # 1: the extra cell
+    assert "holds no result records" in summary.read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--band", "-1"), ("--band", "nan"), ("--band", "inf"),
+                                         ("--rel-tol", "-0.02"), ("--rel-tol", "nan"),
+                                         ("--rel-tol", "inf")])
+def test_cli_refuses_nonsensical_tolerances_as_bad_arguments(tmp_path, capsys, flag, value):
+    a = scored_record(tmp_path / "a").parents[1]
+    assert main(["check", "--baseline", str(a), "--results", str(a), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"robench: error: {flag} {float(value)!r} is not a tolerance" in err
+    assert "fix: pass " in err and "Traceback" not in err
+
+
+# -- world size: DDP's gradient sums are another arithmetic ---------------------------------
+
+def _ranks(rec: dict, n: int | None) -> dict:
+    """``rec`` run under ``n`` ranks (None: written before the keys existed)."""
+    trained = rec["protocol"]["method"] == "finetune"
+    if n is not None:
+        rec["provenance"].update(scale_provenance(n, trained))
+    return rec
+
+
+def test_scale_provenance_names_the_gradient_reduction_of_trained_networks_only():
+    assert scale_provenance(1, True) == {"world_size": 1, "grad_reduction": "single process"}
+    assert scale_provenance(2, True) == {"world_size": 2,
+                                         "grad_reduction": "DDP allreduce over 2 ranks"}
+    assert scale_provenance(4, False) == {"world_size": 4, "grad_reduction": None}
+
+
+def test_trained_weights_from_another_world_size_are_compared_in_band_mode():
+    # the torchrun case: 2 ranks sum gradients in another order, acc1 moves within its interval
+    one = _ranks(_trained(), 1)
+    res = compare_cells(_cells(one), _cells(_ranks(_trained(79.0, "w2"), 2)))
+    assert not res.failed and res.mode["m/d"] == "band"
+    res = compare_cells(_cells(one), _cells(_ranks(_trained(70.0, "w2"), 2)))
+    assert res.failed and res.frame().iloc[0]["status"] == "regressed"  # beyond the band
+    # the same world size and kernels: any move is real, compared exactly
+    res = compare_cells(_cells(one), _cells(_ranks(_trained(79.0, "w2"), 1)))
+    assert res.failed and res.mode["m/d"] == "exact"
+    two = _ranks(_trained(), 2)
+    assert compare_cells(_cells(two), _cells(_ranks(_trained(), 2))).mode["m/d"] == "exact"
+
+
+def test_a_baseline_without_the_world_keys_counts_as_one_process():
+    old = _ranks(_trained(), None)
+    assert "world_size" not in old["provenance"]
+    assert compare_cells(_cells(old), _cells(_ranks(_trained(), 1))).mode["m/d"] == "exact"
+    res = compare_cells(_cells(old), _cells(_ranks(_trained(79.0, "w2"), 2)))
+    assert not res.failed and res.mode["m/d"] == "band"
+    res = compare_cells(_cells(_ranks(_trained(79.0, "w2"), 2)), _cells(old))  # either side
+    assert not res.failed and res.mode["m/d"] == "band"
+
+
+def test_a_cell_no_run_trained_stays_exact_under_any_world_size():
+    # zero-shot (and linear-probe, LP-CLIP) cells are bit-identical under 2 ranks
+    one, two = _ranks(_record(), 1), _ranks(_record(acc1=79.95), 2)
+    assert two["provenance"]["grad_reduction"] is None
+    res = compare_cells(_cells(one), _cells(two))
+    assert res.failed and res.mode["m/d"] == "exact"
+    assert compare_cells(_cells(_ranks(_record(), None)),
+                         _cells(_ranks(_record(), 2))).mode["m/d"] == "exact"
 
 
 # -- outputs=logits changes what is stored, not what is computed ------------------------------
@@ -297,11 +416,12 @@ def _scored(monkeypatch) -> list:
 
 
 def test_check_passes_between_an_exact_and_a_logits_run(exact_and_logits, capsys):
-    from robench.cli import main
 
     _, exact, logits = exact_and_logits
     e, lg = json.loads(exact.read_text()), json.loads(logits.read_text())
     assert (e["outputs"]["logits"], lg["outputs"]["logits"]) == (False, True)
+    # one process, a zero-shot head: no gradients were reduced
+    assert e["provenance"]["world_size"] == 1 and e["provenance"]["grad_reduction"] is None
     assert e["cell_key"] == lg["cell_key"]
     for base, fresh in ((exact, logits), (logits, exact)):
         res = run_check(base.parents[2], fresh.parents[2])

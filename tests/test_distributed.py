@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def _record(path: Path) -> dict:
     rec = json.loads(path.read_text())
     rec.pop("created")
     rec.pop("integrity")  # a checksum over the record, "created" included
+    rec["provenance"].pop("world_size")  # how the run was launched (tested apart)
     return rec
 
 
@@ -245,6 +247,38 @@ def test_two_ranks_write_the_records_of_one_process_bit_for_bit(runs):
     scored = [ln for ln in two.stdout.splitlines() if " x cifar10: acc1=" in ln]
     assert len(scored) == 3 and {ln.split(":")[0] for ln in scored} <= {"rank 0", "rank 1"}
     assert two.stdout.count("suite s: 3 cell(s)") == 1
+
+
+def test_records_name_their_world_and_check_compares_ddp_trained_cells_in_band_mode(runs):
+    from robench.check import render, run_check
+    from robench.results import write_record_json
+
+    tmp = runs[0]
+    prov = {(n, m): json.loads((tmp / f"r{n}" / "s" / m / "cifar10.json").read_text())
+            ["provenance"] for n in (1, 2) for m in ("tiny-random", "ts", "ft")}
+    for n in (1, 2):
+        for m in ("tiny-random", "ts"):  # no network trained: no gradients reduced
+            assert (prov[n, m]["world_size"], prov[n, m]["grad_reduction"]) == (n, None)
+    assert prov[1, "ft"]["grad_reduction"] == "single process"
+    assert (prov[2, "ft"]["world_size"], prov[2, "ft"]["grad_reduction"]) == \
+        (2, "DDP allreduce over 2 ranks")
+    # same kernels and versions: the bit-identical cells exactly, the DDP-trained one in band.
+    # The 2-rank run here also accumulates micro-batches, which its cell key holds (another
+    # recipe: "incomparable"); to see the decision on the world size alone, a copy of its
+    # record takes the one-process cell key (resealed; its metrics still match its outputs).
+    fresh = tmp / "r2-same-recipe"
+    shutil.copytree(tmp / "r2", fresh)
+    ft = fresh / "s" / "ft" / "cifar10.json"
+    rec = json.loads(ft.read_text())
+    assert rec["cell_key"] != json.loads((tmp / "r1" / "s" / "ft" / "cifar10.json").read_text())[
+        "cell_key"]
+    rec["cell_key"] = json.loads((tmp / "r1" / "s" / "ft" / "cifar10.json").read_text())[
+        "cell_key"]
+    write_record_json(ft, {k: v for k, v in rec.items() if k != "integrity"})
+    res = run_check(tmp / "r1" / "s", fresh / "s")
+    assert res.mode == {"tiny-random/cifar10": "exact", "ts/cifar10": "exact",
+                        "ft/cifar10": "band"}, render(res)
+    assert not res.failed, render(res)
 
 
 def test_ddp_fine_tuning_gives_the_weights_of_one_process(runs):

@@ -13,12 +13,14 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import meaning_unchecked
 
 from robench.errors import RobenchError
 from robench.metrics import METRIC_INFO, compute_all
@@ -37,6 +39,16 @@ SHIFTS = "suite-shifts"  # the section id the report gives suite "shifts"
 # --------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hand_made_numbers() -> Iterator[None]:
+    """The records here carry numbers chosen to test the rendering (best-value marks, nulls,
+    escaping), which no per-sample outputs give: the report reads them with the check of their
+    meaning switched off (tests/test_record_meaning.py tests that it refuses such records)."""
+    with meaning_unchecked():
+        yield
+
 
 # The keys compute_all really produces (so the records stay schema-true if it grows a key).
 _rng = np.random.default_rng(0)

@@ -92,7 +92,8 @@ def test_rescore_reproduces_every_metric_and_applies_new_settings(run):
     tmp, out = run
     r = run_cli("rescore", "--dir", str(tmp / "r" / "s"), "--verify")
     assert r.returncode == 0, r.stderr
-    assert "2 record(s) re-scored" in r.stdout and "0 changed" in r.stdout
+    assert "2 record(s) verified against a full re-scoring" in r.stdout
+    assert "0 disagree; nothing was written" in r.stdout
     r = run_cli("rescore", "--dir", str(tmp / "r" / "s"), "--n-bins", "7", "--alpha", "0.1",
                 "--out", str(tmp / "re"))
     assert r.returncode == 0, r.stderr

@@ -93,6 +93,7 @@ def _write_flip(root: Path, id_dataset: str | None) -> Path:
     return root
 
 
+@pytest.mark.usefixtures("unverified_meaning")  # hand-made numbers, no outputs
 @pytest.mark.parametrize("fmt", ["table", "md", "latex"])
 def test_cli_results_shows_avg_shift_per_model_apart_from_the_id_set(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
@@ -114,6 +115,7 @@ def test_cli_results_shows_avg_shift_per_model_apart_from_the_id_set(
         assert "the ID set clean is left out of it" in out
 
 
+@pytest.mark.usefixtures("unverified_meaning")  # hand-made numbers, no outputs
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_cli_results_csv_and_json_carry_an_avg_shift_row_per_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
@@ -129,6 +131,7 @@ def test_cli_results_csv_and_json_carry_an_avg_shift_row_per_model(
     assert frame[frame["dataset"] != "avg shift"]["averaged"].isna().all()
 
 
+@pytest.mark.usefixtures("unverified_meaning")  # hand-made numbers, no outputs
 def test_cli_results_without_an_id_set_labels_the_mean_over_all_datasets(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _write_flip(tmp_path, None)
