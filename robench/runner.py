@@ -43,7 +43,7 @@ from robench.methods.base import HeadContext, Method, Settings
 from robench.metrics import ADAPTIVE_BINS
 from robench.models.arch_configs import register_model_configs
 from robench.models.heads import LinearHead
-from robench.models.weights import weights_identity
+from robench.models.weights import derived_info, weights_identity
 from robench.progress import echo
 from robench.registry import (
     DatasetSpec,
@@ -387,6 +387,14 @@ class Runner:
         self.world.barrier()
         return paths
 
+    def trained_world_size(self, model: str) -> int | None:
+        """The ranks that trained ``model``'s network (its checkpoint says; a checkpoint of an
+        older robench: this run's), or None for a method that trains no network."""
+        if not self.method_of(model).changes_backbone:
+            return None
+        info = derived_info(self.prepared(model).pretrained)
+        return int(info.get("train_world_size", self.world.size))
+
     def cell_lock(self, model: str, dataset: str) -> contextlib.AbstractContextManager:
         """A lock per cell, beside the records it guards (``<suite>/.locks/``, hidden, never
         read as a record; the results folder is written anyway, a finished cache may be
@@ -495,8 +503,7 @@ class Runner:
             "outputs": {"file": f"{dataset}.npz", "version": OUTPUTS_VERSION,
                         "logits": out.logits is not None},
             "provenance": {**provenance(backbone, self.cfg, spec),
-                           **scale_provenance(self.world.size,
-                                              self.method_of(model).changes_backbone)},
+                           **scale_provenance(self.world.size, self.trained_world_size(model))},
         }
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
         # cache and data paths relative to cache_dir / data_root: no path of this machine
@@ -545,18 +552,19 @@ def provenance(backbone: Backbone, cfg: DictConfig, spec: ModelSpec) -> dict:
     }
 
 
-def scale_provenance(world_size: int, trains_network: bool) -> dict:
+def scale_provenance(world_size: int, trained_world_size: int | None) -> dict:
     """How many ranks ran the cell and, for a network robench trained (fine-tuning, CAR-FT,
     LP-FT, FLYP and what is built from one: WiSE-FT, temperature scaling of one), how its
-    gradients were summed. DDP all-reduces the ranks' gradient sums, another float summation
-    order than one process's, so such weights (and their metrics) differ in the last bits
-    between world sizes; ``robench check`` compares them in band mode. Features and heads that
-    are not trained through DDP (zero-shot, linear probe, LP-CLIP) are bit-identical under any
-    world size: their ``grad_reduction`` is null."""
+    gradients were summed -- by the ranks that trained it, which a checkpoint reused from the
+    cache records (:func:`robench.models.backbone.derived_info`). DDP all-reduces the ranks'
+    gradient sums, another float summation order than one process's, so such weights (and their
+    metrics) differ in the last bits between world sizes; ``robench check`` compares them in
+    band mode. Features and heads that are not trained through DDP (zero-shot, linear probe,
+    LP-CLIP) are bit-identical under any world size: their ``grad_reduction`` is null."""
     reduction = None
-    if trains_network:
-        reduction = "single process" if world_size == 1 else \
-            f"DDP allreduce over {world_size} ranks"
+    if trained_world_size is not None:
+        reduction = "single process" if trained_world_size == 1 else \
+            f"DDP allreduce over {trained_world_size} ranks"
     return {"world_size": int(world_size), "grad_reduction": reduction}
 
 

@@ -335,16 +335,19 @@ def test_cli_refuses_nonsensical_tolerances_as_bad_arguments(tmp_path, capsys, f
 def _ranks(rec: dict, n: int | None) -> dict:
     """``rec`` run under ``n`` ranks (None: written before the keys existed)."""
     trained = rec["protocol"]["method"] == "finetune"
-    if n is not None:
-        rec["provenance"].update(scale_provenance(n, trained))
+    if n is not None:  # a network trained here was trained under the run's ranks
+        rec["provenance"].update(scale_provenance(n, n if trained else None))
     return rec
 
 
 def test_scale_provenance_names_the_gradient_reduction_of_trained_networks_only():
-    assert scale_provenance(1, True) == {"world_size": 1, "grad_reduction": "single process"}
-    assert scale_provenance(2, True) == {"world_size": 2,
-                                         "grad_reduction": "DDP allreduce over 2 ranks"}
-    assert scale_provenance(4, False) == {"world_size": 4, "grad_reduction": None}
+    assert scale_provenance(1, 1) == {"world_size": 1, "grad_reduction": "single process"}
+    assert scale_provenance(2, 2) == {"world_size": 2,
+                                      "grad_reduction": "DDP allreduce over 2 ranks"}
+    assert scale_provenance(4, None) == {"world_size": 4, "grad_reduction": None}
+    # a checkpoint trained by 2 ranks, reused from the cache by one process, says so
+    assert scale_provenance(1, 2) == {"world_size": 1,
+                                      "grad_reduction": "DDP allreduce over 2 ranks"}
 
 
 def test_trained_weights_from_another_world_size_are_compared_in_band_mode():

@@ -87,14 +87,14 @@ def test_a_single_process_creates_no_process_group(monkeypatch):
 
 
 def test_a_shard_that_does_not_hold_what_it_says_is_refused(tmp_path):
-    from robench.feature_shards import read_shards, shard_files
+    from robench.feature_shards import bound, read_shards, shard_files
     from robench.io import write_json, write_npy
 
     folder = tmp_path / "k.shards"
     for (s, e), rows in (((0, 4), 4), ((4, 6), 1)):
         npy, meta = shard_files(folder, s, e)
-        write_npy(npy, np.zeros((rows, 3), np.float32))
-        write_json(meta, {"start": s, "stop": e, "rows": e - s, "bad": []})
+        write_npy(npy, np.zeros((rows, 3), np.float32), bound=bound(npy))
+        write_json(meta, {"start": s, "stop": e, "rows": e - s, "bad": []}, bound=bound(meta))
     shards = [(folder, 0, 4), (folder, 4, 6)]
     with pytest.raises(RobenchError, match="holds 1 rows"):
         list(read_shards(shards, 6))
@@ -204,7 +204,9 @@ def runs(tmp_path_factory):
     agent = torchrun(2, "-v", "run", *_args(tmp, "2"), wait=False)
     _kill_rank_mid_extraction(agent, tmp / "2" / "features", rank=1)
     killed = {"returncode": agent.returncode, "output": agent.stdout.read(),
-              "shards": {f.name: sorted(p.stem for p in f.glob("*.json"))
+              # a shard is done once its metadata is sealed (written last)
+              "shards": {f.name: sorted(p.name.removesuffix(".json.sha256")
+                                        for p in f.glob("*.json.sha256"))
                          for f in (tmp / "2" / "features").glob("*.shards")},
               "entries": sorted(p.name for p in (tmp / "2" / "features").glob("*.npy"))}
     two = torchrun(2, "-v", "run", *_args(tmp, "2"))

@@ -390,11 +390,14 @@ def instantiated_model_cfg(arch: str, pretrained: str | None, kwargs: dict) -> d
 DERIVED_WEIGHTS = "open_clip_model.safetensors"
 
 
-def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: Path) -> str:
+def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: Path,
+                 train_world_size: int = 1) -> str:
     """Save weights derived from ``backbone`` (fine-tuned, interpolated) as an open_clip
     ``local-dir:`` folder that reloads as the same network: the parent's instantiated model
     config (QuickGELU included) and final preprocessing config go into ``open_clip_config.json``,
     the weights into ``open_clip_model.safetensors`` (float32). Returns the ``local-dir:`` spec.
+    ``train_world_size`` (the ranks whose DDP gradients made the weights) is recorded, so a
+    record scored from a cached checkpoint names how it was trained (:func:`derived_info`).
 
     Written into a temporary folder renamed into place, so a crash never leaves a folder that
     looks complete.
@@ -419,7 +422,8 @@ def save_derived(backbone: Backbone, state_dict: dict[str, torch.Tensor], out: P
     config = {"model_cfg": backbone.model_cfg,
               "preprocess_cfg": backbone.preprocess_cfg or {},
               "robench": {"parent_arch": backbone.arch, "parent_pretrained": backbone.pretrained,
-                          "parent_weights_hash": backbone.weights_hash}}
+                          "parent_weights_hash": backbone.weights_hash,
+                          "train_world_size": int(train_world_size)}}
     try:
         save_file(tensors, str(tmp / DERIVED_WEIGHTS))
         (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))

@@ -411,7 +411,7 @@ def finetune(backbone: Backbone, source, templates: list[str], opts: FineTuneOpt
     bar.close()
     model.eval()
     if world.is_lead:
-        save_derived(backbone, model.state_dict(), final)
+        save_derived(backbone, model.state_dict(), final, train_world_size=world.size)
         if init is None:
             save_head(final, tuned.head.detach().cpu().numpy(), list(source.classnames))
         else:

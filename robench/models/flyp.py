@@ -267,7 +267,7 @@ def flyp_finetune(backbone: Backbone, source, templates: list[str], opts: FLYPOp
     bar.close()
     model.eval()
     if world.is_lead:
-        save_derived(backbone, model.state_dict(), final)
+        save_derived(backbone, model.state_dict(), final, train_world_size=world.size)
         save_head(final, None, list(source.classnames), kind="text")
         seal_artifact(final)  # last: the folder is complete
         discard(resume)

@@ -113,3 +113,16 @@ def weights_identity(arch: str, pretrained: str | None, cache_dir: str | Path | 
     else:
         ident["pretrained"] = pretrained
     return ident
+
+
+def derived_info(pretrained: str | None) -> dict:
+    """What :func:`save_derived` recorded about a derived checkpoint (its parent, and the world
+    size its weights were trained under); ``{}`` for any other weights."""
+    if not (pretrained and pretrained.startswith("local-dir:")):
+        return {}
+    path = Path(pretrained.removeprefix("local-dir:")).expanduser() / "open_clip_config.json"
+    try:
+        info = json.loads(path.read_text()).get("robench")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}

@@ -35,6 +35,7 @@ from robench.artifacts import artifact_dir, ensure
 from robench.errors import RobenchError
 from robench.models.backbone import load_backbone, save_derived
 from robench.models.finetune import SavedHead, read_head, save_head
+from robench.models.weights import derived_info
 from robench.models.zeroshot import class_embeddings
 from robench.registry import ModelSpec
 
@@ -95,7 +96,8 @@ def prepare_mix(bench: Bench, spec: ModelSpec, ft_name: str, alpha: float) -> Mo
     out = artifact_dir(cfg.cache_dir, "wise-ft", ident) / "model"
 
     def mix() -> None:
-        save_derived(zs, interpolate(zs.model.state_dict(), ft.model.state_dict(), alpha), out)
+        save_derived(zs, interpolate(zs.model.state_dict(), ft.model.state_dict(), alpha), out,
+                     train_world_size=derived_info(ft_spec.pretrained).get("train_world_size", 1))
         mix_head(out, head_ft, w_zs, zs.logit_scale, alpha)
 
     world = distributed.current()
