@@ -22,7 +22,7 @@ import pytest
 from conftest import REALDATA
 
 from robench.data import folder
-from robench.data.base import hash_manifest
+from robench.data.base import LoadSettings, hash_manifest
 from robench.registry import ASSETS
 
 CIFAR = ASSETS / "cifar10-subset" / "test"
@@ -65,7 +65,7 @@ def test_content_cold(benchmark, dataset, tmp_path):
     fresh = (tmp_path / str(i) for i in itertools.count())  # an empty index every round
 
     def cold():
-        return folder.load(root, name="bench", cache_dir=next(fresh))
+        return folder.load(root, name="bench", settings=LoadSettings(cache_dir=next(fresh)))
 
     src = benchmark.pedantic(cold, rounds=5, iterations=1, warmup_rounds=1)
     assert src.info["files_hashed"] == n
@@ -74,10 +74,10 @@ def test_content_cold(benchmark, dataset, tmp_path):
 
 def test_content_warm(benchmark, dataset, tmp_path):
     root, n = dataset
-    folder.load(root, name="bench", cache_dir=tmp_path)  # fills the index
+    folder.load(root, name="bench", settings=LoadSettings(cache_dir=tmp_path))  # fills the index
 
     def warm():
-        return folder.load(root, name="bench", cache_dir=tmp_path)
+        return folder.load(root, name="bench", settings=LoadSettings(cache_dir=tmp_path))
 
     src = benchmark.pedantic(warm, rounds=5, iterations=1, warmup_rounds=1)
     assert src.info["files_hashed"] == 0
