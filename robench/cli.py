@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
             "slurm.mode=groups as one single-process job per backbone group. Jobs are "
             "requeue-safe (runs resume). Results land in results_dir: robench results --dir "
             "<results_dir>/<suite>, robench report --results <results_dir>. "
-            "slurm.cluster=local runs the jobs as local processes.", 100,
+            "slurm.cluster=local runs the jobs as local processes; without it, SLURM (sbatch) "
+            "must be on PATH.", 100,
             break_on_hyphens=False),
         epilog="slurm keys (slurm.key=default):\n" + "\n".join(
             f"  slurm.{k}={v!r}" for k, v in SlurmConfig().__dict__.items()),

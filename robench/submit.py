@@ -19,11 +19,14 @@ Jobs are requeue-safe: a preempted or timed-out job is resubmitted by submitit
 feature shards, training checkpoints). Results come back in the shared ``results_dir``:
 ``robench results --dir <results_dir>/<suite>``, ``robench report --results <results_dir>``.
 ``slurm.cluster=local`` runs the same jobs as local processes (submitit's LocalExecutor), which
-is how the tests exercise this module.
+is how the tests exercise this module. Only then: without ``sbatch`` on ``PATH``, any other
+``robench submit`` is an error (a ``slurm.partition=gpu`` job must never quietly run on the
+login node).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -53,7 +56,7 @@ class SlurmConfig:
     mem_gb: int = 0  # 0: the partition's default
     timeout_min: int = 24 * 60
     mode: str = "distributed"
-    cluster: str = "auto"  # auto: SLURM when sbatch is there, else local processes
+    cluster: str = "auto"  # auto / slurm: SLURM (sbatch on PATH); local: local processes
     folder: str = "slurm_logs/%j"  # submitit's logs and pickles (%j: the job id)
     job_name: str = "robench"
     wait: bool = False  # wait for the jobs and print the leaderboard
@@ -86,6 +89,23 @@ def split_slurm(overrides: Sequence[str]) -> tuple[SlurmConfig, list[str]]:
         raise RobenchError("slurm.mode=groups runs single-process jobs: slurm.nodes must be 1",
                            "use slurm.mode=distributed for a multi-node run")
     return slurm, rest
+
+
+def require_scheduler(slurm: SlurmConfig) -> None:
+    """SLURM must be there unless local execution is asked for (``slurm.cluster=local`` or
+    ``debug``): without ``sbatch``, submitit's auto executor would run the jobs as local
+    processes on this machine, ignoring the partition, nodes and GPUs asked for."""
+    if slurm.cluster in ("local", "debug") or shutil.which("sbatch") is not None:
+        return
+    asked = {k: v for k, v in asdict(slurm).items() if v != getattr(SlurmConfig, k, v)
+             and k not in ("wait", "folder", "job_name")}
+    settings = " ".join(f"slurm.{k}={v}" for k, v in asked.items())
+    raise RobenchError(
+        "SLURM is not available here (no sbatch on PATH)"
+        + (f", so {settings} cannot be honoured" if settings else ""),
+        "run robench submit on a SLURM login node (sbatch on PATH); to run the jobs as local "
+        "processes on this machine instead, pass slurm.cluster=local (or use robench run, or "
+        "torchrun -m robench run)")
 
 
 def model_groups(cfg: Any) -> list[list[str]]:
@@ -166,6 +186,7 @@ def submit(suite: str, overrides: Sequence[str]) -> tuple[list[Any], SlurmConfig
     from robench.config import load_suite
 
     slurm, rest = split_slurm(overrides)
+    require_scheduler(slurm)
     cfg = load_suite(suite, rest)  # config errors now, not in a job hours later
     # the jobs read the suite again: from its resolved file, with the same overrides
     suite_ref = cfg.meta.path or suite
