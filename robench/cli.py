@@ -150,7 +150,9 @@ def cmd_results(args: argparse.Namespace) -> int:
         # then one row per model with its avg shift acc1 (dataset "avg shift")
         frame = pd.concat([frame, average_rows(records, groups=args.groups)], ignore_index=True)
         if args.format == "csv":
-            frame.to_csv(sys.stdout, index=False)
+            from robench.escape import csv_safe
+
+            csv_safe(frame).to_csv(sys.stdout, index=False)  # a name is never a formula
         else:
             print(frame.to_json(orient="records", indent=1))
     else:

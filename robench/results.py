@@ -328,18 +328,25 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
+# columns holding names read from records (every other cell is a number robench formatted)
+TEXT_COLUMNS = {"model", "dataset", "group", "reference", "method", "suite", "baseline", "folder"}
+
+
 def render_table(table: pd.DataFrame, fmt: str, caption: str | None = None) -> str:
     """A text table as ``table`` (aligned text), ``md`` (Markdown) or ``latex`` (booktabs
-    tabular, every cell escaped, numbers right-aligned)."""
+    tabular, numbers right-aligned); names are escaped in each (:mod:`robench.escape`)."""
+    from robench.escape import escape_frame, md_escape, text_escape
+
     if fmt == "md":
-        return table.to_markdown(index=False, disable_numparse=True)
+        return escape_frame(table, md_escape, TEXT_COLUMNS).to_markdown(
+            index=False, disable_numparse=True)
     if fmt == "latex":
-        text_cols = {"model", "dataset", "group", "reference", "method", "suite", "baseline"}
-        spec = "".join("l" if c in text_cols else "r" for c in table.columns)
+        spec = "".join("l" if c in TEXT_COLUMNS else "r" for c in table.columns)
         # pandas escapes the cells, not the caption ("mCE (%; ...)", "id_dataset" would break)
-        return table.to_latex(index=False, escape=True, column_format=spec,
-                              caption=None if caption is None else latex_escape(caption))
-    return table.to_string(index=False)
+        return escape_frame(table, text_escape).to_latex(
+            index=False, escape=True, column_format=spec,
+            caption=None if caption is None else latex_escape(caption))
+    return escape_frame(table, text_escape).to_string(index=False)
 
 
 def comparison_table(doc: dict) -> pd.DataFrame:
