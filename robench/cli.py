@@ -137,18 +137,32 @@ def cmd_results(args: argparse.Namespace) -> int:
         average_rows,
         average_tables,
         interval_table,
-        load_records,
+        load_located,
         render_table,
+        suite_folder,
         to_frame,
     )
 
-    records = load_records(args.dir, fix="run a suite first (robench run suite=...) or pass "
+    located = load_located(args.dir, fix="run a suite first (robench run suite=...) or pass "
                            "--dir FOLDER (e.g. --dir results/quickstart for the committed "
                            "records)")
-    frame = to_frame(records, groups=args.groups)
+    records = [r for _, r in located]
+    folders = [suite_folder(p, args.dir) for p, _ in located]
+    # the same suite read from two folders: a folder column, and averages per folder
+    by_folder: dict[str, list[dict]] = {}
+    for folder, record in zip(folders, records, strict=True):
+        by_folder.setdefault(folder, []).append(record)
+    several = len(by_folder) > 1
+    frame = to_frame(records, groups=args.groups, folders=folders)
     if args.format in ("csv", "json"):  # every metric and interval bound, one column each,
         # then one row per model with its avg shift acc1 (dataset "avg shift")
-        frame = pd.concat([frame, average_rows(records, groups=args.groups)], ignore_index=True)
+        averages = []
+        for folder, recs in by_folder.items():
+            rows = average_rows(recs, groups=args.groups)
+            if several and len(rows):
+                rows.insert(3, "folder", folder)
+            averages.append(rows)
+        frame = pd.concat([frame, *averages], ignore_index=True)
         if args.format == "csv":
             from robench.escape import csv_safe
 
@@ -159,8 +173,10 @@ def cmd_results(args: argparse.Namespace) -> int:
         fmt = {"md": "md", "latex": "latex"}.get(args.format, "table")
         print(render_table(interval_table(frame), fmt, caption="robench results: value [95% "
                            "interval]" if fmt == "latex" else None))
-        for title, table in average_tables(records, fmt):
-            print(f"\n{title}\n{table}" if fmt != "latex" else f"\n{table}")
+        for folder, recs in by_folder.items():
+            for title, table in average_tables(recs, fmt):
+                title = f"folder {folder}: {title}" if several else title
+                print(f"\n{title}\n{table}" if fmt != "latex" else f"\n{table}")
         if args.analysis:
             from robench.analysis import read_analysis, suites_under
             from robench.results import analysis_tables
