@@ -36,8 +36,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from robench.errors import RobenchError, unknown
+from robench.outpaths import output_folder
 
 MODES = ("distributed", "groups")
+# (key, lowest, highest) of the numeric slurm settings: beyond them a value is a typo
+RANGES = (("nodes", 1, 4096), ("gpus_per_node", 0, 64), ("tasks_per_node", 0, 1024),
+          ("cpus_per_task", 1, 1024), ("mem_gb", 0, 2**20), ("timeout_min", 1, 10**6))
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
@@ -82,9 +86,15 @@ def split_slurm(overrides: Sequence[str]) -> tuple[SlurmConfig, list[str]]:
         raise unknown("slurm.mode", slurm.mode, MODES)
     if slurm.cluster not in CLUSTERS:
         raise unknown("slurm.cluster", slurm.cluster, CLUSTERS)
-    if slurm.nodes < 1 or slurm.gpus_per_node < 0 or slurm.tasks_per_node < 0:
-        raise RobenchError("slurm.nodes must be >= 1, gpus_per_node and tasks_per_node >= 0",
-                           "e.g. slurm.nodes=2 slurm.gpus_per_node=8")
+    for key, low, high in RANGES:
+        value = getattr(slurm, key)
+        if not low <= value <= high:
+            raise RobenchError(f"slurm.{key}={value} must lie in {low}..{high:,}",
+                               f"e.g. slurm.{key}={getattr(SlurmConfig, key) or low}")
+    for key in ("folder", "job_name"):
+        if not str(getattr(slurm, key)).strip():
+            raise RobenchError(f"slurm.{key} is empty",
+                               f"e.g. slurm.{key}={getattr(SlurmConfig, key)}")
     if slurm.mode == "groups" and slurm.nodes > 1:
         raise RobenchError("slurm.mode=groups runs single-process jobs: slurm.nodes must be 1",
                            "use slurm.mode=distributed for a multi-node run")
@@ -183,11 +193,15 @@ def executor(slurm: SlurmConfig, tasks: int) -> Any:
 def submit(suite: str, overrides: Sequence[str]) -> tuple[list[Any], SlurmConfig, Any]:
     """Validate the suite (before anything is queued), then submit it; returns (jobs, the slurm
     settings, the run config)."""
-    from robench.config import load_suite
+    from robench.config import load_suite, preflight
 
     slurm, rest = split_slurm(overrides)
     require_scheduler(slurm)
+    logs = slurm.folder.split("%", 1)[0] or "."  # submitit fills in %j: check what precedes it
+    output_folder(logs, "slurm.folder", "give slurm.folder a writable folder (on a file "
+                  "system the nodes share), e.g. slurm.folder=slurm_logs/%j")
     cfg = load_suite(suite, rest)  # config errors now, not in a job hours later
+    preflight(cfg)
     # the jobs read the suite again: from its resolved file, with the same overrides
     suite_ref = cfg.meta.path or suite
     job = SuiteJob()

@@ -52,7 +52,8 @@ def test_slurm_settings_are_parsed_and_checked():
     assert (slurm.partition, slurm.gpus_per_node, rest) == ("gpu", 8, ["device=cuda"])
     assert split_slurm([])[0] == SlurmConfig()
     for bad, match in ((["slurm.gpus=8"], "Did you mean"), (["slurm.mode=array"], "slurm.mode"),
-                       (["slurm.nodes=two"], "bad slurm setting"), (["slurm.nodes=0"], ">= 1"),
+                       (["slurm.nodes=two"], "bad slurm setting"),
+                       (["slurm.nodes=0"], "must lie in 1.."),
                        (["slurm.mode=groups", "slurm.nodes=2"], "single-process")):
         with pytest.raises(RobenchError, match=match):
             split_slurm(bad)

@@ -27,6 +27,9 @@ def load(root: Path, name: str, base: str = "", stride: int = 1, corruptions: st
          progress: bool = True, workers: int = 2, protocol: str = "auto",
          **_: object) -> ImageSource:
     """Generate the set into the cache if it is not there yet, then read it."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise RobenchError(f"{name}: options.stride={stride!r} must be an integer >= 1 (every "
+                           "k-th image of the base)", "e.g. options: {stride: 8}, or 1 for all")
     src = base_source(name, base, source_of)
     protocol = resolved_protocol(src, protocol)
     out = output_dir(src, stride, corruptions, seed, cache_dir, protocol)
@@ -42,11 +45,24 @@ def resolved_protocol(src: ImageSource, protocol: str) -> str:
     return resolve_generation(src, 0, protocol, "none", "npy")[0]
 
 
+_READING: list[str] = []  # generated sets whose base is being read (a cycle check)
+
+
 def base_source(name: str, base: str, source_of: Callable | None) -> ImageSource:
     if not base or source_of is None:
         raise RobenchError(f"{name}: a generated -C dataset needs options.base",
                            "declare options: {base: <dataset name>}")
-    return source_of(base)
+    if base == name or base in _READING:
+        chain = " -> ".join([*_READING[_READING.index(base):], name, base]
+                            if base in _READING else [name, base])
+        raise RobenchError(f"{name}: options.base makes a cycle ({chain})",
+                           "base a generated set on a clean dataset (e.g. options: {base: "
+                           "cifar10-subset-test})")
+    _READING.append(name)
+    try:
+        return source_of(base)
+    finally:
+        _READING.pop()
 
 
 def corruption_names(corruptions: str) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ from robench.errors import RobenchError
 from robench.escape import csv_safe, md_escape, text_escape
 from robench.io import atomic_write
 from robench.metrics import RECORD_METRIC_INFO, MetricInfo
+from robench.outpaths import output_folder, writing
 from robench.results import (
     HEADLINE,
     ShiftAverage,
@@ -965,6 +966,10 @@ def _environment() -> jinja2.Environment:
                               trim_blocks=True, lstrip_blocks=True)
 
 
+WRITE_FIX = ("write the report to a folder on a writable disk with free space (robench report "
+             "--out DIR)")
+
+
 def _write_text(path: Path, text: str) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
@@ -995,10 +1000,11 @@ def render_report(results_dir: str | Path, out_dir: str | Path, title: str | Non
         best_rule=BEST_RULE,
         source=str(results_dir), n_records=len(records),
         latest=created[-1] if created else None, version=robench.__version__)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "leaderboard.csv", csv_frame(records, groups).to_csv(index=False))
-    _write_text(out / "leaderboard.md", markdown(suites, records, title, analyses))
-    index = out / "index.html"
-    _write_text(index, html)  # last: an index.html on disk implies its companions are there
+    out = output_folder(out_dir, "report folder", WRITE_FIX)
+    with writing(out, "report folder", WRITE_FIX):
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(out / "leaderboard.csv", csv_frame(records, groups).to_csv(index=False))
+        _write_text(out / "leaderboard.md", markdown(suites, records, title, analyses))
+        index = out / "index.html"
+        _write_text(index, html)  # last: an index.html on disk implies its companions are there
     return index
