@@ -28,6 +28,7 @@ from statistics import NormalDist
 
 import pandas as pd
 
+from robench.escape import escape_frame, md_escape, text_escape
 from robench.metrics import RECORD_METRIC_INFO
 from robench.results import find_records, read_record
 
@@ -201,9 +202,10 @@ def render(result: CheckResult, fmt: str = "table") -> str:
     modes = ", ".join(sorted(set(result.mode.values()))) or "-"
     verdict = (f"FAIL: {n_bad} problem(s)" if result.failed else "OK") + (
         f" - {n_cells} cell(s), {n_cmp} metric comparison(s), mode: {modes}")
-    if fmt == "md":
+    if fmt == "md":  # names from records are text, never markup (robench.escape)
         head = f"### robench check: {verdict}\n\n"
-        return head + (frame.to_markdown(index=False, floatfmt=".6g") if len(frame) else
-                       "All metrics within tolerance.") + "\n"
-    body = frame.to_string(index=False) if len(frame) else "all metrics within tolerance"
+        return head + (escape_frame(frame, md_escape).to_markdown(index=False, floatfmt=".6g")
+                       if len(frame) else "All metrics within tolerance.") + "\n"
+    body = escape_frame(frame, text_escape).to_string(index=False) if len(frame) else \
+        "all metrics within tolerance"
     return f"{body}\n{verdict}\n"

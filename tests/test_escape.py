@@ -93,3 +93,25 @@ def test_results_tables_show_hostile_names_as_text(hostile: Path, fmt: str, caps
         assert "onerror=alert(1)" in out and "x1b[2J" in out
     else:
         assert "'" + FORMULA.replace('"', '""') in out and "\n=" not in out and ",=" not in out
+
+
+@pytest.mark.parametrize("fmt", ["md", "table"])
+def test_check_tables_show_hostile_names_as_text(tmp_path: Path, fmt: str, capsys) -> None:
+    """``robench check`` (its Markdown goes to $GITHUB_STEP_SUMMARY): a baseline cell missing
+    from the fresh run is a problem row naming the model."""
+    from robench.cli import main
+
+    base, fresh = tmp_path / "base", tmp_path / "fresh"
+    write(base, make_record("s", HOSTILE, "cifar10", metrics(80.0, 0.05, 0.8)))
+    write(base, make_record("s", ANSI, "cifar10", metrics(80.0, 0.05, 0.8)))
+    write(base, make_record("s", "plain", "cifar10", metrics(80.0, 0.05, 0.8)))
+    write(fresh, make_record("s", "plain", "cifar10", metrics(80.0, 0.05, 0.8)))
+    assert main(["check", "--baseline", str(base), "--results", str(fresh), "--format",
+                 fmt]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    if fmt == "md":
+        _no_markup(out)
+        _table_rows_keep_their_columns(out)
+    else:
+        assert HOSTILE in out and r"\x1b[2J" in out
