@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig
 
-from robench.config import build_config, load_suite
+from robench.config import build_config, load_suite, preflight
 from robench.errors import RobenchError
 from robench.models.custom import CustomModel
 from robench.registry import ModelSpec
@@ -36,10 +37,7 @@ ModelLike = str | dict[str, Any] | ModelSpec | CustomModel
 def run(suite: str = "quickstart", overrides: Sequence[str] = ()) -> pd.DataFrame:
     """Run a suite (a name from ``robench list suites`` or a YAML path) with ``key=value``
     overrides, exactly as ``robench run suite=SUITE key=value ...``; return its cells."""
-    if isinstance(overrides, str):
-        raise RobenchError("overrides must be a list of key=value strings, not one string",
-                           f'pass overrides=["{overrides}"]')
-    return _run(load_suite(suite, list(overrides)))
+    return _run(load_suite(_suite_arg(suite), _overrides_arg(overrides)))
 
 
 def evaluate(model: ModelLike, datasets: Sequence[str | dict[str, Any]],
@@ -51,10 +49,13 @@ def evaluate(model: ModelLike, datasets: Sequence[str | dict[str, Any]],
     "pretrained": ..., "method": ...}``), a :class:`~robench.registry.ModelSpec` (named after its
     architecture and method), or a :class:`CustomModel` (your own ``nn.Module``). Config keys
     are keyword arguments (``device="cpu"``, ``metrics={"bootstrap": 0}``, ``id_dataset=...``)
-    and/or ``key=value`` strings in ``overrides``; records go to ``results_dir/suite``.
+    and/or ``key=value`` strings in ``overrides`` (the ``model`` section only there, e.g.
+    ``overrides=["model.batch_size=64"]``: ``model=`` is the model); records go to
+    ``results_dir/suite``.
     """
-    if isinstance(datasets, str):
-        datasets = [datasets]
+    datasets = _datasets_arg(datasets)
+    overrides = _overrides_arg(overrides)
+    suite = _suite_arg(suite, "suite (the name records are filed under)")
     backbones = {}
     if isinstance(model, CustomModel):
         declaration: Any = model.declaration()
@@ -83,14 +84,53 @@ def evaluate(model: ModelLike, datasets: Sequence[str | dict[str, Any]],
 def load_results(results_dir: str | Path = "runs") -> pd.DataFrame:
     """The cells of every record under ``results_dir`` (e.g. ``results/quickstart``, the
     committed reference records)."""
-    return load_frame(results_dir, fix="pass the folder that holds the records (robench.run "
-                      "writes runs/<suite>/; the committed ones are in results/<suite>/)")
+    fix = ("pass the folder that holds the records (robench.run writes runs/<suite>/; the "
+           "committed ones are in results/<suite>/)")
+    return load_frame(_path_arg(results_dir, "results_dir", fix), fix=fix)
+
+
+def _path_arg(value: Any, what: str, fix: str, noun: str = "a folder path") -> str | Path:
+    """A name or path argument: a non-empty str or path-like."""
+    if isinstance(value, (str, PathLike)) and str(value).strip():
+        return value
+    raise RobenchError(f"{what} must be {noun} (str or pathlib.Path), not {value!r}", fix)
+
+
+def _suite_arg(value: Any, what: str = "suite") -> str:
+    """A suite name or a YAML path (str or path-like)."""
+    return str(_path_arg(value, what, "pass a suite name of `robench list suites` (e.g. "
+                         "\"quickstart\") or the path of a suite YAML file",
+                         noun="a suite name or a YAML path"))
+
+
+def _overrides_arg(value: Any) -> list[str]:
+    """``key=value`` strings, as on the command line."""
+    if isinstance(value, str):
+        raise RobenchError("overrides must be a list of key=value strings, not one string",
+                           f'pass overrides=["{value}"]')
+    if not isinstance(value, Sequence) or not all(isinstance(o, str) for o in value):
+        raise RobenchError(f"overrides must be a list of key=value strings, not {value!r}",
+                           'e.g. overrides=["model.batch_size=64", "device=cpu"]')
+    return list(value)
+
+
+def _datasets_arg(value: Any) -> list[str | dict[str, Any]]:
+    """One dataset name, or a list of names and inline declarations."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and value and all(isinstance(d, (str, dict))
+                                                     for d in value):
+        return list(value)
+    raise RobenchError(f"datasets must be a dataset name or a non-empty list of names / "
+                       f"declarations, not {value!r}",
+                       'e.g. datasets=["cifar10-subset-val"] (see `robench list datasets`)')
 
 
 def _run(cfg: DictConfig, backbones: dict | None = None) -> pd.DataFrame:
     from robench.progress import verbosity_level
     from robench.runner import Runner
 
+    preflight(cfg)
     with verbosity_level(cfg.verbosity):
         paths = Runner(cfg, backbones=backbones or {}).run()
     return to_frame([read_record(p) for p in paths])

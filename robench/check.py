@@ -38,6 +38,7 @@ from statistics import NormalDist
 import pandas as pd
 
 from robench.errors import RobenchError
+from robench.escape import escape_frame, md_escape, text_escape
 from robench.metrics import RECORD_METRIC_INFO
 from robench.results import find_records, read_record
 
@@ -296,12 +297,12 @@ def render(result: CheckResult, fmt: str = "table") -> str:
     modes = ", ".join(sorted(set(result.mode.values()))) or "-"
     verdict = (f"FAIL: {n_bad} problem(s)" if result.failed else "OK") + (
         f" - {n_cells} cell(s), {result.comparisons} metric comparison(s), mode: {modes}")
-    reasons = "".join(f"FAIL: {p}\n" for p in result.problems)
-    if fmt == "md":
+    reasons = "".join(f"FAIL: {text_escape(p)}\n" for p in result.problems)
+    if fmt == "md":  # names from records are text, never markup (robench.escape)
         head = f"### robench check: {verdict}\n\n"
-        body = frame.to_markdown(index=False, floatfmt=".6g") if len(frame) else \
-            "" if result.problems else "All metrics within tolerance."
-        return head + "".join(f"- **{p}**\n" for p in result.problems) + body + "\n"
-    body = frame.to_string(index=False) if len(frame) else \
+        body = escape_frame(frame, md_escape).to_markdown(index=False, floatfmt=".6g") \
+            if len(frame) else "" if result.problems else "All metrics within tolerance."
+        return head + "".join(f"- **{md_escape(p)}**\n" for p in result.problems) + body + "\n"
+    body = escape_frame(frame, text_escape).to_string(index=False) if len(frame) else \
         "" if result.problems else "all metrics within tolerance"
     return f"{body}\n{reasons}{verdict}\n" if body else f"{reasons}{verdict}\n"

@@ -23,9 +23,10 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
 import robench
+from robench.argtypes import count, nonempty, number
 from robench.data.commands import add_data_commands
 from robench.errors import RobenchError
 from robench.report import add_report_command
@@ -35,7 +36,7 @@ SHELLS = ("bash", "zsh", "fish", "tcsh", "powershell")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from robench.config import load_suite
+    from robench.config import load_suite, preflight
     from robench.progress import set_verbosity
 
     suite, overrides = split_suite(args.overrides)
@@ -44,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not any(o.startswith("verbosity=") for o in overrides):
             overrides.append(f"verbosity={level}")
     cfg = load_suite(suite, overrides)  # config errors come before torch is even imported
+    preflight(cfg)
     set_verbosity(cfg.verbosity)
     from robench import distributed
     from robench.results import leaderboard_table, read_record, shift_average, to_frame
@@ -108,7 +110,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from robench.check import render, run_check
+    from robench.outpaths import output_file, writing
 
+    summary_fix = ("give --summary a file that can be written or appended to, e.g. --summary "
+                   "$GITHUB_STEP_SUMMARY")
+    if args.summary is not None:  # before the comparison, not after it
+        output_file(args.summary, "--summary", summary_fix)
     baseline = Path(args.baseline)
     if not baseline.is_dir():
         raise RobenchError(f"baseline folder {baseline} does not exist",
@@ -124,9 +131,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                        rel_tol=args.rel_tol, allow_improvement=args.allow_improvement)
     text = render(result, args.format)
     print(text, end="")
-    if args.summary:
-        with open(args.summary, "a") as f:
-            f.write(render(result, "md"))
+    if args.summary is not None:
+        with writing(args.summary, "--summary", summary_fix):
+            Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.summary, "a", encoding="utf-8") as f:
+                f.write(render(result, "md"))
     return 1 if result.failed else 0
 
 
@@ -137,28 +146,46 @@ def cmd_results(args: argparse.Namespace) -> int:
         average_rows,
         average_tables,
         interval_table,
-        load_records,
+        load_located,
         render_table,
+        suite_folder,
         to_frame,
     )
 
-    records = load_records(args.dir, fix="run a suite first (robench run suite=...) or pass "
+    located = load_located(args.dir, fix="run a suite first (robench run suite=...) or pass "
                            "--dir FOLDER (e.g. --dir results/quickstart for the committed "
                            "records)")
-    frame = to_frame(records, groups=args.groups)
+    records = [r for _, r in located]
+    folders = [suite_folder(p, args.dir) for p, _ in located]
+    # the same suite read from two folders: a folder column, and averages per folder
+    by_folder: dict[str, list[dict]] = {}
+    for folder, record in zip(folders, records, strict=True):
+        by_folder.setdefault(folder, []).append(record)
+    several = len(by_folder) > 1
+    frame = to_frame(records, groups=args.groups, folders=folders)
     if args.format in ("csv", "json"):  # every metric and interval bound, one column each,
         # then one row per model with its avg shift acc1 (dataset "avg shift")
-        frame = pd.concat([frame, average_rows(records, groups=args.groups)], ignore_index=True)
+        averages = []
+        for folder, recs in by_folder.items():
+            rows = average_rows(recs, groups=args.groups)
+            if several and len(rows):
+                rows.insert(3, "folder", folder)
+            averages.append(rows)
+        frame = pd.concat([frame, *averages], ignore_index=True)
         if args.format == "csv":
-            frame.to_csv(sys.stdout, index=False)
+            from robench.escape import csv_safe
+
+            csv_safe(frame).to_csv(sys.stdout, index=False)  # a name is never a formula
         else:
             print(frame.to_json(orient="records", indent=1))
     else:
         fmt = {"md": "md", "latex": "latex"}.get(args.format, "table")
         print(render_table(interval_table(frame), fmt, caption="robench results: value [95% "
                            "interval]" if fmt == "latex" else None))
-        for title, table in average_tables(records, fmt):
-            print(f"\n{title}\n{table}" if fmt != "latex" else f"\n{table}")
+        for folder, recs in by_folder.items():
+            for title, table in average_tables(recs, fmt):
+                title = f"folder {folder}: {title}" if several else title
+                print(f"\n{title}\n{table}" if fmt != "latex" else f"\n{table}")
         if args.analysis:
             from robench.analysis import read_analysis, suites_under
             from robench.results import analysis_tables
@@ -175,10 +202,18 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from robench.outpaths import output_folder, writing
     from robench.rescore import render_verification, rescore
 
-    rows = rescore(args.dir, n_bins=args.n_bins, bootstrap=args.bootstrap, alpha=args.alpha,
-                   adaptive_bins=args.adaptive_bins, out_dir=args.out, verify=args.verify)
+    out_fix = ("give --out a folder that can be written (created if missing), or leave --out "
+               "out to re-score in place")
+    if args.out is not None:
+        output_folder(args.out, "--out", out_fix)
+    with writing(args.out, "--out", out_fix) if args.out is not None else nullcontext():
+        rows = rescore(args.dir, n_bins=args.n_bins, bootstrap=args.bootstrap, alpha=args.alpha,
+                       adaptive_bins=args.adaptive_bins, out_dir=args.out, verify=args.verify)
     if args.verify:  # a check: it reports, it writes nothing
         print(render_verification(rows), end="")
         return 1 if any(r.problems for r in rows) else 0
@@ -207,7 +242,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     er_ref = args.er_reference
     if er_ref is not None and er_ref != "all":
-        er_ref = [m for m in er_ref.split(",") if m]
+        er_ref = [m.strip() for m in er_ref.split(",") if m.strip()]
+        if not er_ref:
+            raise RobenchError(f"--er-reference {args.er_reference!r} names no model",
+                               "give comma-separated model names of the suite, or all")
     over = {"reference": args.reference, "er_reference": er_ref, "er_fits": args.er_fits,
             "mce_baseline": args.mce_baseline, "bootstrap": args.bootstrap}
     for path, doc in analyze(args.dir, overrides=over, force=args.force):
@@ -324,8 +362,15 @@ def _suite_models() -> dict:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from robench.env import collect, render
 
+    for option, value in (("--data-root", args.data_root), ("--cache-dir", args.cache_dir)):
+        if value is not None and Path(value).expanduser().exists() \
+                and not Path(value).expanduser().is_dir():
+            raise RobenchError(f"{option} {value} is a file, not a folder",
+                               f"give {option} the folder itself")
     report = collect(data_root=args.data_root, cache_dir=args.cache_dir)
     print(json.dumps(report, indent=1) if args.format == "json" else render(report))
     return 0
@@ -405,11 +450,20 @@ def attach_completers(parser: argparse.ArgumentParser) -> None:
             action.completer = by_dest[action.dest]  # type: ignore[attr-defined]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from robench.config import config_help
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (sub-commands inherit it), reporting a bad command line as robench
+    reports every error: ``robench: error: ...`` and the fix, exit 2."""
 
-    p = argparse.ArgumentParser(prog="robench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"robench: error: {self.prog}: {message}\n  fix: see `{self.prog} --help` "
+                  "for the arguments and their values\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from robench.config import MAX_BINS, MAX_BOOTSTRAP, config_help
+
+    p = Parser(prog="robench", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"robench {robench.__version__}")
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true",
@@ -444,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
             "slurm.mode=groups as one single-process job per backbone group. Jobs are "
             "requeue-safe (runs resume). Results land in results_dir: robench results --dir "
             "<results_dir>/<suite>, robench report --results <results_dir>. "
-            "slurm.cluster=local runs the jobs as local processes.", 100,
+            "slurm.cluster=local runs the jobs as local processes; without it, SLURM (sbatch) "
+            "must be on PATH.", 100,
             break_on_hyphens=False),
         epilog="slurm keys (slurm.key=default):\n" + "\n".join(
             f"  slurm.{k}={v!r}" for k, v in SlurmConfig().__dict__.items()),
@@ -453,16 +508,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="suite=NAME, run overrides and slurm.* settings")
     sm.set_defaults(func=cmd_submit)
     chk = sub.add_parser("check", help="compare fresh records with a committed baseline")
-    chk.add_argument("--baseline", required=True, help="baseline folder, e.g. results/quickstart")
-    chk.add_argument("--results", help="fresh records (default: runs/<baseline folder name>)")
+    chk.add_argument("--baseline", required=True, type=nonempty,
+                     help="baseline folder, e.g. results/quickstart")
+    chk.add_argument("--results", type=nonempty,
+                     help="fresh records (default: runs/<baseline folder name>)")
     chk.add_argument("--format", choices=["table", "md"], default="table")
     chk.add_argument("--mode", choices=["auto", "exact", "band"], default="auto",
                      help="auto: exact when versions/device/dtype match, else interval band")
-    chk.add_argument("--band", type=float, default=1.0, help="band mode: x CI half-width")
-    chk.add_argument("--rel-tol", type=float, default=0.02,
+    chk.add_argument("--band", type=number(0, 1000), default=1.0,
+                     help="band mode: x CI half-width")
+    chk.add_argument("--rel-tol", type=number(0, 1000), default=0.02,
                      help="band mode: relative tolerance of nll and brier (no interval, no share)")
     chk.add_argument("--allow-improvement", action="store_true")
-    chk.add_argument("--summary", help="also append the Markdown diff to this file "
+    chk.add_argument("--summary", type=nonempty, help="also append the Markdown diff to this file "
                      "(e.g. $GITHUB_STEP_SUMMARY)")
     chk.set_defaults(func=cmd_check)
     res = sub.add_parser("results", help="per-cell table of records, with intervals",
@@ -470,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(and ood_auroc) with their intervals (95% by default) as [low, "
                          "high]; csv and json give every metric and interval bound as its own "
                          "column.")
-    res.add_argument("--dir", default="runs", help="results folder (default: runs)")
+    res.add_argument("--dir", default="runs", type=nonempty,
+                     help="results folder (default: runs)")
     res.add_argument("--format", choices=["table", "csv", "md", "json", "latex"],
                      default="table")
     res.add_argument("--groups", action="store_true",
@@ -486,28 +545,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "model's paired delta vs a reference (paired bootstrap, McNemar), effective "
                     "robustness (Taori et al. 2020) and mCE (Hendrycks & Dietterich 2019). "
                     "Options left out keep the settings of the existing analysis.")
-    an.add_argument("--dir", default="runs", help="results folder (default: runs)")
+    an.add_argument("--dir", default="runs", type=nonempty,
+                    help="results folder (default: runs)")
     an.add_argument("--reference", help="the model every other is compared with (default: the "
                     "zero-shot model of the same backbone)")
     an.add_argument("--er-reference", help="models defining the effective-robustness line: "
                     "comma-separated, or all")
-    an.add_argument("--er-fits", help="file of fit coefficients with their source")
+    an.add_argument("--er-fits", type=nonempty,
+                    help="file of fit coefficients with their source")
     an.add_argument("--mce-baseline", help="auto | alexnet | a model of the suite | none")
-    an.add_argument("--bootstrap", type=int, help="paired-bootstrap resamples")
+    an.add_argument("--bootstrap", type=count(0, MAX_BOOTSTRAP),
+                    help="paired-bootstrap resamples")
     an.add_argument("--force", action="store_true", help="recompute even if up to date")
     an.add_argument("--format", choices=["table", "md", "latex"], default="table")
     an.set_defaults(func=cmd_analyze)
     rs = sub.add_parser("rescore", help="recompute metrics from stored per-sample outputs")
-    rs.add_argument("--dir", required=True, help="results folder, e.g. runs/quickstart")
-    rs.add_argument("--n-bins", type=int, help="ECE bins (default: the record's)")
-    rs.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the record's)")
-    rs.add_argument("--alpha", type=float, help="1 - interval level (default: the record's)")
+    rs.add_argument("--dir", required=True, type=nonempty,
+                    help="results folder, e.g. runs/quickstart")
+    rs.add_argument("--n-bins", type=count(1, MAX_BINS), help="ECE bins (default: the record's)")
+    rs.add_argument("--bootstrap", type=count(0, MAX_BOOTSTRAP),
+                    help="bootstrap resamples (default: the record's)")
+    rs.add_argument("--alpha", type=number(0, 1, low_open=True, high_open=True),
+                    help="1 - interval level (default: the record's)")
     from robench.metrics import ADAPTIVE_BINS
 
     rs.add_argument("--adaptive-bins", choices=list(ADAPTIVE_BINS),
                     help="equal-mass bin rule of ece_adaptive (default: the record's; see "
                          "metrics.adaptive_bins in robench run --help)")
-    rs.add_argument("--out", help="write re-scored records here instead of in place")
+    rs.add_argument("--out", type=nonempty,
+                    help="write re-scored records here instead of in place")
     rs.add_argument("--verify", action="store_true",
                     help="re-score with each record's own settings (bootstrap included), report "
                          "every value that disagrees, write nothing; exit 1 on a disagreement")
@@ -526,9 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "kernel family, cache location and size, suite folders, registered "
                            "datasets under data_root and models' weights (present or how to "
                            "get them). Reads nothing but folder listings.")
-        e.add_argument("--data-root", help="folder holding the datasets (default: "
-                       "$ROBENCH_DATA or ./data)")
-        e.add_argument("--cache-dir", help="default: $ROBENCH_CACHE or ~/.cache/robench")
+        e.add_argument("--data-root", type=nonempty, help="folder holding the datasets "
+                       "(default: $ROBENCH_DATA or ./data)")
+        e.add_argument("--cache-dir", type=nonempty,
+                       help="default: $ROBENCH_CACHE or ~/.cache/robench")
         e.add_argument("--format", choices=["text", "json"], default="text")
         e.set_defaults(func=cmd_env)
     c = sub.add_parser("completion", help="print the shell completion script",

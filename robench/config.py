@@ -23,6 +23,9 @@ from robench.errors import RobenchError, closest_first, unknown
 PACKAGE_SUITES = Path(__file__).resolve().parent / "suites"  # shipped in the wheel
 VERBOSITY = ("quiet", "normal", "verbose")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+# upper bounds of counts: beyond them a value is a typo'd exponent, not a setting (and would
+# fail deep inside numpy or a process pool)
+MAX_BINS, MAX_BOOTSTRAP, MAX_BATCH, MAX_WORKERS = 10**5, 10**6, 2**20, 1024
 
 
 def _f(default: Any = MISSING, help: str = "", factory: Any = MISSING) -> Any:  # noqa: A002
@@ -285,15 +288,19 @@ def validate(cfg: DictConfig) -> None:
     if cfg.verbosity not in VERBOSITY:
         raise unknown("verbosity", cfg.verbosity, VERBOSITY,
                       fix="use verbosity=quiet, normal or verbose")
-    ranges = [("metrics.n_bins", cfg.metrics.n_bins, 1, "15"),
-              ("metrics.bootstrap", cfg.metrics.bootstrap, 0, "200 (0: no intervals)"),
-              ("model.batch_size", cfg.model.batch_size, 1, "256"),
-              ("model.num_workers", cfg.model.num_workers, 0, "2 (0: decode in the main "
-               "process)"),
-              ("seed", cfg.seed, 0, "0")]
-    for key, value, low, example in ranges:
+    ranges = [("metrics.n_bins", cfg.metrics.n_bins, 1, MAX_BINS, "15"),
+              ("metrics.bootstrap", cfg.metrics.bootstrap, 0, MAX_BOOTSTRAP,
+               "200 (0: no intervals)"),
+              ("model.batch_size", cfg.model.batch_size, 1, MAX_BATCH, "256"),
+              ("model.num_workers", cfg.model.num_workers, 0, MAX_WORKERS, "2 (0: decode in "
+               "the main process)"),
+              ("seed", cfg.seed, 0, None, "0")]
+    for key, value, low, high, example in ranges:
         if value < low:
             raise RobenchError(f"{key}={value} must be >= {low}", f"e.g. {key}={example}")
+        if high is not None and value > high:  # a typo'd exponent, not a setting
+            raise RobenchError(f"{key}={value} is beyond any sensible value (at most {high:,})",
+                               f"e.g. {key}={example}")
     if cfg.seed >= 2**32:
         raise RobenchError(f"seed={cfg.seed} must be below 2**32 (numpy's seed range)",
                            "e.g. seed=0")
@@ -306,9 +313,68 @@ def validate(cfg: DictConfig) -> None:
         raise unknown("metrics.adaptive_bins", cfg.metrics.adaptive_bins, ADAPTIVE_BINS,
                       fix="use metrics.adaptive_bins=robench (default) or "
                           "metrics.adaptive_bins=torch-uncertainty")
+    _validate_sections(cfg)
+    _declared_once(cfg)
     if not cfg.models or not cfg.datasets:
         raise RobenchError(f"suite '{cfg.name}' names no models or no datasets",
                            "list at least one model and one dataset in the suite")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Before a run, what the run needs at its end: ``results_dir`` and ``cache_dir`` can be
+    written (a file in the way, or a read-only folder), the ``check=`` baseline and the
+    ``analysis.er_fits`` file exist -- failing now, not after every cell has been computed.
+    Not part of :func:`validate`: commands that only read a suite (``data verify --suite``)
+    need none of them."""
+    from robench.outpaths import output_folder
+
+    examples = {"results_dir": "runs", "cache_dir": "~/.cache/robench"}
+    for key, example in examples.items():
+        output_folder(cfg[key], key, f"set {key} to a folder that can be written (created if "
+                      f"missing), e.g. {key}={example}")
+    if cfg.check and not Path(cfg.check).expanduser().is_dir():
+        raise RobenchError(f"check={cfg.check}: no such baseline folder",
+                           "point check= at a folder of committed records (e.g. "
+                           "check=results/quickstart), or leave it empty")
+    fits = cfg.analysis.er_fits
+    if fits and not Path(fits).expanduser().is_file():
+        raise RobenchError(f"analysis.er_fits={fits} does not exist",
+                           "point it at a JSON/YAML file of fits, or leave it empty")
+
+
+def _declared_once(cfg: DictConfig) -> None:
+    """A model or dataset name is declared once per suite: a second declaration under the
+    same name would silently replace the first (and share its records)."""
+    for key in ("models", "datasets"):
+        seen: set[str] = set()
+        for item in cfg[key]:
+            name = item.get("name") if isinstance(item, DictConfig) else item
+            if not isinstance(name, str):
+                continue  # not a name: the registry names what is wrong with the entry
+            if name in seen:
+                raise RobenchError(f"{key[:-1]} '{name}' is listed twice in suite '{cfg.name}'",
+                                   f"keep one entry named {name}, or give the other its own "
+                                   "name")
+            seen.add(name)
+
+
+def _validate_sections(cfg: DictConfig) -> None:
+    """The free-form ``data`` section and the analysis settings the schema types loosely."""
+    for name, entry in cfg.data.items():
+        if not isinstance(entry, DictConfig):
+            raise RobenchError(f"data.{name}={entry!r} must be a mapping of settings",
+                               f"e.g. data.{name}.root=/path/to/{name}")
+    boot = cfg.analysis.bootstrap
+    if boot is not None and not 0 <= boot <= MAX_BOOTSTRAP:
+        raise RobenchError(f"analysis.bootstrap={boot} must lie in 0..{MAX_BOOTSTRAP:,} (or "
+                           "null: metrics.bootstrap)", "e.g. analysis.bootstrap=1000")
+    ref = cfg.analysis.er_reference
+    names = list(ref) if OmegaConf.is_list(ref) else None
+    if not (ref is None or isinstance(ref, str)
+            or (names is not None and all(isinstance(n, str) for n in names))):
+        raise RobenchError(f"analysis.er_reference={ref!r} must be a list of model names, all, "
+                           "or null", "e.g. 'analysis.er_reference=[ref-resnet-e4,ref-convnext-"
+                           "e4]'")
 
 
 def pair_id_dataset(cfg: DictConfig, datasets: Sequence[str]) -> str | None:

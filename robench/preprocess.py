@@ -42,6 +42,7 @@ INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "ham
 EXAMPLE = "preprocess: {size: 32, crop: null, mean: [0, 0, 0], std: [1, 1, 1]}"
 # tensor conversion steps, implied by every description (images always become floats in [0, 1])
 _TO_TENSOR = ("ToTensor", "MaybeToTensor")
+MAX_SIDE = 2**16  # pixels: a larger side is a typo, and would not fit in memory
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,11 @@ class Preprocess:
 def _check_side(name: str, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIDE:
         what = "no resize" if name == "size" else "no crop"
-        raise RobenchError(f"preprocess.{name}={value!r} must be a positive integer (pixels) "
-                           f"or null ({what})", f"e.g. {name}: {32 if name == 'size' else 224}")
+        raise RobenchError(f"preprocess.{name}={value!r} must be a positive integer (pixels, at "
+                           f"most {MAX_SIDE}) or null ({what})",
+                           f"e.g. {name}: {32 if name == 'size' else 224}")
 
 
 def _channels(name: str, value: Any) -> tuple[float, ...] | None:

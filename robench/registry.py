@@ -7,7 +7,8 @@ up through :func:`get_model` / :func:`get_dataset`, which fail with the valid na
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,25 @@ METADATA = Path(__file__).resolve().parent / "data" / "metadata"
 class DatasetSpec:
     """A registered dataset: which family reads it, where it sits, how its prompts look."""
 
-    family: str
-    root: str  # relative to ``data_root``, absolute, or ``assets:<path>`` for data shipped here
+    family: str = ""  # required: checked below (a RobenchError, not a TypeError)
+    # relative to ``data_root``, absolute, or ``assets:<path>`` for data shipped here; none for
+    # a set generated from another (family generated-c)
+    root: str = ""
     templates: str = "cifar"
     options: dict[str, Any] = field(default_factory=dict)
     n_expected: int | None = None
     description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_text("dataset", "family", self.family)
+        _check_text("dataset", "root", self.root, empty=self.family == "generated-c")
+        _check_text("dataset", "templates", self.templates)
+        _check_text("dataset", "description", self.description, empty=True)
+        _check_options("dataset", self.options)
+        n = self.n_expected
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise RobenchError(f"n_expected={n!r} must be a sample count >= 0 (or null)",
+                               "e.g. n_expected: 10000, or leave it out")
 
 
 @dataclass(frozen=True)
@@ -39,7 +53,7 @@ class ModelSpec:
     backbone's own preprocessing; None keeps it (timm's pretrained config, torchvision's default
     weights transforms, the open_clip tag's)."""
 
-    arch: str
+    arch: str = ""  # required: checked below (a RobenchError, not a TypeError)
     pretrained: str | None = None
     method: str = "zeroshot"
     options: dict[str, Any] = field(default_factory=dict)
@@ -47,8 +61,33 @@ class ModelSpec:
     preprocess: Preprocess | None = None
 
     def __post_init__(self) -> None:
+        _check_text("model", "arch", self.arch)
+        if self.pretrained is not None:  # null: the architecture's own initialisation
+            _check_text("model", "pretrained", self.pretrained)
+        _check_text("model", "method", self.method)
+        _check_text("model", "description", self.description, empty=True)
+        _check_options("model", self.options)
         # a suite gives the block as a mapping: typed and checked here, as the suite loads
         object.__setattr__(self, "preprocess", Preprocess.parse(self.preprocess))
+
+
+def _check_text(kind: str, key: str, value: Any, empty: bool = False) -> None:
+    """A spec's text field: a string (non-empty unless ``empty``)."""
+    if isinstance(value, str) and (empty or value.strip()):
+        return
+    what = "a string" if empty else "a non-empty string"
+    hint = " (null, not '', for no weights: the architecture's own initialisation)" \
+        if key == "pretrained" else ""
+    raise RobenchError(f"{kind} field {key}={value!r} must be {what}{hint}",
+                       f"fix {key}: in the {kind}'s declaration (see `robench list {kind}s`)")
+
+
+def _check_options(kind: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise RobenchError(f"{kind} field options={value!r} must be a mapping of option: value",
+                           "e.g. options: {train_on: cifar10-subset-probe} (`robench list "
+                           "methods` lists each method's options)" if kind == "model" else
+                           "e.g. options: {variant: cifar10}")
 
 
 def spec_identity(spec: ModelSpec) -> dict[str, Any]:
@@ -236,11 +275,31 @@ def _from_dict(cls: type, name: str, entry: dict[str, Any]) -> Any:
         raise RobenchError(f"{kind} '{name}': {e.problem}", e.fix) from None
 
 
+def _entry(kind: str, item: Any, example: str) -> dict[str, Any]:
+    """A suite's entry as a dict: a registered name is handled by the caller; anything but a
+    mapping (a number, a list) is refused, naming what was given."""
+    if not isinstance(item, Mapping):
+        what = "list" if isinstance(item, Sequence) else type(item).__name__
+        raise RobenchError(f"{kind} entry {item!r} ({what}) is neither a "
+                           f"registered {kind} name nor an inline declaration",
+                           f"write a name of `robench list {kind}s` or a mapping, e.g. "
+                           f"{example}")
+    return dict(item)
+
+
+def same_declaration(spec: ModelSpec, registered: ModelSpec) -> bool:
+    """``spec`` declares the registered model itself (its description aside)."""
+    return replace(spec, description=registered.description) == registered
+
+
 def resolve_model(item: Any) -> tuple[str, ModelSpec]:
-    """A suite's model entry (a registered name, or an inline dict with ``name``) -> spec."""
+    """A suite's model entry (a registered name, or an inline dict with ``name``) -> spec.
+
+    An inline entry may carry a registered model's name only when it declares that very model
+    (its records would otherwise sit under the registered model's name)."""
     if isinstance(item, str):
         return check_name("model", item), get_model(item)
-    entry = dict(item)
+    entry = _entry("model", item, "{name: mine, arch: ViT-B-32, pretrained: /w.pt}")
     name = entry.pop("name", None)
     if not name:
         raise RobenchError(f"inline model {entry} has no name", "add name: <model-name>")
@@ -252,6 +311,16 @@ def resolve_model(item: Any) -> tuple[str, ModelSpec]:
         spec = _from_dict(ModelSpec, name, merged)
     else:
         spec = _from_dict(ModelSpec, name, entry)
+    if name in MODELS and same_declaration(spec, MODELS[name]):
+        return name, MODELS[name]  # the registered model itself: its records, its cell keys
+    if name in MODELS:
+        raise RobenchError(
+            f"inline model '{name}' takes the name of the registered model '{name}' "
+            f"({MODELS[name].arch}/{MODELS[name].pretrained}, method {MODELS[name].method}) but "
+            f"declares another ({spec.arch}/{spec.pretrained}, method {spec.method}): its "
+            "records would pass for the registered model's",
+            f"give it a name of its own (e.g. name: {name}-mine), or, to tweak the registered "
+            f"model, {{name: {name}-mine, base: {name}, ...}}")
     check_preprocess(name, spec)
     return name, spec
 
@@ -260,7 +329,7 @@ def resolve_dataset(item: Any) -> tuple[str, DatasetSpec]:
     """A suite's dataset entry (a registered name or an inline dict with ``name``) -> spec."""
     if isinstance(item, str):
         return check_name("dataset", item), get_dataset(item)
-    entry = dict(item)
+    entry = _entry("dataset", item, "{name: mine, family: folder, root: /dir}")
     name = entry.pop("name", None)
     if not name:
         raise RobenchError(f"inline dataset {entry} has no name", "add name: <dataset-name>")
@@ -283,6 +352,9 @@ def get_dataset(name: str) -> DatasetSpec:
 def dataset_root(name: str, spec: DatasetSpec, data_root: str, overrides: dict) -> Path:
     """Where a dataset sits: ``data.<name>.root`` if given, else the spec's root under data_root."""
     over = (overrides or {}).get(name) or {}
+    if not isinstance(over, Mapping):
+        raise RobenchError(f"data.{name}={over!r} must be a mapping of settings",
+                           f"e.g. data.{name}.root=/path/to/{name}")
     root = str(over.get("root", spec.root))
     if root.startswith("assets:"):
         return ASSETS / root.removeprefix("assets:")

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,12 +383,17 @@ def find_records(results_dir: str | Path, fix: str | None = None) -> list[Path]:
                   if not p.name.startswith(".") and p.name != ANALYSIS_FILE)
 
 
-def to_frame(records: list[dict], groups: bool = False) -> pd.DataFrame:
+def to_frame(records: list[dict], groups: bool = False,
+             folders: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per (suite, model, dataset) with the headline metrics and their intervals; with
-    ``groups``, also one row per group of a -C record (column ``group``; "" on the headline)."""
+    ``groups``, also one row per group of a -C record (column ``group``; "" on the headline).
+    ``folders`` (each record's, see :func:`suite_folder`): when they are not all the same, a
+    ``folder`` column tells apart the cells of the same suite read from two folders."""
+    folders = folders if folders is not None and len(set(folders)) > 1 else None
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
         lead = {"suite": r["suite"], "model": r["model"], "dataset": r["dataset"],
+                **({"folder": folders[i]} if folders else {}),
                 "method": (r.get("protocol") or {}).get("method")}
         parts = [("", r["metrics"])]
         if groups:
@@ -398,7 +403,7 @@ def to_frame(records: list[dict], groups: bool = False) -> pd.DataFrame:
             row.update({k: v for k, v in metrics.items() if k != "n"})
             rows.append(row)
     frame = pd.DataFrame(rows)
-    order = ["suite", "model", "dataset"]
+    order = ["suite", "model", "dataset"] + (["folder"] if folders else [])
     # stable: a record's groups stay in severity order under their headline row
     return frame.sort_values(order, kind="stable").reset_index(drop=True)
 
@@ -430,17 +435,35 @@ def check_protocols(records: list[dict], where: str | Path) -> None:
 
 
 def load_records(results_dir: str | Path, fix: str | None = None) -> list[dict]:
-    records = [read_record(p) for p in find_records(results_dir, fix)]
+    return [r for _, r in load_located(results_dir, fix)]
+
+
+def load_located(results_dir: str | Path, fix: str | None = None) -> list[tuple[Path, dict]]:
+    """Every record under ``results_dir`` with the path it was read from."""
+    paths = find_records(results_dir, fix)
+    records = [read_record(p) for p in paths]
     if not records:
         raise RobenchError(f"no result records under {results_dir}",
                            fix or "run a suite first (robench run suite=...)")
     check_protocols(records, results_dir)
-    return records
+    return list(zip(paths, records, strict=True))
+
+
+def suite_folder(path: Path, results_dir: str | Path) -> str:
+    """The folder of the suite a record file belongs to (``<folder>/<model>/<dataset>.json``),
+    relative to ``results_dir`` ("." when it is ``results_dir`` itself)."""
+    folder = Path(path).parent.parent
+    try:
+        return folder.relative_to(results_dir).as_posix()
+    except ValueError:
+        return str(folder)
 
 
 def load_frame(results_dir: str | Path, fix: str | None = None,
                groups: bool = False) -> pd.DataFrame:
-    return to_frame(load_records(results_dir, fix), groups=groups)
+    located = load_located(results_dir, fix)
+    return to_frame([r for _, r in located], groups=groups,
+                    folders=[suite_folder(p, results_dir) for p, _ in located])
 
 
 # Decimals of each metric in every printed table (values, intervals and deltas alike).
@@ -471,7 +494,7 @@ def interval_table(frame: pd.DataFrame,
     interval (acc1: Clopper-Pearson; ECE, AUROC: bootstrap; a -C headline, a mean over groups:
     the bootstrap over base images); a metric empty in every cell is left out. A frame with a
     ``group`` column (per-group rows) keeps it after the dataset."""
-    lead = ["model", "dataset"] + (["group"] if "group" in frame else []) + ["n"]
+    lead = ["model", "dataset"] + [c for c in ("folder", "group") if c in frame] + ["n"]
     out = frame[lead].copy()
     for m in metrics:
         if m not in frame or not frame[m].notna().any():
@@ -493,18 +516,25 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
+# columns holding names read from records (every other cell is a number robench formatted)
+TEXT_COLUMNS = {"model", "dataset", "group", "reference", "method", "suite", "baseline", "folder"}
+
+
 def render_table(table: pd.DataFrame, fmt: str, caption: str | None = None) -> str:
     """A text table as ``table`` (aligned text), ``md`` (Markdown) or ``latex`` (booktabs
-    tabular, every cell escaped, numbers right-aligned)."""
+    tabular, numbers right-aligned); names are escaped in each (:mod:`robench.escape`)."""
+    from robench.escape import escape_frame, md_escape, text_escape
+
     if fmt == "md":
-        return table.to_markdown(index=False, disable_numparse=True)
+        return escape_frame(table, md_escape, TEXT_COLUMNS).to_markdown(
+            index=False, disable_numparse=True)
     if fmt == "latex":
-        text_cols = {"model", "dataset", "group", "reference", "method", "suite", "baseline"}
-        spec = "".join("l" if c in text_cols else "r" for c in table.columns)
+        spec = "".join("l" if c in TEXT_COLUMNS else "r" for c in table.columns)
         # pandas escapes the cells, not the caption ("mCE (%; ...)", "id_dataset" would break)
-        return table.to_latex(index=False, escape=True, column_format=spec,
-                              caption=None if caption is None else latex_escape(caption))
-    return table.to_string(index=False)
+        return escape_frame(table, text_escape).to_latex(
+            index=False, escape=True, column_format=spec,
+            caption=None if caption is None else latex_escape(caption))
+    return escape_frame(table, text_escape).to_string(index=False)
 
 
 def comparison_table(doc: dict) -> pd.DataFrame:

@@ -19,11 +19,14 @@ Jobs are requeue-safe: a preempted or timed-out job is resubmitted by submitit
 feature shards, training checkpoints). Results come back in the shared ``results_dir``:
 ``robench results --dir <results_dir>/<suite>``, ``robench report --results <results_dir>``.
 ``slurm.cluster=local`` runs the same jobs as local processes (submitit's LocalExecutor), which
-is how the tests exercise this module.
+is how the tests exercise this module. Only then: without ``sbatch`` on ``PATH``, any other
+``robench submit`` is an error (a ``slurm.partition=gpu`` job must never quietly run on the
+login node).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,8 +36,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from robench.errors import RobenchError, unknown
+from robench.outpaths import output_folder
 
 MODES = ("distributed", "groups")
+# (key, lowest, highest) of the numeric slurm settings: beyond them a value is a typo
+RANGES = (("nodes", 1, 4096), ("gpus_per_node", 0, 64), ("tasks_per_node", 0, 1024),
+          ("cpus_per_task", 1, 1024), ("mem_gb", 0, 2**20), ("timeout_min", 1, 10**6))
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
@@ -53,7 +60,7 @@ class SlurmConfig:
     mem_gb: int = 0  # 0: the partition's default
     timeout_min: int = 24 * 60
     mode: str = "distributed"
-    cluster: str = "auto"  # auto: SLURM when sbatch is there, else local processes
+    cluster: str = "auto"  # auto / slurm: SLURM (sbatch on PATH); local: local processes
     folder: str = "slurm_logs/%j"  # submitit's logs and pickles (%j: the job id)
     job_name: str = "robench"
     wait: bool = False  # wait for the jobs and print the leaderboard
@@ -79,13 +86,36 @@ def split_slurm(overrides: Sequence[str]) -> tuple[SlurmConfig, list[str]]:
         raise unknown("slurm.mode", slurm.mode, MODES)
     if slurm.cluster not in CLUSTERS:
         raise unknown("slurm.cluster", slurm.cluster, CLUSTERS)
-    if slurm.nodes < 1 or slurm.gpus_per_node < 0 or slurm.tasks_per_node < 0:
-        raise RobenchError("slurm.nodes must be >= 1, gpus_per_node and tasks_per_node >= 0",
-                           "e.g. slurm.nodes=2 slurm.gpus_per_node=8")
+    for key, low, high in RANGES:
+        value = getattr(slurm, key)
+        if not low <= value <= high:
+            raise RobenchError(f"slurm.{key}={value} must lie in {low}..{high:,}",
+                               f"e.g. slurm.{key}={getattr(SlurmConfig, key) or low}")
+    for key in ("folder", "job_name"):
+        if not str(getattr(slurm, key)).strip():
+            raise RobenchError(f"slurm.{key} is empty",
+                               f"e.g. slurm.{key}={getattr(SlurmConfig, key)}")
     if slurm.mode == "groups" and slurm.nodes > 1:
         raise RobenchError("slurm.mode=groups runs single-process jobs: slurm.nodes must be 1",
                            "use slurm.mode=distributed for a multi-node run")
     return slurm, rest
+
+
+def require_scheduler(slurm: SlurmConfig) -> None:
+    """SLURM must be there unless local execution is asked for (``slurm.cluster=local`` or
+    ``debug``): without ``sbatch``, submitit's auto executor would run the jobs as local
+    processes on this machine, ignoring the partition, nodes and GPUs asked for."""
+    if slurm.cluster in ("local", "debug") or shutil.which("sbatch") is not None:
+        return
+    asked = {k: v for k, v in asdict(slurm).items() if v != getattr(SlurmConfig, k, v)
+             and k not in ("wait", "folder", "job_name")}
+    settings = " ".join(f"slurm.{k}={v}" for k, v in asked.items())
+    raise RobenchError(
+        "SLURM is not available here (no sbatch on PATH)"
+        + (f", so {settings} cannot be honoured" if settings else ""),
+        "run robench submit on a SLURM login node (sbatch on PATH); to run the jobs as local "
+        "processes on this machine instead, pass slurm.cluster=local (or use robench run, or "
+        "torchrun -m robench run)")
 
 
 def model_groups(cfg: Any) -> list[list[str]]:
@@ -163,10 +193,15 @@ def executor(slurm: SlurmConfig, tasks: int) -> Any:
 def submit(suite: str, overrides: Sequence[str]) -> tuple[list[Any], SlurmConfig, Any]:
     """Validate the suite (before anything is queued), then submit it; returns (jobs, the slurm
     settings, the run config)."""
-    from robench.config import load_suite
+    from robench.config import load_suite, preflight
 
     slurm, rest = split_slurm(overrides)
+    require_scheduler(slurm)
+    logs = slurm.folder.split("%", 1)[0] or "."  # submitit fills in %j: check what precedes it
+    output_folder(logs, "slurm.folder", "give slurm.folder a writable folder (on a file "
+                  "system the nodes share), e.g. slurm.folder=slurm_logs/%j")
     cfg = load_suite(suite, rest)  # config errors now, not in a job hours later
+    preflight(cfg)
     # the jobs read the suite again: from its resolved file, with the same overrides
     suite_ref = cfg.meta.path or suite
     job = SuiteJob()

@@ -113,9 +113,9 @@ def cifar_root(tmp_path) -> Path:
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
             timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m robench.cli`` in a subprocess (as a user would)."""
+    """Run ``python -m robench`` in a subprocess (as a user, or ``torchrun -m robench``, would)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "robench.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "robench", *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd or REPO, timeout=timeout)
 
 

@@ -23,6 +23,28 @@ def test_version():
     assert r.returncode == 0 and r.stdout.strip() == f"robench {robench.__version__}"
 
 
+def test_python_dash_m_robench_is_the_command_line():
+    """``python -m robench`` (robench/__main__.py) runs the CLI, so module launchers work."""
+    r = subprocess.run([sys.executable, "-m", "robench", "--version"], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"robench {robench.__version__}"
+    bad = subprocess.run([sys.executable, "-m", "robench", "results", "--dir", "/nonexistent"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "fix:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_torchrun_dash_m_robench_as_the_readme_writes_it():
+    """The README's ``torchrun ... -m robench run ...`` line: torchrun runs the module."""
+    readme = (REPO / "README.md").read_text()
+    assert "-m robench.cli" not in readme and "torchrun --nproc-per-node 2 -m robench run" in readme
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+                        "-m", "robench", "--version"], capture_output=True, text=True, cwd=REPO,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"robench {robench.__version__}" in r.stdout
+
+
 def test_run_help_lists_every_config_key_with_default_and_meaning():
     r = run_cli("run", "--help")
     assert r.returncode == 0

@@ -11,7 +11,14 @@ import torch
 from conftest import run_cli, write_cifar10
 
 from robench.errors import RobenchError
-from robench.submit import SlurmConfig, model_groups, split_slurm, submit, wait_for
+from robench.submit import (
+    SlurmConfig,
+    model_groups,
+    require_scheduler,
+    split_slurm,
+    submit,
+    wait_for,
+)
 
 pytest.importorskip("submitit")
 
@@ -45,10 +52,43 @@ def test_slurm_settings_are_parsed_and_checked():
     assert (slurm.partition, slurm.gpus_per_node, rest) == ("gpu", 8, ["device=cuda"])
     assert split_slurm([])[0] == SlurmConfig()
     for bad, match in ((["slurm.gpus=8"], "Did you mean"), (["slurm.mode=array"], "slurm.mode"),
-                       (["slurm.nodes=two"], "bad slurm setting"), (["slurm.nodes=0"], ">= 1"),
+                       (["slurm.nodes=two"], "bad slurm setting"),
+                       (["slurm.nodes=0"], "must lie in 1.."),
                        (["slurm.mode=groups", "slurm.nodes=2"], "single-process")):
         with pytest.raises(RobenchError, match=match):
             split_slurm(bad)
+
+
+def _path_with(tmp_path, sbatch: bool) -> str:
+    """A PATH holding only a folder with (or without) an executable ``sbatch``."""
+    folder = tmp_path / ("with" if sbatch else "without")
+    folder.mkdir()
+    if sbatch:
+        (folder / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+        (folder / "sbatch").chmod(0o755)
+    return str(folder)
+
+
+def test_a_slurm_setting_without_slurm_is_an_error_not_a_local_run(suite, monkeypatch, capsys):
+    """No sbatch on PATH: submitit's auto executor would quietly run the job on this machine;
+    robench refuses, names the setting it could not honour and the explicit local option,
+    and queues nothing."""
+    from robench.cli import main
+
+    monkeypatch.setenv("PATH", _path_with(suite, sbatch=False))
+    code = main(["submit", f"suite={suite / 's.yaml'}", *_args(suite, "p"),
+                 "slurm.partition=gpu", f"slurm.folder={suite / 'logs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no sbatch on PATH" in err and "slurm.partition=gpu" in err, err
+    assert "slurm.cluster=local" in err.split("fix:")[1]
+    assert not (suite / "logs").exists() and not (suite / "rp").exists()
+    for cluster in ("auto", "slurm"):
+        with pytest.raises(RobenchError, match="SLURM is not available here"):
+            require_scheduler(SlurmConfig(cluster=cluster))
+    for cluster in ("local", "debug"):  # asked for explicitly: fine without SLURM
+        require_scheduler(SlurmConfig(cluster=cluster, partition="gpu"))
+    monkeypatch.setenv("PATH", _path_with(suite, sbatch=True))
+    require_scheduler(SlurmConfig(partition="gpu"))  # SLURM is there: submitted to it
 
 
 def test_groups_keep_a_backbone_and_what_derives_from_it_together(suite):

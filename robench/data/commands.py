@@ -57,6 +57,9 @@ def default_cache_dir() -> Path:
 def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add ``data verify`` and ``data download`` to the CLI's sub-parsers; return the ``data``
     action's sub-parsers (``dsub.add_parser("corrupt", ...)`` adds another action)."""
+    from robench.argtypes import count, nonempty, path
+    from robench.config import MAX_WORKERS
+
     data = sub.add_parser("data", help="verify or download datasets (never implicit)",
                           description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -70,18 +73,19 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
     v.add_argument("names", nargs="*", metavar="NAME",
                    help="registered dataset name(s); with --suite also key=value overrides "
                    "(data.imagenet.root=/mnt/val)")
-    v.add_argument("--root", type=Path, help="the dataset's folder (one NAME only)")
-    v.add_argument("--data-root", help="folder holding the datasets (default: $ROBENCH_DATA or "
-                   "./data)")
+    v.add_argument("--root", type=path, help="the dataset's folder (one NAME only)")
+    v.add_argument("--data-root", type=nonempty,
+                   help="folder holding the datasets (default: $ROBENCH_DATA or ./data)")
     v.add_argument("--suite", help="verify this suite's datasets, with its data_root and "
                    "data.<name>.root")
-    v.add_argument("--sample", type=int, metavar="N",
+    v.add_argument("--sample", type=count(0, 2**62), metavar="N",
                    help="decode a seeded random sample of N images instead of all (0: none)")
-    v.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    v.add_argument("--seed", type=count(0, 2**32 - 1), default=0, help="seed of --sample")
     v.add_argument("--accept", action="store_true",
                    help="record the current file listing after an intended change")
-    v.add_argument("--workers", type=int, help="decoding threads (default: CPU count, max 8)")
-    v.add_argument("--cache-dir", type=Path,
+    v.add_argument("--workers", type=count(1, MAX_WORKERS),
+                   help="decoding threads (default: CPU count, max 8)")
+    v.add_argument("--cache-dir", type=path,
                    help="manifests of read-only roots go here (default: $ROBENCH_CACHE or "
                    "~/.cache/robench)")
     v.add_argument("--no-progress", action="store_true")
@@ -93,11 +97,11 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
         "checksum-verified, safely extracted, atomically installed). Without NAME: list what "
         "can be downloaded.")
     d.add_argument("name", nargs="?", metavar="NAME", help="registered dataset name")
-    d.add_argument("--root", type=Path, help="install here instead of <data-root>/<default>")
-    d.add_argument("--data-root", help="folder holding the datasets (default: $ROBENCH_DATA or "
-                   "./data)")
+    d.add_argument("--root", type=path, help="install here instead of <data-root>/<default>")
+    d.add_argument("--data-root", type=nonempty,
+                   help="folder holding the datasets (default: $ROBENCH_DATA or ./data)")
     d.add_argument("--force", action="store_true", help="replace an existing dataset folder")
-    d.add_argument("--archive", type=Path, metavar="FILE",
+    d.add_argument("--archive", type=path, metavar="FILE",
                    help="install a manually downloaded archive instead of downloading")
     d.add_argument("--sha256", metavar="HEX",
                    help="expect this sha256 instead of the pinned checksum (only a value you "
@@ -114,10 +118,10 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
         formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--from", dest="source", required=True, metavar="NAME",
                    help="registered dataset to corrupt")
-    c.add_argument("--out", type=Path, required=True, help="folder to write the -C set into")
-    c.add_argument("--root", type=Path, help="the source dataset's folder")
-    c.add_argument("--data-root", help="folder holding the datasets (default: $ROBENCH_DATA or "
-                   "./data)")
+    c.add_argument("--out", type=path, required=True, help="folder to write the -C set into")
+    c.add_argument("--root", type=path, help="the source dataset's folder")
+    c.add_argument("--data-root", type=nonempty,
+                   help="folder holding the datasets (default: $ROBENCH_DATA or ./data)")
     c.add_argument("--corruptions", default="standard",
                    help="standard (15), all (19) or a comma-separated list (default: standard)")
     c.add_argument("--protocol", default="auto", metavar="P",
@@ -132,11 +136,13 @@ def add_data_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
                    "under imagenet-c, none under cifar-c. Recorded in the manifest")
     c.add_argument("--layout", choices=["auto", "npy", "folders"], default="auto",
                    help="auto: npy for 32x32 images, else folders")
-    c.add_argument("--stride", type=int, default=1,
+    c.add_argument("--stride", type=count(1, 2**62), default=1,
                    help="corrupt every k-th image only (npy layout; a quick smaller set)")
-    c.add_argument("--seed", type=int, default=0, help="base seed of the per-image seeds")
-    c.add_argument("--workers", type=int, help="processes (default: CPU count, max 8)")
-    c.add_argument("--cache-dir", type=Path,
+    c.add_argument("--seed", type=count(0, 2**32 - 1), default=0,
+                   help="base seed of the per-image seeds")
+    c.add_argument("--workers", type=count(1, MAX_WORKERS),
+                   help="processes (default: CPU count, max 8)")
+    c.add_argument("--cache-dir", type=path,
                    help="for sources generated on demand (default: $ROBENCH_CACHE)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_corrupt)
@@ -272,6 +278,11 @@ def _corruption_list(value: str) -> tuple[str, ...]:
     if value == "all":
         return CORRUPTIONS
     names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        from robench.errors import RobenchError
+
+        raise RobenchError(f"--corruptions {value!r} names no corruption",
+                           "give standard, all, or a comma-separated list, e.g. fog,snow")
     for n in names:
         if n not in CORRUPTIONS:
             raise unknown("corruption", n, ["standard", "all", *CORRUPTIONS])
@@ -294,8 +305,10 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     )
     from robench.data.corruptions import check_protocol
     from robench.errors import RobenchError
+    from robench.outpaths import output_folder
     from robench.registry import dataset_root, get_dataset
 
+    output_folder(args.out, "--out", "give --out a new or writable folder for the -C set")
     corruptions = _corruption_list(args.corruptions)
     check_protocol(args.protocol, auto=True)  # both named before any data is read
     if args.resize not in ("auto", *RESIZE_RULES):

@@ -58,11 +58,24 @@ def resolved_protocol(src: ImageSource, protocol: str) -> str:
     return resolve_generation(src, 0, protocol, "none", "npy")[0]
 
 
+_READING: list[str] = []  # generated sets whose base is being read (a cycle check)
+
+
 def base_source(name: str, base: str, source_of: Callable | None) -> ImageSource:
     if not base or source_of is None:
         raise RobenchError(f"{name}: a generated -C dataset needs options.base",
                            "declare options: {base: <dataset name>}")
-    return source_of(base)
+    if base == name or base in _READING:
+        chain = " -> ".join([*_READING[_READING.index(base):], name, base]
+                            if base in _READING else [name, base])
+        raise RobenchError(f"{name}: options.base makes a cycle ({chain})",
+                           "base a generated set on a clean dataset (e.g. options: {base: "
+                           "cifar10-subset-test})")
+    _READING.append(name)
+    try:
+        return source_of(base)
+    finally:
+        _READING.pop()
 
 
 def corruption_names(corruptions: str) -> tuple[str, ...]:

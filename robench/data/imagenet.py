@@ -349,6 +349,12 @@ def _no_wnid_folders(root: Path, name: str, dirs: list[str]) -> None:
 
 
 # -- imagenet-v2 --------------------------------------------------------------------------------
+def _decimal(name: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` is also true of '¹' or '٣', which ``int`` refuses or
+    reads as another number."""
+    return name.isascii() and name.isdigit()
+
+
 def load_v2(root: Path, name: str, options: V2Options | None = None,
             settings: LoadSettings | None = None) -> ImageSource:
     """ImageNet-V2: ``<root>/<k>/*.jpeg`` for k in 0..999; label = ``int(k)`` (NOT the position
@@ -362,9 +368,9 @@ def load_v2(root: Path, name: str, options: V2Options | None = None,
     layout = "<0..999>/*.jpeg class folders"
     _require_dir(root, name, layout)
     auto = [d for d in _child_dirs(root) if d.startswith("imagenetv2-") and d.endswith("-val")]
-    root = _locate(root, [*nested, *auto], lambda dirs: any(d.isdigit() for d in dirs))
+    root = _locate(root, [*nested, *auto], lambda dirs: any(_decimal(d) for d in dirs))
     dirs = _child_dirs(root)
-    numeric = [d for d in dirs if d.isdigit()]
+    numeric = [d for d in dirs if _decimal(d)]
     if not numeric:
         wnids = [d for d in dirs if WNID_RE.match(d)]
         if wnids:
@@ -378,7 +384,7 @@ def load_v2(root: Path, name: str, options: V2Options | None = None,
                            f"(found {_short(dirs) if dirs else 'no folders'})",
                            _fix_root(name, "the folders 0 .. 999"))
     bad = [d for d in numeric if str(int(d)) != d or int(d) >= 1000]
-    other = [d for d in dirs if not d.isdigit()]
+    other = [d for d in dirs if not _decimal(d)]
     if bad or other:
         raise RobenchError(
             f"{name}: folder names under {root} are not all class indices 0..999 "

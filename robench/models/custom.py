@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import marshal
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ class CustomModel:
     """
 
     name: str
-    preprocess: Callable[[Any], torch.Tensor]
+    preprocess: Callable[[Any], torch.Tensor] | None = None  # required: checked below
     classifier: nn.Module | None = None
     image_encoder: nn.Module | None = None
     text_encoder: nn.Module | None = None
@@ -138,6 +139,7 @@ class CustomModel:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if (self.classifier is None) == (self.image_encoder is None):
             raise RobenchError(f"CustomModel '{self.name}': give exactly one of classifier= "
                                "(images -> logits) or image_encoder= (images -> features)",
@@ -154,6 +156,43 @@ class CustomModel:
             raise RobenchError(f"CustomModel '{self.name}': method '{self.resolved_method}' "
                                f"does not apply to this model", f"use one of {list(allowed)} "
                                "(finetune, car-ft and wise-ft need an open_clip model)")
+
+    def _check_types(self) -> None:
+        """Each argument of the kind it must be, named in the error (not a TypeError later)."""
+        from robench.registry import check_name
+
+        if not isinstance(self.name, str):
+            raise RobenchError(f"CustomModel name must be a string, not {self.name!r}",
+                               'e.g. CustomModel(name="my-cnn", ...)')
+        check_name("model", self.name)
+        what = f"CustomModel '{self.name}'"
+        if self.preprocess is None or not callable(self.preprocess):
+            raise RobenchError(f"{what}: preprocess= must be a callable (PIL image -> CHW float "
+                               f"tensor), not {self.preprocess!r}",
+                               "pass e.g. preprocess=T.Compose([T.Resize(224), T.CenterCrop(224), "
+                               "T.ToTensor(), T.Normalize(mean, std)])")
+        for key in ("classifier", "image_encoder", "text_encoder"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, nn.Module):
+                raise RobenchError(f"{what}: {key}= must be a torch.nn.Module (robench hashes "
+                                   f"its weights), not {type(value).__name__}",
+                                   "wrap a function in an nn.Module whose forward calls it")
+        if self.tokenizer is not None and not callable(self.tokenizer):
+            raise RobenchError(f"{what}: tokenizer= must be callable (list of str -> token "
+                               f"tensor), not {type(self.tokenizer).__name__}",
+                               "pass e.g. open_clip.get_tokenizer(arch)")
+        scale = self.logit_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale) or scale <= 0:
+            raise RobenchError(f"{what}: logit_scale={scale!r} must be a finite number > 0",
+                               "e.g. logit_scale=100.0 (CLIP's)")
+        if self.method is not None and not isinstance(self.method, str):
+            raise RobenchError(f"{what}: method={self.method!r} must be a method name",
+                               "see `robench list methods`")
+        if not isinstance(self.options, dict):
+            raise RobenchError(f"{what}: options={self.options!r} must be a dict of the "
+                               "method's options", 'e.g. options={"train_on": "cifar10-subset-'
+                               'probe"}')
 
     @property
     def kind(self) -> str:

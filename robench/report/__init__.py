@@ -19,12 +19,15 @@ __all__ = ["add_report_command", "cmd_report", "render_report"]
 
 DEFAULT_RESULTS = "runs"  # where `robench run` writes records by default (config results_dir)
 DEFAULT_OUT = "report"
+OUT_FIX = "give --out a folder that can be written (created if missing), e.g. --out report"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Render the report for ``args.results`` into ``args.out``; print what was written."""
+    from robench.outpaths import output_folder
     from robench.report.render import render_report
 
+    output_folder(args.out, "--out", OUT_FIX)  # before any record is read
     index = render_report(args.results, args.out, title=args.title, groups=args.groups)
     folder = index.parent
     print(f"wrote {index} (+ {folder / 'leaderboard.csv'}, {folder / 'leaderboard.md'}) "
@@ -38,10 +41,12 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
         "report", help="render the HTML leaderboard (+ CSV, Markdown) from result records",
         description="Render a self-contained HTML leaderboard (index.html), leaderboard.csv and "
                     "leaderboard.md from the result records under --results.")
-    p.add_argument("--results", default=DEFAULT_RESULTS,
+    from robench.argtypes import nonempty
+
+    p.add_argument("--results", default=DEFAULT_RESULTS, type=nonempty,
                    help=f"folder of result records (default: {DEFAULT_RESULTS}; the committed "
                         "reference records are in results)")
-    p.add_argument("--out", default=DEFAULT_OUT,
+    p.add_argument("--out", default=DEFAULT_OUT, type=nonempty,
                    help=f"output folder for index.html and the tables (default: {DEFAULT_OUT})")
     p.add_argument("--title", default=None, help="page title (default: robench leaderboard)")
     p.add_argument("--groups", action="store_true",

@@ -38,8 +38,10 @@ from matplotlib.figure import Figure
 
 import robench
 from robench.errors import RobenchError
+from robench.escape import csv_safe, md_escape, text_escape
 from robench.io import atomic_write, sweep_stale
 from robench.metrics import RECORD_METRIC_INFO, MetricInfo
+from robench.outpaths import output_folder, writing
 from robench.results import (
     HEADLINE,
     ShiftAverage,
@@ -388,8 +390,9 @@ def model_styles(models: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def plain_label(text: str) -> str:
-    """Matplotlib treats ``$...$`` as mathtext; a model name is literal text."""
-    return text.replace("$", r"\$")
+    """Matplotlib treats ``$...$`` as mathtext; a model name is literal text (its unprintable
+    characters spelled out, as in the text tables)."""
+    return text_escape(text).replace("$", r"\$")
 
 
 def figure_uri(fig: Figure) -> str:
@@ -906,11 +909,7 @@ def csv_frame(records: list[dict], groups: bool = False) -> pd.DataFrame:
     lead = ["suite", "model", "dataset"] + (["group"] if groups else []) + ["method", "n"]
     first = [c for k in HEADLINE for c in (k, f"{k}_ci_low", f"{k}_ci_high") if c in frame]
     rest = sorted(c for c in frame if c not in lead and c not in first)
-    return frame[lead + first + rest]
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", r"\|")
+    return csv_safe(frame[lead + first + rest])  # a name is never a spreadsheet formula
 
 
 def markdown(suites: Sequence[SuiteView], records: list[dict], title: str,
@@ -919,7 +918,7 @@ def markdown(suites: Sequence[SuiteView], records: list[dict], title: str,
     by_suite: dict[str, dict[tuple[str, str], dict]] = defaultdict(dict)
     for r in records:
         by_suite[str(r["suite"])][(str(r["model"]), str(r["dataset"]))] = r
-    parts = [f"# {title}", ""]
+    parts = [f"# {md_escape(title)}", ""]
     for s in suites:
         cells = by_suite[s.name]
         with_ood = any("ood_auroc" in r["metrics"] for r in cells.values())
@@ -930,22 +929,22 @@ def markdown(suites: Sequence[SuiteView], records: list[dict], title: str,
                 if (m, d) not in cells:
                     continue
                 rec = cells[(m, d)]
-                row = {"model": _md_escape(m), "dataset": _md_escape(d),
-                       "method": _md_escape(str(_section(rec, "protocol").get("method") or DASH)),
+                row = {"model": md_escape(m), "dataset": md_escape(d),
+                       "method": md_escape(str(_section(rec, "protocol").get("method") or DASH)),
                        "n": rec["metrics"].get("n", DASH)}
                 for f in fmts:
                     row[f.label] = metric_cell(rec["metrics"], f).full_text
                 rows.append(row)
-        parts += [f"## {_md_escape(s.name)}", "",
+        parts += [f"## {md_escape(s.name)}", "",
                   pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
         for heading, table in average_tables(list(cells.values()), "md", digits=1):
-            parts += [f"### {_md_escape(heading)}", "", table, ""]
+            parts += [f"### {md_escape(heading)}", "", table, ""]
         doc = (analyses or {}).get(s.name)
         if doc:
             from robench.results import analysis_tables
 
             for heading, table in analysis_tables(doc, "md"):
-                parts += [f"### {_md_escape(heading)}", "", table, ""]
+                parts += [f"### {md_escape(heading)}", "", table, ""]
     parts += ["Intervals (95%): acc1 Clopper-Pearson, ECE and AUROC the seeded bootstrap "
               "(percentile interval shifted by the replicates' bias). Datasets with groups (-C "
               "sets) show the mean over groups, its intervals from the bootstrap over base "
@@ -965,6 +964,10 @@ def _environment() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.PackageLoader("robench.report", "templates"),
                               autoescape=True, undefined=jinja2.StrictUndefined,
                               trim_blocks=True, lstrip_blocks=True)
+
+
+WRITE_FIX = ("write the report to a folder on a writable disk with free space (robench report "
+             "--out DIR)")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -997,11 +1000,12 @@ def render_report(results_dir: str | Path, out_dir: str | Path, title: str | Non
         best_rule=BEST_RULE,
         source=str(results_dir), n_records=len(records),
         latest=created[-1] if created else None, version=robench.__version__)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)  # temporaries of a killed report
-    _write_text(out / "leaderboard.csv", csv_frame(records, groups).to_csv(index=False))
-    _write_text(out / "leaderboard.md", markdown(suites, records, title, analyses))
-    index = out / "index.html"
-    _write_text(index, html)  # last: an index.html on disk implies its companions are there
+    out = output_folder(out_dir, "report folder", WRITE_FIX)
+    with writing(out, "report folder", WRITE_FIX):
+        out.mkdir(parents=True, exist_ok=True)
+        sweep_stale(out)  # temporaries of a killed report
+        _write_text(out / "leaderboard.csv", csv_frame(records, groups).to_csv(index=False))
+        _write_text(out / "leaderboard.md", markdown(suites, records, title, analyses))
+        index = out / "index.html"
+        _write_text(index, html)  # last: an index.html on disk implies its companions are there
     return index
