@@ -323,11 +323,16 @@ def test_cli_an_empty_baseline_fails_and_says_why(tmp_path, capsys):
                                          ("--rel-tol", "-0.02"), ("--rel-tol", "nan"),
                                          ("--rel-tol", "inf")])
 def test_cli_refuses_nonsensical_tolerances_as_bad_arguments(tmp_path, capsys, flag, value):
+    """Refused while the command line is parsed (exit 2, the problem and the fix), before any
+    record is read; the Python API refuses them too (run_check, above)."""
     a = scored_record(tmp_path / "a").parents[1]
-    assert main(["check", "--baseline", str(a), "--results", str(a), flag, value]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--baseline", str(a), "--results", str(a), flag, value])
+    assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"robench: error: {flag} {float(value)!r} is not a tolerance" in err
-    assert "fix: pass " in err and "Traceback" not in err
+    assert f"robench: error: robench check: argument {flag}: {value} must be a finite number" \
+        in err
+    assert "fix: see `robench check --help`" in err and "Traceback" not in err
 
 
 # -- world size: DDP's gradient sums are another arithmetic ---------------------------------
