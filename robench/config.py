@@ -330,8 +330,9 @@ def preflight(cfg: DictConfig) -> None:
 
     examples = {"results_dir": "runs", "cache_dir": "~/.cache/robench"}
     for key, example in examples.items():
+        # a finished cache may sit on a read-only mount: its entries are read without a lock
         output_folder(cfg[key], key, f"set {key} to a folder that can be written (created if "
-                      f"missing), e.g. {key}={example}")
+                      f"missing), e.g. {key}={example}", read_only_ok=key == "cache_dir")
     if cfg.check and not Path(cfg.check).expanduser().is_dir():
         raise RobenchError(f"check={cfg.check}: no such baseline folder",
                            "point check= at a folder of committed records (e.g. "

@@ -36,16 +36,19 @@ def _check_ancestors(path: Path, what: str, fix: str) -> None:
                            "user's)", fix)
 
 
-def output_folder(path: str | os.PathLike, what: str, fix: str) -> Path:
+def output_folder(path: str | os.PathLike, what: str, fix: str,
+                  read_only_ok: bool = False) -> Path:
     """``path`` as a folder robench may create and write into; ``what`` names it in the
-    message (e.g. ``--out``), ``fix`` says how to choose another."""
+    message (e.g. ``--out``), ``fix`` says how to choose another. ``read_only_ok``: an existing
+    folder that cannot be written is accepted (a finished cache on a read-only mount is read
+    without writing; an entry that must be built then fails by name when it is written)."""
     if not str(path).strip():
         raise RobenchError(f"{what} is empty", fix)
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise RobenchError(f"{what} {out} is a file, not a folder", fix)
     if out.is_dir():
-        if not os.access(out, os.W_OK | os.X_OK):
+        if not read_only_ok and not os.access(out, os.W_OK | os.X_OK):
             raise RobenchError(f"{what} {out} is not writable (read-only or another user's)",
                                fix)
         return out

@@ -58,7 +58,7 @@ CLI: list[tuple[str, list[str], str]] = [
     ("batch_size=10**20 cold", RUN + [f"model.batch_size={10**20}"], "beyond any sensible"),
     ("models=[1]", RUN + ["models=[1]"], "model entry 1 (int) is neither"),
     ("generated-c stride 0", RUN + ["datasets=[" + GEN + "stride: 0}}]", "id_dataset=null"],
-     "options.stride=0 must be an integer >= 1"),
+     "option stride=0 of generated-c must be >= 1"),
     ("v2 class folder ¹", RUN + ["datasets=[{name: v, family: imagenet-v2, root: {v2}, "
                                  "templates: imagenet}]", "id_dataset=null"],
      "not all class indices 0..999 (unexpected: ¹)"),
@@ -158,9 +158,9 @@ CLI: list[tuple[str, list[str], str]] = [
     ("dataset family unknown", RUN + ["datasets=[{name: d, family: nope, root: x}]",
                                       "id_dataset=null"], "nope"),
     ("generated-c stride abc", RUN + ["datasets=[" + GEN + "stride: abc}}]",
-                                      "id_dataset=null"], "options.stride='abc'"),
+                                      "id_dataset=null"], "option stride='abc' of generated-c"),
     ("generated-c stride 1.5", RUN + ["datasets=[" + GEN + "stride: 1.5}}]",
-                                      "id_dataset=null"], "options.stride=1.5"),
+                                      "id_dataset=null"], "option stride=1.5 of generated-c"),
     ("generated-c base itself", RUN + ["datasets=[{name: g, family: generated-c, options: "
                                        "{base: g}}]", "id_dataset=null"],
      "options.base makes a cycle (g -> g)"),
@@ -168,7 +168,8 @@ CLI: list[tuple[str, list[str], str]] = [
                                       "{base: h}}, {name: h, family: generated-c, options: "
                                       "{base: g}}]", "id_dataset=null"], "makes a cycle"),
     ("generated-c base int", RUN + ["datasets=[{name: g, family: generated-c, options: "
-                                    "{base: 5}}]", "id_dataset=null"], "dataset entry 5 (int)"),
+                                    "{base: 5}}]", "id_dataset=null"],
+     "option base=5 of generated-c must be a string"),
     ("results_dir at a file", ["run", "suite=smoke", "device=cpu", "results_dir={f}"],
      "results_dir {f} is a file, not a folder"),
     ("results_dir under a file", ["run", "suite=smoke", "device=cpu", "results_dir={f}/r"],
