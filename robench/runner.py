@@ -372,9 +372,7 @@ class Runner:
                               self.dataset_specs[d].templates)
                         if hk not in heads:
                             heads[hk] = self.method_of(m).build(ctx, source)
-                        self.score_cell(m, d, backbone, heads[hk], source, feats)
-                    rec = read_record(record_path(self.cfg.results_dir, self.cfg.name, m, d))
-                    mt = rec["metrics"]
+                        mt = self.score_cell(m, d, backbone, heads[hk], source, feats)
                     echo(f"{who}[{done}/{total}] {m} x {d}: acc1={_fmt(mt['acc1'])} "
                          f"acc5={_fmt(mt.get('acc5'))} "
                          f"ece={_fmt(mt['ece'], 4)} auroc={_fmt(mt['auroc'], 4)} "
@@ -454,9 +452,9 @@ class Runner:
         return list(dict.fromkeys(need))
 
     def score_cell(self, model: str, dataset: str, backbone: Backbone, head: LinearHead,
-                   source: ImageSource, feats: FeatureSet) -> None:
+                   source: ImageSource, feats: FeatureSet) -> dict:
         """Features -> logits (streamed in blocks) -> exact per-sample outputs -> metrics (per
-        group and headline) -> outputs file + record."""
+        group and headline) -> outputs file + record; returns the headline metrics."""
         mc = self.cfg.metrics
         out = cell_outputs(head, feats, source, keep_logits=self.cfg.outputs == "logits")
         pairing = self.ood_pairing(dataset, head, backbone, out.scored_classes)
@@ -508,6 +506,7 @@ class Runner:
         path = record_path(self.cfg.results_dir, self.cfg.name, model, dataset)
         # cache and data paths relative to cache_dir / data_root: no path of this machine
         write_record(path, portable_record(record, self.cfg.data_root, self.cfg.cache_dir), out)
+        return headline
 
     def ood_pairing(self, dataset: str, head: LinearHead, backbone: Backbone,
                     columns: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
